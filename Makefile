@@ -1,0 +1,44 @@
+# One-command set-up: every target below creates .venv and installs the pinned dependencies first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+KERNEL := chat-ad-audit
+WORLD := data/world/default
+STAMP := $(VENV)/.installed
+
+.PHONY: setup report test lab world bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch first, alone and pinned, so the CPU build on this machine's disk is taken
+	$(PIP) install --quiet "$$($(PY) -c 'import tomllib;print(next(d for d in tomllib.load(open("pyproject.toml","rb"))["project"]["dependencies"] if d.startswith("torch==")))')"
+	$(PIP) install --quiet -e ".[test]"
+	$(PIP) install --quiet --no-deps $$($(PY) -c 'import tomllib;print(" ".join(tomllib.load(open("pyproject.toml","rb"))["tool"]["chat-ad-audit"]["no-deps"]))')
+	# the kernel every notebook names, inside the venv, so papermill and JupyterLab use this interpreter
+	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (chat-ad-audit)"
+	touch $(STAMP)
+
+$(WORLD)/ground_truth.json: | $(STAMP)
+	$(PY) -m analysis simulate --config configs/world/default.yaml --out $(WORLD)
+
+world: $(WORLD)/ground_truth.json
+
+report: $(STAMP) $(WORLD)/ground_truth.json
+	$(PY) -m analysis run --config configs/default.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lab: $(STAMP) $(WORLD)/ground_truth.json
+	$(VENV)/bin/jupyter lab notebooks/
+
+bench: $(STAMP)
+	$(PY) bench/simulate.py
+
+clean:
+	rm -rf $(VENV) reports/*/ reports/latest

@@ -1,0 +1,60 @@
+"""Command line: `python -m analysis {simulate,run}`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m analysis", description="chat-ad-audit: audit chat-based ad personalization")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("simulate", help="generate a synthetic audit world with its ground truth")
+    s.add_argument("--config", help="world YAML (configs/world/*.yaml)")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a world parameter")
+
+    r = sub.add_parser("run", help="run the stage notebooks with papermill into reports/<run-id>/")
+    r.add_argument("--config", default="configs/default.yaml")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a parameter (value parsed as YAML)")
+    r.add_argument("--stages", nargs="*", help="only these stages (e.g. 00_ingest 01 ...)")
+    r.add_argument("--run-id")
+    r.add_argument("--reports-dir")
+    r.add_argument("--no-progress", action="store_true")
+
+    a = p.parse_args(argv)
+    if a.command == "simulate":
+        from analysis.pipeline import _split_set
+        from analysis.simulate import simulate_to
+
+        t0 = time.perf_counter()
+        world = simulate_to(a.config, a.out, dict(_split_set(x) for x in a.set))
+        c = world.ground_truth["counts"]
+        print(
+            f"world written to {a.out}: {c['users']:,} users, {c['conversations']:,} conversations, "
+            f"{len(world.messages):,} messages, {c['impressions']:,} impressions "
+            f"(generated in {world.ground_truth['generation_seconds']} s, written in {time.perf_counter() - t0:.1f} s)"
+        )
+        return 0
+    if a.command == "run":
+        from analysis.io import DataError
+        from analysis.pipeline import StageFailed, run
+
+        try:
+            res = run(a.config, a.set, stages=a.stages, run_id=a.run_id, reports_dir=a.reports_dir, progress=not a.no_progress)
+        except (ValueError, StageFailed, DataError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if not res.ok:
+            print(f"run {res.run_id} FAILED: {res.error}", file=sys.stderr)
+            return 1
+        final = next((s["html"] for s in reversed(res.stages) if s.get("html")), None)
+        print(f"run {res.run_id} completed; report: {res.run_dir / final if final else res.run_dir} (also reports/latest/)")
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,33 @@
+"""Region policy: which users the platform promised to leave untouched, and from when."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+EU27 = (
+    "AT BE BG HR CY CZ DK EE FI FR DE GR HU IE IT LV LT LU MT NL PL PT RO SK SI ES SE".split()
+)
+EEA_NON_EU = ["IS", "LI", "NO"]
+DEFAULT_EXCLUDED = tuple(EU27 + EEA_NON_EU + ["GB", "KR"])
+DEFAULT_POLICY_DATE = "2025-12-16"
+
+
+def is_excluded(regions: pd.Series, excluded: list[str] | tuple[str, ...] = DEFAULT_EXCLUDED) -> pd.Series:
+    """True where a region (ISO 3166-1 alpha-2) is outside the policy's reach."""
+    return regions.astype("string").str.upper().isin(set(excluded)).fillna(False).astype(bool)
+
+
+def policy_timestamp(policy_date: str = DEFAULT_POLICY_DATE) -> pd.Timestamp:
+    return pd.Timestamp(policy_date, tz="UTC")
+
+# ISO 3166-1 alpha-2, plus ZZ ("unknown region", a user-assigned code) for corpora without regions.
+ISO_ALPHA2 = frozenset(
+    """AD AE AF AG AI AL AM AO AQ AR AS AT AU AW AX AZ BA BB BD BE BF BG BH BI BJ BL BM BN BO BQ BR BS
+    BT BV BW BY BZ CA CC CD CF CG CH CI CK CL CM CN CO CR CU CV CW CX CY CZ DE DJ DK DM DO DZ EC EE EG
+    EH ER ES ET FI FJ FK FM FO FR GA GB GD GE GF GG GH GI GL GM GN GP GQ GR GS GT GU GW GY HK HM HN HR
+    HT HU ID IE IL IM IN IO IQ IR IS IT JE JM JO JP KE KG KH KI KM KN KP KR KW KY KZ LA LB LC LI LK LR
+    LS LT LU LV LY MA MC MD ME MF MG MH MK ML MM MN MO MP MQ MR MS MT MU MV MW MX MY MZ NA NC NE NF NG
+    NI NL NO NP NR NU NZ OM PA PE PF PG PH PK PL PM PN PR PS PT PW PY QA RE RO RS RU RW SA SB SC SD SE
+    SG SH SI SJ SK SL SM SN SO SR SS ST SV SX SY SZ TC TD TF TG TH TJ TK TL TM TN TO TR TT TV TW TZ UA
+    UG UM US UY UZ VA VC VE VG VI VN VU WF WS YE YT ZA ZM ZW ZZ""".split()
+)
