@@ -13,6 +13,7 @@ import html
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -135,16 +136,40 @@ def check_kernel() -> None:
 
 
 def render_html(notebook: Path, out: Path, title: str | None = None) -> Path:
-    """Executed notebook -> self-contained HTML, code hidden (images are embedded by nbconvert)."""
+    """Executed notebook -> one self-contained HTML file: code hidden, images embedded, no CDN
+    scripts (the project's `audit` template), with a table of contents."""
     import nbformat
     from nbconvert import HTMLExporter
 
     nb = nbformat.read(str(notebook), as_version=4)
     if title:
         nb.metadata["title"] = title
-    exporter = HTMLExporter(template_name="lab", exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    exporter = HTMLExporter(
+        template_name="audit",
+        extra_template_basedirs=[str(Path(__file__).parent / "templates")],
+        exclude_input=True,
+        exclude_input_prompt=True,
+        exclude_output_prompt=True,
+        embed_images=True,
+    )
     body, _ = exporter.from_notebook_node(nb)
-    return write_text(body, out)
+    return write_text(add_toc(body), out)
+
+
+_HEADING = re.compile(r'<h([23]) id="([^"]+)"[^>]*>(.*?)(?:<a class="anchor-link"[^>]*>.*?</a>)?</h\1>', re.S)
+
+
+def add_toc(body: str) -> str:
+    """Insert a table of contents (h2/h3 headings) after the first h1."""
+    items = [
+        f'<li class="toc-h{lvl}"><a href="#{hid}">{re.sub(r"<[^>]+>", "", text).strip()}</a></li>'
+        for lvl, hid, text in _HEADING.findall(body)
+    ]
+    if len(items) < 2:
+        return body
+    nav = '<nav class="audit-toc" aria-label="Contents"><b>Contents</b><ol>' + "".join(items) + "</ol></nav>"
+    m = re.search(r"</h1>", body)
+    return body[: m.end()] + nav + body[m.end() :] if m else body
 
 
 def run(
