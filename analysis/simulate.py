@@ -100,7 +100,7 @@ class WorldConfig:
     base_ctr: float = 0.02
     ctr_user_sigma: float = 0.5
     ctr_category_sigma: float = 0.3
-    lift_matched: float = 0.25  # relative CTR lift of chat-matched ads
+    lift_matched: float = 0.40  # relative CTR lift of chat-matched ads
     lift_heterogeneity: float = 0.3  # lognormal sigma of the per-category lift multiplier
     holdout_share: float = 0.10
 
