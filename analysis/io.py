@@ -219,20 +219,28 @@ def _q(table, file, rows, column, reason, values=None) -> pd.DataFrame:
     return pd.DataFrame({"table": table, "file": str(file), "row": rows.astype("int64"), "column": column, "reason": reason, "value": shown})
 
 
-def _is_missing(s: pd.Series) -> pd.Series:
-    miss = s.isna()
-    as_str = s[~miss]
-    if len(as_str) and as_str.map(lambda v: isinstance(v, str)).any():
-        miss.loc[~miss] = as_str.map(lambda v: isinstance(v, str) and not v.strip())
-    return miss.astype(bool)
+def _is_missing(s: pd.Series, kind: str) -> np.ndarray:
+    miss = s.isna().to_numpy().copy()
+    if kind not in ("art9_list", "str_list") and _all_strings(s):
+        miss |= s.astype("string").str.strip().eq("").fillna(False).to_numpy()
+    return miss
+
+
+def _all_strings(s: pd.Series) -> bool:
+    return pd.api.types.is_string_dtype(s.dtype) and (s.dtype != object or pd.api.types.infer_dtype(s, skipna=True) in ("string", "empty"))
 
 
 def _parse(col: Column, s: pd.Series) -> tuple[pd.Series, pd.Series, str]:
     """Return (parsed values, bad mask among non-missing values, reason for bad values)."""
     k = col.kind
+    none_bad = pd.Series(False, index=s.index)
     if k in ("id", "str", "text"):
+        if _all_strings(s) or pd.api.types.is_integer_dtype(s.dtype):
+            parsed = s.astype("string")
+            return (parsed if k == "text" else parsed.str.strip()), none_bad, ""
         ok = s.map(lambda v: isinstance(v, (str, int, np.integer)) and not isinstance(v, bool))
-        return s.where(~ok, s.astype("string").str.strip() if k != "text" else s.astype("string")), ~ok, "expected a string"
+        parsed = s.where(ok).astype("string")
+        return (parsed if k == "text" else parsed.str.strip()), ~ok, "expected a string"
     if k == "int":
         num = pd.to_numeric(s, errors="coerce")
         bad = num.isna() | (num < 0) | (num.fillna(0) % 1 != 0)
@@ -245,29 +253,28 @@ def _parse(col: Column, s: pd.Series) -> tuple[pd.Series, pd.Series, str]:
         return ts, ts.isna(), "cannot parse as an ISO 8601 UTC timestamp"
     if k == "bool":
         if pd.api.types.is_bool_dtype(s):
-            return s.astype(bool), pd.Series(False, index=s.index), ""
-        m = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False, "t": True, "f": False}
-        parsed = s.map(lambda v: v if isinstance(v, (bool, np.bool_)) else m.get(str(v).strip().lower()))
-        return parsed, parsed.isna(), "expected a boolean (true/false, 1/0)"
+            return s.astype(bool), none_bad, ""
+        m = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False, "t": True, "f": False, "1.0": True, "0.0": False}
+        parsed = s.astype("string").str.strip().str.lower().map(m)
+        return parsed.astype("boolean"), parsed.isna(), "expected a boolean (true/false, 1/0)"
     if k == "enum":
         low = s.astype("string").str.strip().str.lower()
-        bad = ~low.isin(col.values)
-        return low, bad, f"expected one of {', '.join(col.values)}"
+        return low, ~low.isin(col.values), f"expected one of {', '.join(col.values)}"
     if k == "region":
         up = s.astype("string").str.strip().str.upper()
-        bad = ~up.isin(ISO_ALPHA2)
-        return up, bad, "expected an ISO 3166-1 alpha-2 region code (ZZ for unknown)"
+        return up, ~up.isin(ISO_ALPHA2), "expected an ISO 3166-1 alpha-2 region code (ZZ for unknown)"
     if k == "unit_float":
         num = pd.to_numeric(s, errors="coerce")
-        bad = num.isna() | (num < 0) | (num > 1)
-        return num, bad, "expected a number in [0, 1]"
+        return num, num.isna() | (num < 0) | (num > 1), "expected a number in [0, 1]"
     if k in ("art9_list", "str_list"):
+        is_seq = s.map(type).isin([list, tuple, np.ndarray])
+        if k == "str_list" and (is_seq | s.isna()).all():
+            return s, none_bad, ""  # a Parquet list<string> column: already a list per row
         parsed = s.map(_as_list)
         bad = parsed.isna()
         reason = "expected a list of strings (JSON list or ';'-separated)"
         if k == "art9_list":
-            unknown = parsed.map(lambda v: v is not None and any(x not in ART9 for x in v))
-            bad = bad | unknown
+            bad = bad | parsed.map(lambda v: v is not None and any(x not in ART9 for x in v))
             reason = f"expected a list of Art. 9 categories ({', '.join(ART9)})"
         return parsed, bad.astype(bool), reason
     raise ValueError(f"unknown column kind {k}")
@@ -311,7 +318,7 @@ def validate(table: str, df: pd.DataFrame, file: str | Path, *, allow_missing_ti
             out[c.name] = pd.Series([None] * n, dtype="object")
             continue
         s = df[c.name].reset_index(drop=True)
-        miss = _is_missing(s).to_numpy()
+        miss = _is_missing(s, c.kind)
         parsed, bad, reason = _parse(c, s)
         bad = np.asarray(bad, dtype=bool) & ~miss
         nonmissing = int((~miss).sum())
@@ -691,7 +698,7 @@ def build_conversations(
 
     m = messages.sort_values(["conversation_id", "turn_index"])
     user_side = m[m["role"] == "user"]
-    docs = user_side.groupby("conversation_id", sort=False)["text"].agg(lambda s: "\n".join(s.astype(str)))
+    docs = user_side.groupby("conversation_id", sort=False)["text"].agg("\n".join)
     g = m.groupby("conversation_id", sort=False)
     conv = pd.DataFrame(
         {
@@ -700,7 +707,7 @@ def build_conversations(
             "ended_at": g["sent_at"].max(),
             "n_turns": g.size(),
             "n_user_turns": user_side.groupby("conversation_id").size(),
-            "voice": g["modality"].agg(lambda s: bool((s == "voice").any())),
+            "voice": (m["modality"] == "voice").groupby(m["conversation_id"], sort=False).any(),
         }
     )
     conv["n_user_turns"] = conv["n_user_turns"].fillna(0).astype("int64")
