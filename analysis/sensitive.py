@@ -1,0 +1,512 @@
+"""Sensitive-topic (GDPR Art. 9) detection for conversations: seven categories, multi-label.
+
+Two detectors read the user's side of a conversation, cut into segments (one per user turn,
+long turns split; pasted code, URLs and markup dropped first):
+
+- `LexiconDetector`: word-boundary regular expressions from `analysis/data/art9.yaml`, *strong*
+  (one hit is evidence) and *weak* (evidence only with other evidence), run after blanking out
+  the phrases that make keyword filters fire wrongly ("race condition", SQL "UNION", "god mode",
+  "health check" endpoints, birthday "party", "Christmas" trips, master/slave replication ...).
+- `EmbeddingDetector`: cosine similarity of every segment to curated category descriptions and
+  exemplars, contrasted with non-sensitive exemplars; the conversation keeps its best segment,
+  so a sensitive turn inside a long chat about something else still counts.
+
+`SensitiveDetector` combines both with a logistic model over a few features per category
+(pooled across categories, so it can be fitted on a few hundred labeled conversations) and
+flags a category when its score reaches that category's threshold. Thresholds and weights are
+chosen on labeled data (`fit`) and stored as JSON; `analysis/data/detector_default.json` holds
+those fitted on hand-labeled ShareGPT conversations (data/labels/).
+
+`validate()` compares flags with labels: per-category precision, recall, F1, sensitivity and
+specificity with their counts (tp, fn, tn, fp) and CIs, micro averages and a confusion table.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from analysis.io import ART9
+from analysis.taxonomy import Art9Spec, load_art9
+
+FEATURES = ("pos", "margin", "share", "strong", "weak")
+
+
+# --------------------------------------------------------------------------------- the text
+
+_FENCE = re.compile(r"```.*?(?:```|$)", re.S)
+_URL = re.compile(r"\bhttps?://\S+|\bwww\.\S+", re.I)
+_TAG = re.compile(r"<[^>\n]{1,200}>")
+_SENT = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
+_CODE_HINT = re.compile(r"[{};=<>\[\]()$#|\\]|^\s*(?:def|class|import|from|function|const|let|var|return|public|private|SELECT|INSERT|if|for|while)\b")
+
+
+def clean_text(text: str) -> str:
+    """User text with pasted code, URLs and markup removed: what a reader would call the message."""
+    if not isinstance(text, str):
+        return ""
+    t = _FENCE.sub(" ", text)
+    t = _URL.sub(" ", t)
+    t = _TAG.sub(" ", t)
+    keep = []
+    for line in t.splitlines():
+        s = line.strip()
+        if not s:
+            continue
+        sym = sum(ch in "{}[]();=<>$#|\\_/*+^&" for ch in s)
+        # code: dense in symbols, or a statement-like line (a prose line has few of these)
+        if sym / max(len(s), 1) > 0.08 or (_CODE_HINT.search(s) and sym >= 2 and len(s.split()) < 14):
+            continue
+        keep.append(s)
+    return "\n".join(keep)
+
+
+def segments(text: str, *, max_words: int = 60, max_segments: int = 24) -> list[str]:
+    """The conversation cut into short passages (user turns; long ones split at sentence ends).
+
+    Very long conversations keep `max_segments` passages spread evenly over the text, so the
+    cost per conversation is bounded.
+    """
+    out: list[str] = []
+    for line in clean_text(text).splitlines():
+        words = line.split()
+        if len(words) <= max_words:
+            out.append(line)
+            continue
+        cur: list[str] = []
+        for sent in _SENT.split(line):
+            sw = sent.split()
+            while len(sw) > max_words:  # a run-on "sentence": hard split
+                if cur:
+                    out.append(" ".join(cur))
+                    cur = []
+                out.append(" ".join(sw[:max_words]))
+                sw = sw[max_words:]
+            if len(cur) + len(sw) > max_words and cur:
+                out.append(" ".join(cur))
+                cur = []
+            cur.extend(sw)
+        if cur:
+            out.append(" ".join(cur))
+    out = [s for s in out if re.search(r"[^\W\d_]{2,}", s)]
+    if len(out) > max_segments:
+        idx = np.unique(np.linspace(0, len(out) - 1, max_segments).round().astype(int))
+        out = [out[i] for i in idx]
+    return out
+
+
+# ------------------------------------------------------------------------------ the lexicon
+
+
+@dataclass
+class LexiconHits:
+    """Distinct matched terms per category: strong and weak."""
+
+    strong: dict[str, list[str]]
+    weak: dict[str, list[str]]
+
+
+class LexiconDetector:
+    """Word-boundary rules per category; false-alarm phrases are blanked out before matching."""
+
+    def __init__(self, spec: Art9Spec | None = None):
+        self.spec = spec or load_art9()
+        wrap = lambda rx: re.compile(r"(?<![\w-])(?:" + rx + r")(?![\w-])", re.I)  # noqa: E731
+        self._neutral = [wrap(rx) for rx in self.spec.neutralize]
+        self._strong = {c: [wrap(rx) for rx in k.strong] for c, k in self.spec.categories.items()}
+        self._weak = {c: [wrap(rx) for rx in k.weak] for c, k in self.spec.categories.items()}
+
+    def neutralize(self, text: str) -> str:
+        for rx in self._neutral:
+            text = rx.sub(lambda m: " " * len(m.group(0)), text)
+        return text
+
+    def hits(self, text: str) -> LexiconHits:
+        t = self.neutralize(clean_text(text))
+        strong, weak = {}, {}
+        for c in self.spec.categories:
+            strong[c] = sorted({m.group(0).lower() for rx in self._strong[c] for m in rx.finditer(t)})
+            weak[c] = sorted({m.group(0).lower() for rx in self._weak[c] for m in rx.finditer(t)} - set(strong[c]))
+        return LexiconHits(strong, weak)
+
+    def counts(self, texts: Sequence[str]) -> pd.DataFrame:
+        """Columns `<category>__strong`, `<category>__weak`: distinct matched terms per text."""
+        rows = []
+        for t in texts:
+            h = self.hits(t)
+            row = {}
+            for c in self.spec.categories:
+                row[f"{c}__strong"] = len(h.strong[c])
+                row[f"{c}__weak"] = len(h.weak[c])
+            rows.append(row)
+        return pd.DataFrame(rows, columns=[f"{c}__{k}" for c in self.spec.categories for k in ("strong", "weak")])
+
+    def flags(self, texts: Sequence[str]) -> pd.DataFrame:
+        """The lexicon alone: a category is flagged on any strong hit."""
+        n = self.counts(texts)
+        return pd.DataFrame({c: n[f"{c}__strong"] > 0 for c in self.spec.categories})
+
+
+# --------------------------------------------------------------------------- the embeddings
+
+
+def embed_texts(texts: Sequence[str], backend: str = "minilm", cache_dir: str | Path | None = None) -> np.ndarray:
+    """Unit vectors from the project's embedding stage (analysis.embeddings), same backends as topics."""
+    from analysis.embeddings import embed
+
+    return embed(list(texts), backend, cache_dir=cache_dir)
+
+
+class EmbeddingDetector:
+    """Per category: the best segment's similarity to the category's prototypes, and its margin
+    over the closest non-category prototype (negatives and the other categories)."""
+
+    def __init__(self, spec: Art9Spec | None = None, *, backend: str = "minilm", cache_dir: str | Path | None = None,
+                 max_segments: int = 24):
+        self.spec = spec or load_art9()
+        self.backend = backend
+        self.cache_dir = cache_dir
+        self.max_segments = max_segments
+
+    @cached_property
+    def prototypes(self) -> tuple[np.ndarray, np.ndarray]:
+        """(unit vectors, class index per vector); class len(categories) = non-sensitive."""
+        texts, cls = [], []
+        for j, (c, k) in enumerate(self.spec.categories.items()):
+            for t in (k.description, *k.exemplars):
+                texts.append(t)
+                cls.append(j)
+        for t in self.spec.negatives:
+            texts.append(t)
+            cls.append(len(self.spec.categories))
+        return embed_texts(texts, self.backend, self.cache_dir), np.array(cls)
+
+    def features(self, texts: Sequence[str]) -> pd.DataFrame:
+        """Columns `<category>__pos`, `__margin`, `__share` per text (0 for a text with no prose)."""
+        cats = list(self.spec.categories)
+        segs = [segments(t, max_segments=self.max_segments) for t in texts]
+        flat = [s for ss in segs for s in ss]
+        owner = np.repeat(np.arange(len(texts)), [len(ss) for ss in segs])
+        out = np.zeros((len(texts), len(cats), 3), dtype=np.float64)
+        if flat:
+            P, cls = self.prototypes
+            n_cls = len(cats) + 1
+            best = np.full((len(flat), n_cls), -1.0)
+            for start in range(0, len(flat), 4096):
+                V = embed_texts(flat[start:start + 4096], self.backend, self.cache_dir)
+                S = V @ P.T
+                for j in range(n_cls):
+                    best[start:start + len(V), j] = S[:, cls == j].max(axis=1)
+            nearest = best.argmax(axis=1)
+            for j in range(len(cats)):
+                others = np.delete(best, j, axis=1).max(axis=1)
+                pos, margin = best[:, j], best[:, j] - others
+                out[:, j, 0] = _group_max(pos, owner, len(texts))
+                out[:, j, 1] = _group_max(margin, owner, len(texts))
+                out[:, j, 2] = np.bincount(owner, weights=(nearest == j).astype(float), minlength=len(texts)) / np.maximum(
+                    np.bincount(owner, minlength=len(texts)), 1
+                )
+            empty = np.bincount(owner, minlength=len(texts)) == 0
+            out[empty] = 0.0
+            out[empty, :, 1] = -1.0
+        else:
+            out[:, :, 1] = -1.0
+        cols = {}
+        for j, c in enumerate(cats):
+            cols[f"{c}__pos"] = out[:, j, 0]
+            cols[f"{c}__margin"] = out[:, j, 1]
+            cols[f"{c}__share"] = out[:, j, 2]
+        return pd.DataFrame(cols)
+
+
+def _group_max(x: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
+    m = np.full(n, -np.inf)
+    np.maximum.at(m, owner, x)
+    return np.where(np.isfinite(m), m, 0.0)
+
+
+# ----------------------------------------------------------------------------- the combiner
+
+
+def default_params_path() -> Path:
+    return Path(str(resources.files("analysis") / "data" / "detector_default.json"))
+
+
+@dataclass
+class DetectorParams:
+    """Logistic weights over FEATURES (pooled over categories) and one threshold per category."""
+
+    coef: dict[str, float]
+    intercept: float
+    thresholds: dict[str, float]
+    backend: str = "minilm"
+    fitted_on: str = ""
+    n_train: int | None = None
+    notes: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "backend": self.backend, "coef": self.coef, "intercept": self.intercept, "thresholds": self.thresholds,
+            "fitted_on": self.fitted_on, "n_train": self.n_train, "features": list(FEATURES), "notes": self.notes,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DetectorParams":
+        return cls(coef={k: float(v) for k, v in d["coef"].items()}, intercept=float(d["intercept"]),
+                   thresholds={k: float(v) for k, v in d["thresholds"].items()}, backend=d.get("backend", "minilm"),
+                   fitted_on=d.get("fitted_on", ""), n_train=d.get("n_train"), notes=d.get("notes") or {})
+
+    def save(self, path: str | Path) -> Path:
+        from analysis.storage import write_json
+
+        return write_json(self.to_dict(), path)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, backend: str | None = None) -> "DetectorParams":
+        """Stored params; the default file holds one set per embedding backend."""
+        raw = json.loads(Path(path or default_params_path()).read_text())
+        if "coef" not in raw:  # {backend: params}
+            if backend not in raw:
+                raise KeyError(f"no default detector params for backend {backend!r} (have {sorted(raw)}); fit on labels")
+            raw = raw[backend]
+        return cls.from_dict(raw)
+
+
+def _design(feats: pd.DataFrame, cats: Sequence[str]) -> np.ndarray:
+    """(n_texts, n_categories, n_features) in FEATURES order; counts enter as log1p."""
+    x = np.stack([np.stack([feats[f"{c}__{f}"].to_numpy(dtype=float) for f in FEATURES], axis=1) for c in cats], axis=1)
+    x[:, :, 3:] = np.log1p(x[:, :, 3:])
+    return x
+
+
+def label_matrix(labels: pd.Series | Sequence, cats: Sequence[str] = ART9) -> np.ndarray:
+    """Lists of category names -> boolean matrix (n, categories)."""
+    lab = [set(v) if isinstance(v, (list, tuple, set, np.ndarray)) else set() for v in labels]
+    return np.array([[c in s for c in cats] for s in lab], dtype=bool).reshape(len(lab), len(cats))
+
+
+@dataclass
+class Detection:
+    """Scores (0-1) and flags per category for each conversation."""
+
+    conversation_id: pd.Series
+    scores: pd.DataFrame
+    flags: pd.DataFrame
+    features: pd.DataFrame
+    params: DetectorParams
+
+    def to_frame(self) -> pd.DataFrame:
+        out = pd.DataFrame({"conversation_id": self.conversation_id.to_numpy()})
+        for c in self.scores:
+            out[f"score_{c}"] = self.scores[c].to_numpy()
+        for c in self.flags:
+            out[f"flag_{c}"] = self.flags[c].to_numpy()
+        out["any_sensitive"] = self.flags.any(axis=1).to_numpy()
+        out["art9"] = [[c for c in self.flags if r[c]] for _, r in self.flags.iterrows()]
+        return out
+
+    def prevalence(self) -> pd.DataFrame:
+        n = len(self.flags)
+        rows = [{"category": c, "conversations": int(self.flags[c].sum()), "n": n, "share": float(self.flags[c].mean()) if n else np.nan} for c in self.flags]
+        rows.append({"category": "any", "conversations": int(self.flags.any(axis=1).sum()), "n": n,
+                     "share": float(self.flags.any(axis=1).mean()) if n else np.nan})
+        return pd.DataFrame(rows)
+
+    def summary(self) -> str:
+        p = self.prevalence()
+        return "; ".join(f"{r.category} {r.share:.1%}" for r in p.itertuples()) + f" (n={len(self.flags)})"
+
+
+class SensitiveDetector:
+    """Lexicon + embedding evidence combined by a pooled logistic model; per-category thresholds.
+
+    `params=None` loads the shipped defaults for the backend (fitted on hand-labeled ShareGPT);
+    `fit(texts, labels)` refits weights and thresholds on labeled conversations.
+    """
+
+    def __init__(self, *, backend: str = "minilm", params: DetectorParams | str | Path | None = None,
+                 spec: Art9Spec | None = None, cache_dir: str | Path | None = None, max_segments: int = 24):
+        self.spec = spec or load_art9()
+        self.cats = list(self.spec.categories)
+        self.backend = backend
+        self.lexicon = LexiconDetector(self.spec)
+        self.embedding = EmbeddingDetector(self.spec, backend=backend, cache_dir=cache_dir, max_segments=max_segments)
+        if params is None or isinstance(params, (str, Path)):
+            params = DetectorParams.load(params, backend)
+        self.params = params
+
+    def features(self, texts: Sequence[str]) -> pd.DataFrame:
+        texts = ["" if t is None else str(t) for t in texts]
+        return pd.concat([self.embedding.features(texts), self.lexicon.counts(texts)], axis=1)
+
+    def _score(self, feats: pd.DataFrame, params: DetectorParams | None = None) -> pd.DataFrame:
+        p = params or self.params
+        x = _design(feats, self.cats)
+        w = np.array([p.coef[f] for f in FEATURES])
+        z = x @ w + p.intercept
+        return pd.DataFrame(1 / (1 + np.exp(-z)), columns=self.cats)
+
+    def detect(self, texts: Sequence[str], conversation_id: Sequence | None = None, *, features: pd.DataFrame | None = None) -> Detection:
+        feats = self.features(texts) if features is None else features
+        scores = self._score(feats)
+        flags = pd.DataFrame({c: scores[c].to_numpy() >= self.params.thresholds[c] for c in self.cats})
+        ids = pd.Series(conversation_id if conversation_id is not None else np.arange(len(feats)))
+        return Detection(ids.reset_index(drop=True), scores, flags, feats, self.params)
+
+    def fit(self, texts: Sequence[str] | None, labels, *, features: pd.DataFrame | None = None, source: str = "",
+            min_positives: int = 5, C: float = 1.0) -> DetectorParams:
+        """Fit the pooled logistic weights and per-category thresholds (max F1) on labeled data.
+
+        A category with fewer than `min_positives` labeled positives keeps its current threshold.
+        """
+        from sklearn.linear_model import LogisticRegression
+
+        feats = self.features(texts) if features is None else features
+        y = label_matrix(labels, self.cats)
+        x = _design(feats, self.cats)
+        lr = LogisticRegression(C=C, max_iter=2000, class_weight="balanced")
+        lr.fit(x.reshape(-1, x.shape[2]), y.reshape(-1))
+        params = DetectorParams(
+            coef={f: float(v) for f, v in zip(FEATURES, lr.coef_[0])}, intercept=float(lr.intercept_[0]),
+            thresholds=dict(self.params.thresholds), backend=self.backend, fitted_on=source, n_train=int(len(y)),
+        )
+        scores = self._score(feats, params)
+        chosen = {}
+        for j, c in enumerate(self.cats):
+            if y[:, j].sum() >= min_positives:
+                params.thresholds[c] = choose_threshold(scores[c].to_numpy(), y[:, j])
+                chosen[c] = "fitted"
+            else:
+                chosen[c] = f"kept (fewer than {min_positives} positives)"
+        params.notes = {"thresholds": chosen, "positives": {c: int(y[:, j].sum()) for j, c in enumerate(self.cats)}}
+        self.params = params
+        return params
+
+
+def choose_threshold(score: np.ndarray, y: np.ndarray, *, beta: float = 1.0) -> float:
+    """The threshold maximizing F-beta; ties go to the midpoint of the widest run of best cut-offs.
+
+    Placing the cut midway between the scores of neighbouring conversations (not on a score)
+    keeps it from hugging the tuning sample.
+    """
+    s = np.asarray(score, dtype=float)
+    y = np.asarray(y, dtype=bool)
+    u = np.unique(s)
+    cuts = np.concatenate([[u[0] - 1e-9], (u[:-1] + u[1:]) / 2, [u[-1] + 1e-9]]) if len(u) else np.array([0.5])
+    best, best_cut = -1.0, 0.5
+    f = []
+    for t in cuts:
+        pred = s >= t
+        tp = (pred & y).sum()
+        fp = (pred & ~y).sum()
+        fn = (~pred & y).sum()
+        denom = (1 + beta**2) * tp + beta**2 * fn + fp
+        f.append((1 + beta**2) * tp / denom if denom else 0.0)
+    f = np.array(f)
+    best = f.max()
+    idx = np.flatnonzero(f >= best - 1e-12)
+    # the widest contiguous run of optimal cut-offs; take its middle
+    runs = np.split(idx, np.flatnonzero(np.diff(idx) > 1) + 1)
+    run = max(runs, key=len)
+    best_cut = float(np.median(cuts[run]))
+    return float(np.clip(best_cut, 1e-6, 1 - 1e-6))
+
+
+# ------------------------------------------------------------------------------ validation
+
+
+@dataclass
+class Validation:
+    """Flags vs labels: per-category and micro metrics with CIs, and the confusion table."""
+
+    per_category: pd.DataFrame
+    micro: pd.DataFrame
+    confusion: pd.DataFrame
+    n: int
+    alpha: float = 0.05
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.concat([self.per_category, self.micro], ignore_index=True)
+
+    def detector_validation(self) -> pd.DataFrame:
+        """What the leakage stage needs for Rogan-Gladen: sensitivity/specificity with counts."""
+        cols = ["category", "tp", "fn", "tn", "fp", "sensitivity", "sensitivity_low", "sensitivity_high",
+                "specificity", "specificity_low", "specificity_high", "n"]
+        return self.per_category[cols].copy()
+
+    def summary(self) -> str:
+        m = self.micro.iloc[0]
+        worst = self.per_category.sort_values("f1").iloc[0]
+        return (f"{self.n} labeled conversations; micro precision {m.precision:.3f} [{m.precision_low:.3f}, {m.precision_high:.3f}], "
+                f"recall {m.recall:.3f} [{m.recall_low:.3f}, {m.recall_high:.3f}], F1 {m.f1:.3f}; "
+                f"lowest F1: {worst.category} {worst.f1:.3f}")
+
+
+def _prop(k: int, n: int, alpha: float, method: str) -> tuple[float, float, float]:
+    from statsmodels.stats.proportion import proportion_confint
+
+    if n == 0:
+        return np.nan, np.nan, np.nan
+    lo, hi = proportion_confint(k, n, alpha=alpha, method=method)
+    return k / n, float(lo), float(hi)
+
+
+def validate(flags: pd.DataFrame, labels, *, alpha: float = 0.05, method: str = "wilson", n_boot: int = 1000, seed: int = 0) -> Validation:
+    """Per category: tp fp fn tn, precision / recall (= sensitivity) / specificity with CIs
+    (`method` of statsmodels' proportion_confint, Wilson by default), F1 with a bootstrap CI;
+    micro averages pool the seven categories' counts."""
+    cats = list(flags.columns)
+    y = label_matrix(labels, cats)
+    p = flags.to_numpy(dtype=bool)
+    n = len(y)
+    rng = np.random.default_rng(seed)
+    boot = rng.integers(0, n, size=(n_boot, n)) if n else np.zeros((0, 0), dtype=int)
+
+    def f1_ci(yy, pp):
+        if not n:
+            return np.nan, np.nan
+        tp = (yy[boot] & pp[boot]).sum(axis=tuple(range(1, yy.ndim + 1)))
+        fp = (~yy[boot] & pp[boot]).sum(axis=tuple(range(1, yy.ndim + 1)))
+        fn = (yy[boot] & ~pp[boot]).sum(axis=tuple(range(1, yy.ndim + 1)))
+        d = 2 * tp + fp + fn
+        f = np.where(d > 0, 2 * tp / np.maximum(d, 1), np.nan)
+        f = f[np.isfinite(f)]
+        return (float(np.quantile(f, alpha / 2)), float(np.quantile(f, 1 - alpha / 2))) if len(f) else (np.nan, np.nan)
+
+    def row(name, yy, pp):
+        tp, fp = int((yy & pp).sum()), int((~yy & pp).sum())
+        fn, tn = int((yy & ~pp).sum()), int((~yy & ~pp).sum())
+        prec = _prop(tp, tp + fp, alpha, method)
+        rec = _prop(tp, tp + fn, alpha, method)
+        spec = _prop(tn, tn + fp, alpha, method)
+        f1 = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else np.nan
+        lo, hi = f1_ci(yy, pp)
+        return {
+            "category": name, "tp": tp, "fp": fp, "fn": fn, "tn": tn, "n": int(yy.size), "positives": tp + fn, "flagged": tp + fp,
+            "precision": prec[0], "precision_low": prec[1], "precision_high": prec[2],
+            "recall": rec[0], "recall_low": rec[1], "recall_high": rec[2],
+            "f1": f1, "f1_low": lo, "f1_high": hi,
+            "sensitivity": rec[0], "sensitivity_low": rec[1], "sensitivity_high": rec[2],
+            "specificity": spec[0], "specificity_low": spec[1], "specificity_high": spec[2],
+        }
+
+    per = pd.DataFrame([row(c, y[:, j], p[:, j]) for j, c in enumerate(cats)])
+    micro = pd.DataFrame([row("micro", y, p)])
+    # confusion: true category (or none) x flagged category (or none), counting conversations
+    true_names = cats + ["none"]
+    conf = pd.DataFrame(0, index=pd.Index(true_names, name="label"), columns=pd.Index(true_names, name="flagged"))
+    for i in range(n):
+        t = [c for j, c in enumerate(cats) if y[i, j]] or ["none"]
+        f = [c for j, c in enumerate(cats) if p[i, j]] or ["none"]
+        for a in t:
+            for b in f:
+                conf.loc[a, b] += 1
+    return Validation(per, micro, conf, n, alpha)
