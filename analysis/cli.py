@@ -24,6 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--reports-dir")
     r.add_argument("--no-progress", action="store_true")
 
+    sc = sub.add_parser("scan-report", help="check a rendered report for PII, small cells, raw text and external resources")
+    sc.add_argument("path", nargs="+")
+    sc.add_argument("--run-dir", help="the run the report belongs to: also check for its raw transcripts and user ids")
+    sc.add_argument("--k", type=int, default=10, help="small-cell threshold (default 10)")
+
     a = p.parse_args(argv)
     if a.command == "simulate":
         from analysis.pipeline import _split_set
@@ -53,6 +58,18 @@ def main(argv: list[str] | None = None) -> int:
         final = next((s["html"] for s in reversed(res.stages) if s.get("html")), None)
         print(f"run {res.run_id} completed; report: {res.run_dir / final if final else res.run_dir} (also reports/latest/)")
         return 0
+    if a.command == "scan-report":
+        from pathlib import Path
+
+        from analysis.pipeline import scan_run_report
+        from analysis.privacy import scan_report
+
+        bad = 0
+        for path in a.path:
+            res = scan_run_report(Path(path), Path(a.run_dir), k=a.k) if a.run_dir else scan_report(path, k=a.k)
+            print(res.summary())
+            bad += not res.ok
+        return 1 if bad else 0
     return 2
 
 

@@ -240,8 +240,17 @@ def run(
         rec["seconds"] = round(time.perf_counter() - t0, 2)
         if out_nb.exists():
             try:
-                render_html(out_nb, run_dir / f"{stage}.html", title=f"{stage} — chat-ad-audit {run_id}")
-                rec["html"] = f"{stage}.html"
+                html_path = render_html(out_nb, run_dir / f"{stage}.html", title=f"{stage} — chat-ad-audit {run_id}")
+                scan = scan_run_report(html_path, run_dir, k=int(params.get("min_cell_users") or 10))
+                rec["privacy_scan"] = "clean" if scan.ok else f"{len(scan.findings)} finding(s)"
+                if scan.ok:
+                    rec["html"] = html_path.name
+                else:  # never leave a leaky report where a stakeholder could open it
+                    blocked = run_dir / "blocked" / html_path.name
+                    blocked.parent.mkdir(exist_ok=True)
+                    os.replace(html_path, blocked)
+                    rec["status"] = "failed"
+                    rec["error"] = f"privacy scan failed, report moved to blocked/: {scan.summary()}"
             except Exception as e:
                 rec.setdefault("error", f"HTML rendering failed: {_one_line(e)}")
                 rec["status"] = "failed"
@@ -261,6 +270,21 @@ def run(
     if update_latest:
         _point_latest(reports, run_id)
     return result
+
+
+def scan_run_report(html_path: Path, run_dir: Path, *, k: int = 10):
+    """Privacy scan of one report against the run's own transcripts and user ids."""
+    import pandas as pd
+
+    from analysis.privacy import scan_report
+
+    data = run_dir / "data"
+    raw_texts = raw_ids = None
+    if (data / "conversations.parquet").exists():
+        conv = pd.read_parquet(data / "conversations.parquet", columns=["document", "user_id"])
+        raw_texts = conv["document"].str.split("\n").explode().dropna()
+        raw_ids = conv["user_id"].unique()
+    return scan_report(html_path, k=k, raw_texts=raw_texts, raw_ids=raw_ids)
 
 
 def _one_line(e: BaseException) -> str:
