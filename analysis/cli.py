@@ -29,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("--run-dir", help="the run the report belongs to: also check for its raw transcripts and user ids")
     sc.add_argument("--k", type=int, default=10, help="small-cell threshold (default 10)")
 
+    b = sub.add_parser("batch", help="run a parameter grid in parallel (resumable), with a comparison table")
+    b.add_argument("--grid", required=True, help="grid YAML (configs/grid.yaml)")
+    b.add_argument("--workers", type=int, default=2)
+
     a = p.parse_args(argv)
     if a.command == "simulate":
         from analysis.pipeline import _split_set
@@ -58,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         final = next((s["html"] for s in reversed(res.stages) if s.get("html")), None)
         print(f"run {res.run_id} completed; report: {res.run_dir / final if final else res.run_dir} (also reports/latest/)")
         return 0
+    if a.command == "batch":
+        from analysis.batch import run_batch
+
+        res = run_batch(a.grid, workers=a.workers)
+        print(res.summary())
+        return 1 if res.n_failed else 0
     if a.command == "scan-report":
         from pathlib import Path
 
