@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from itertools import combinations
 from pathlib import Path
 
@@ -97,28 +98,34 @@ class LiftData:
     policy_date: str
     n_impressions: int
     n_dropped: int = 0  # impressions of users without a known region
+    _per_user: pd.DataFrame | None = field(default=None, repr=False)
 
-    @property
+    @cached_property
     def user_period(self) -> pd.DataFrame:
-        """user, post, impressions, clicks (+ included, region, arm)."""
-        uw = self.user_week
-        up = (
-            uw.assign(post=uw["week"] >= 0)
-            .groupby(["user", "post"], sort=True, observed=True)[["impressions", "clicks"]]
-            .sum()
-            .reset_index()
-        )
+        """user, post, impressions, clicks (+ included, region, arm); rows with impressions only."""
+        pu = self.per_user()
+        parts = []
+        for post, sfx in ((False, "pre"), (True, "post")):
+            m = pu[f"imp_{sfx}"].to_numpy() > 0
+            parts.append(pd.DataFrame({"user": pu.index[m], "post": post, "impressions": pu[f"imp_{sfx}"].to_numpy()[m],
+                                       "clicks": pu[f"clk_{sfx}"].to_numpy()[m]}))
+        up = pd.concat(parts, ignore_index=True).sort_values(["user", "post"], kind="stable", ignore_index=True)
         return up.join(self.users[["included", "region", "arm"]], on="user")
 
     def per_user(self) -> pd.DataFrame:
         """One row per user: imp_pre, clk_pre, imp_post, clk_post plus the user's attributes."""
-        up = self.user_period
-        wide = up.pivot_table(index="user", columns="post", values=["impressions", "clicks"], aggfunc="sum", fill_value=0)
-        out = pd.DataFrame(index=wide.index)
-        for col, name in (("impressions", "imp"), ("clicks", "clk")):
-            for post, suffix in ((False, "pre"), (True, "post")):
-                out[f"{name}_{suffix}"] = wide[(col, post)] if (col, post) in wide else 0
-        return out.astype("int64").join(self.users[["included", "region", "arm"]])
+        if self._per_user is None:
+            uw = self.user_week
+            size = int(self.users.index.max()) + 1 if len(self.users) else 0
+            u = uw["user"].to_numpy()
+            post = uw["week"].to_numpy() >= 0
+            out = pd.DataFrame(index=self.users.index)
+            for name, col in (("imp", "impressions"), ("clk", "clicks")):
+                v = uw[col].to_numpy(float)
+                for sfx, m in (("pre", ~post), ("post", post)):
+                    out[f"{name}_{sfx}"] = np.bincount(u[m], weights=v[m], minlength=size)[out.index].astype(np.int64)
+            self._per_user = out.join(self.users[["included", "region", "arm"]])
+        return self._per_user
 
     def cells(self) -> pd.DataFrame:
         """CTR by region group and period (impression-weighted) with user and impression counts."""
@@ -577,11 +584,13 @@ class TwoGroupResult:
         )
 
     def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame([{k: (v if not isinstance(v, tuple) else None) for k, v in self.__dict__.items()} | {
-            "ci_low": self.ci[0], "ci_high": self.ci[1],
-            "rel_ci_delta_low": self.rel_ci_delta[0], "rel_ci_delta_high": self.rel_ci_delta[1],
-            "rel_ci_fieller_low": self.rel_ci_fieller[0], "rel_ci_fieller_high": self.rel_ci_fieller[1],
-        }]).drop(columns=["ci", "rel_ci_delta", "rel_ci_fieller"])
+        row = {}
+        for k, v in self.__dict__.items():
+            if isinstance(v, tuple):
+                row[f"{k}_low"], row[f"{k}_high"] = v
+            else:
+                row[k] = v
+        return pd.DataFrame([row])
 
 
 @dataclass
@@ -705,6 +714,8 @@ class ABResult:
     pre_period_placebo: TwoGroupResult | None
     two_proportion: dict
     power: dict
+    permutation_p: float = np.nan  # user-level re-randomization of arms, plain lift: exact under the sharp null
+    warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> pd.DataFrame:
         s = pd.concat([self.plain.summary(), self.cuped.summary()], ignore_index=True)
@@ -720,6 +731,7 @@ class ABResult:
             ("SRM chi-square", self.srm_chi2),
             ("SRM p-value", self.srm_p),
             ("SRM flagged (p < 0.001)", self.srm_flag),
+            ("user-level permutation p (plain lift)", self.permutation_p),
             ("impression-level two-proportion p (ignores clustering)", self.two_proportion["p_value"]),
             ("design effect of user clustering", self.two_proportion["design_effect"]),
             ("MDE, relative, plain (power %.0f%%)" % (100 * self.power["power"]), self.power["mde_rel_plain"]),
@@ -738,9 +750,15 @@ class ABTest:
     a pre-period placebo (arms must not differ before the policy), impression-level
     two-proportion tests for reference, and power / MDE for the observed sample."""
 
+    # below these sizes the delta-method / Welch CIs were measured to be too narrow (docs/lift.md)
+    MIN_ARM_USERS = 100
+    MIN_ARM_CLICKS = 100
+
     def __init__(self, alpha: float = 0.05, expected_holdout_share: float | None = 0.10, srm_alpha: float = 0.001,
-                 power: float = 0.8, target_rel_lift: float = 0.05):
+                 power: float = 0.8, target_rel_lift: float = 0.05, n_permutations: int = 2000, seed: int = 0):
         self.alpha = alpha
+        self.n_permutations = n_permutations
+        self.seed = seed
         self.expected_holdout_share = expected_holdout_share
         self.srm_alpha = srm_alpha
         self.power = power
@@ -765,9 +783,8 @@ class ABTest:
             pre_as_post = pre.assign(imp_post=pre["imp_pre"], clk_post=pre["clk_pre"], imp_pre=0, clk_pre=0)
             placebo = Cuped(self.alpha, adjust=False).fit_users(pre_as_post, (pre["arm"] == "treatment").to_numpy(), "A/B pre-period placebo (must be ~0)")
 
-        post = pu[pu["imp_post"] > 0]
-        ct, nt = post.loc[treated[pu["imp_post"].to_numpy() > 0], ["clk_post", "imp_post"]].sum()
-        cc, nc = post.loc[~treated[pu["imp_post"].to_numpy() > 0], ["clk_post", "imp_post"]].sum()
+        ct, nt = pu.loc[treated, ["clk_post", "imp_post"]].sum()
+        cc, nc = pu.loc[~treated, ["clk_post", "imp_post"]].sum()
         tp = test_proportions_2indep(ct, nt, cc, nc, compare="diff", return_results=True)
         ci_ratio = confint_proportions_2indep(ct, nt, cc, nc, compare="ratio", alpha=self.alpha)
         binom_var = (ct / nt) * (1 - ct / nt) / nt + (cc / nc) * (1 - cc / nc) / nc
@@ -777,8 +794,34 @@ class ABTest:
             "design_effect": float(plain.se**2 / binom_var),
             "note": "impressions treated as independent: too narrow when clicks cluster within users",
         }
-        return ABResult(counts.to_dict(), float(chi2), float(p_srm), bool(p_srm < self.srm_alpha) if np.isfinite(p_srm) else False,
-                        self.expected_holdout_share, plain, cuped, placebo, two_prop, self._power(plain, cuped))
+        warnings = []
+        if min(plain.n_treated, plain.n_control) < self.MIN_ARM_USERS or min(ct, cc) < self.MIN_ARM_CLICKS:
+            warnings.append(
+                f"small arm ({min(plain.n_treated, plain.n_control)} users, {int(min(ct, cc))} post-period clicks): the "
+                "delta-method CIs are too narrow at this size; rely on the permutation p-value for the test"
+            )
+        srm_flag = bool(p_srm < self.srm_alpha) if np.isfinite(p_srm) else False
+        if srm_flag:
+            warnings.append(f"sample ratio mismatch (p = {p_srm:.2g}): the arms are not the split the design promised; the A/B lift is not trustworthy")
+        perm_p = self._permutation_p(pu[pu["imp_post"] > 0], plain.abs_lift) if self.n_permutations else np.nan
+        return ABResult(counts.to_dict(), float(chi2), float(p_srm), srm_flag, self.expected_holdout_share, plain, cuped, placebo,
+                        two_prop, self._power(plain, cuped), perm_p, warnings)
+
+    def _permutation_p(self, pu: pd.DataFrame, observed: float, chunk: int = 250) -> float:
+        """Re-randomize the arm labels over users (the unit of assignment) and recompute the plain lift."""
+        rng = np.random.default_rng(self.seed)
+        c, n = pu["clk_post"].to_numpy(float), pu["imp_post"].to_numpy(float)
+        treated = (pu["arm"] == "treatment").to_numpy()
+        k, ctot, ntot = int(treated.sum()), c.sum(), n.sum()
+        extreme, done = 0, 0
+        while done < self.n_permutations:
+            b = min(chunk, self.n_permutations - done)
+            M = np.argsort(rng.random((b, len(c))), axis=1) < k  # each row: a random set of k treated users
+            ct_, nt_ = M @ c, M @ n
+            stat = ct_ / nt_ - (ctot - ct_) / (ntot - nt_)
+            extreme += int(np.sum(np.abs(stat) >= abs(observed) * (1 - 1e-12)))
+            done += b
+        return (1 + extreme) / (1 + self.n_permutations)
 
     def _power(self, plain: TwoGroupResult, cuped: TwoGroupResult) -> dict:
         """MDE and power from the observed per-user spread, via statsmodels' two-sample t power."""
@@ -1005,7 +1048,7 @@ def analyse(
     ab = None
     if data.users["arm"].notna().any():
         try:
-            ab = ABTest(alpha, expected_holdout_share, target_rel_lift=target_rel_lift).fit(data)
+            ab = ABTest(alpha, expected_holdout_share, target_rel_lift=target_rel_lift, n_permutations=n_permutations, seed=seed).fit(data)
         except ValueError as e:
             notes.append(f"A/B skipped: {e}")
     else:
