@@ -8,7 +8,7 @@ KERNEL := chat-ad-audit
 WORLD := data/world/default
 STAMP := $(VENV)/.installed
 
-.PHONY: setup report test lab world bench clean
+.PHONY: setup report test lab world bench clean browser
 
 setup: $(STAMP)
 
@@ -31,8 +31,14 @@ world: $(WORLD)/ground_truth.json
 report: $(STAMP) $(WORLD)/ground_truth.json
 	$(PY) -m analysis run --config configs/default.yaml
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest
+
+# Debian's chromium for the report's browser test (installed when absent and we may; else that test skips)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "chromium is not installed and cannot be: the browser test will skip"
 
 lab: $(STAMP) $(WORLD)/ground_truth.json
 	$(VENV)/bin/jupyter lab notebooks/
