@@ -1085,3 +1085,44 @@ def run_stage(run_dir: str | Path, input_dir: str | Path | None = None, **settin
 
 def _fmt_ci(ci, digits: int = 3) -> str:
     return f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+# ------------------------------------------------------------- validation by simulation
+
+
+def validate_world(world_config: dict, *, expected_holdout_share: float | None = None, alpha: float = 0.05, n_permutations: int = 200) -> dict:
+    """Simulate one world, run the headline estimators, and compare with its truth.
+
+    Returns p-values, whether each CI covers its truth, and the CUPED variance reductions: one row
+    of a coverage / false-positive study (tests/test_lift_simulation.py, docs/lift.md).
+    """
+    from analysis.simulate import simulate
+
+    w = simulate(world_config)
+    h = expected_holdout_share if expected_holdout_share is not None else w.config.holdout_share
+    d = aggregate(w.impressions.drop(columns=["targeting_sources"]), w.users, policy_date=w.config.policy_date,
+                  excluded_regions=w.config.excluded_regions)
+    did = DiffInDiff(alpha).fit(d)
+    pu = d.per_user()
+    cu = Cuped(alpha).fit_users(pu, pu["included"].to_numpy())
+    ab = ABTest(alpha, h, n_permutations=n_permutations, seed=w.config.seed).fit(d)
+    ri = RegionRandomization(n_permutations=n_permutations, seed=w.config.seed).fit(d)
+    lt = w.ground_truth["lift"]
+    inc, arm = lt["included_post"], lt["treatment_arm"]
+
+    def covers(ci, x):
+        return bool(ci[0] <= x <= ci[1])
+
+    return {
+        "seed": w.config.seed, "mode": w.config.mode, "truth_rel": inc["rel"], "truth_ab_rel": arm["rel"],
+        "did_p": did.p_value, "cuped_p": cu.p_value, "ab_p": ab.plain.p_value, "ab_cuped_p": ab.cuped.p_value,
+        "ab_perm_p": ab.permutation_p, "ri_p": ri.p_value,
+        "did_abs_cov": covers(did.ci, inc["abs"]), "did_rel_cov": covers(did.rel_ci_delta, inc["rel"]),
+        "did_rel_fieller_cov": covers(did.rel_ci_fieller, inc["rel"]),
+        "cuped_abs_cov": covers(cu.ci, inc["abs"]), "cuped_rel_cov": covers(cu.rel_ci_delta, inc["rel"]),
+        "cuped_rel_fieller_cov": covers(cu.rel_ci_fieller, inc["rel"]),
+        "ab_abs_cov": covers(ab.plain.ci, arm["abs"]), "ab_rel_cov": covers(ab.plain.rel_ci_delta, arm["rel"]),
+        "ab_rel_fieller_cov": covers(ab.plain.rel_ci_fieller, arm["rel"]),
+        "ab_cuped_abs_cov": covers(ab.cuped.ci, arm["abs"]), "ab_cuped_rel_cov": covers(ab.cuped.rel_ci_delta, arm["rel"]),
+        "cuped_vr": cu.variance_reduction, "ab_cuped_vr": ab.cuped.variance_reduction, "srm_flag": ab.srm_flag,
+    }
