@@ -867,6 +867,17 @@ class CategoryLiftResult:
     def to_frame(self) -> pd.DataFrame:
         return self.table.copy()
 
+    def display(self, min_cell_users: int = 10, top: int = 30) -> pd.DataFrame:
+        """The table for publication: main columns, user counts below k suppressed."""
+        from analysis.privacy import suppress_small_cells
+
+        cols = ["ad_category", "label", "users_chat", "users_other", "ctr_chat", "ctr_other", "rel_lift", "rel_ci_low", "rel_ci_high",
+                "p_value", "p_bh", "significant_bh", "truth", "design"]
+        t = self.table[self.table["tested"]].head(top)[cols]
+        if t["truth"].isna().all():
+            t = t.drop(columns="truth")
+        return suppress_small_cells(t, ["users_chat", "users_other"], k=min_cell_users)
+
     def plot(self, ax=None, top: int = 25):
         import matplotlib.pyplot as plt
 
@@ -1009,6 +1020,7 @@ class LiftReport:
         if self.ab is not None:
             m.add("ab_srm_p_value", self.ab.srm_p, n=sum(self.ab.n_users.values()))
             m.add("ab_srm_flag", self.ab.srm_flag)
+            m.add("ab_permutation_p_value", self.ab.permutation_p, n=sum(self.ab.n_users.values()))
             m.add("ab_cuped_variance_reduction", self.ab.cuped.variance_reduction)
             m.add("ab_mde_rel", self.ab.power["mde_rel_plain"])
             m.add("ab_cuped_mde_rel", self.ab.power["mde_rel_cuped"])
@@ -1063,6 +1075,10 @@ def analyse(
             cats = CategoryLift(alpha, min_cell_users, labels).fit(data, truth)
         except ValueError as e:
             notes.append(f"per-category lift skipped: {e}")
+    if ab is not None:
+        notes += [f"A/B: {w}" for w in ab.warnings]
+    if es is not None and es.pretrend_p < alpha:
+        notes.append(f"pre-trend test rejects parallel trends (p = {es.pretrend_p:.3g}): the DiD and region CUPED estimates are suspect")
     return LiftReport(data, did, es, ri, cuped, ab, cats, notes)
 
 
