@@ -190,18 +190,29 @@ class EmbeddingDetector:
         return embed_texts(texts, self.backend, self.cache_dir), np.array(cls)
 
     def features(self, texts: Sequence[str]) -> pd.DataFrame:
-        """Columns `<category>__pos`, `__margin`, `__share` per text (0 for a text with no prose)."""
+        """Columns `<category>__pos`, `__margin`, `__share` per text (0 for a text with no prose), and
+        the mean- and max-pooled segment embeddings (`emb__mean_i`, `emb__max_i`) for a supervised head."""
         cats = list(self.spec.categories)
         segs = [segments(t, max_segments=self.max_segments) for t in texts]
         flat = [s for ss in segs for s in ss]
         owner = np.repeat(np.arange(len(texts)), [len(ss) for ss in segs])
         out = np.zeros((len(texts), len(cats), 3), dtype=np.float64)
+        P, cls = self.prototypes
+        pooled = np.zeros((len(texts), 2 * P.shape[1]), dtype=np.float32)
+        has_max = np.zeros(len(texts), dtype=bool)
         if flat:
-            P, cls = self.prototypes
             n_cls = len(cats) + 1
             best = np.full((len(flat), n_cls), -1.0)
             for start in range(0, len(flat), 4096):
                 V = embed_texts(flat[start:start + 4096], self.backend, self.cache_dir)
+                o = owner[start:start + len(V)]
+                np.add.at(pooled[:, : P.shape[1]], o, V)
+                # max-pooling keeps a single sensitive turn visible; owners are sorted, so reduceat works
+                starts = np.flatnonzero(np.r_[True, o[1:] != o[:-1]])
+                ks, bm = o[starts], np.maximum.reduceat(V, starts, axis=0)
+                mx = pooled[ks, P.shape[1]:]
+                pooled[ks, P.shape[1]:] = np.where(has_max[ks, None], np.maximum(mx, bm), bm)
+                has_max[ks] = True
                 S = V @ P.T
                 for j in range(n_cls):
                     best[start:start + len(V), j] = S[:, cls == j].max(axis=1)
@@ -214,7 +225,9 @@ class EmbeddingDetector:
                 out[:, j, 2] = np.bincount(owner, weights=(nearest == j).astype(float), minlength=len(texts)) / np.maximum(
                     np.bincount(owner, minlength=len(texts)), 1
                 )
-            empty = np.bincount(owner, minlength=len(texts)) == 0
+            counts = np.bincount(owner, minlength=len(texts))
+            pooled[:, : P.shape[1]] /= np.maximum(counts, 1)[:, None]
+            empty = counts == 0
             out[empty] = 0.0
             out[empty, :, 1] = -1.0
         else:
@@ -224,6 +237,11 @@ class EmbeddingDetector:
             cols[f"{c}__pos"] = out[:, j, 0]
             cols[f"{c}__margin"] = out[:, j, 1]
             cols[f"{c}__share"] = out[:, j, 2]
+        d = P.shape[1]
+        for i in range(d):
+            cols[f"emb__mean_{i}"] = pooled[:, i]
+        for i in range(d):
+            cols[f"emb__max_{i}"] = pooled[:, d + i]
         return pd.DataFrame(cols)
 
 
@@ -251,18 +269,23 @@ class DetectorParams:
     fitted_on: str = ""
     n_train: int | None = None
     notes: dict = field(default_factory=dict)
+    # per-category supervised heads (logistic regression on pooled embeddings + the features above),
+    # fitted only where labels have enough positives: {category: {"mean", "scale", "coef", "intercept"}}
+    heads: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
             "backend": self.backend, "coef": self.coef, "intercept": self.intercept, "thresholds": self.thresholds,
             "fitted_on": self.fitted_on, "n_train": self.n_train, "features": list(FEATURES), "notes": self.notes,
+            "heads": self.heads,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "DetectorParams":
         return cls(coef={k: float(v) for k, v in d["coef"].items()}, intercept=float(d["intercept"]),
                    thresholds={k: float(v) for k, v in d["thresholds"].items()}, backend=d.get("backend", "minilm"),
-                   fitted_on=d.get("fitted_on", ""), n_train=d.get("n_train"), notes=d.get("notes") or {})
+                   fitted_on=d.get("fitted_on", ""), n_train=d.get("n_train"), notes=d.get("notes") or {},
+                   heads=d.get("heads") or {})
 
     def save(self, path: str | Path) -> Path:
         from analysis.storage import write_json
@@ -351,8 +374,13 @@ class SensitiveDetector:
         p = params or self.params
         x = _design(feats, self.cats)
         w = np.array([p.coef[f] for f in FEATURES])
-        z = x @ w + p.intercept
-        return pd.DataFrame(1 / (1 + np.exp(-z)), columns=self.cats)
+        out = pd.DataFrame(1 / (1 + np.exp(-(x @ w + p.intercept))), columns=self.cats)
+        if p.heads:
+            H = _head_matrix(feats, self.cats)
+            for c, h in p.heads.items():
+                z = ((H - np.array(h["mean"])) / np.array(h["scale"])) @ np.array(h["coef"]) + h["intercept"]
+                out[c] = 1 / (1 + np.exp(-z))
+        return out
 
     def detect(self, texts: Sequence[str], conversation_id: Sequence | None = None, *, features: pd.DataFrame | None = None) -> Detection:
         feats = self.features(texts) if features is None else features
@@ -362,10 +390,15 @@ class SensitiveDetector:
         return Detection(ids.reset_index(drop=True), scores, flags, feats, self.params)
 
     def fit(self, texts: Sequence[str] | None, labels, *, features: pd.DataFrame | None = None, source: str = "",
-            min_positives: int = 5, C: float = 1.0) -> DetectorParams:
+            min_positives: int = 5, C: float = 1.0, supervised: bool = True, min_head_positives: int = 40,
+            head_C: float = 0.05, seed: int = 0) -> DetectorParams:
         """Fit the pooled logistic weights and per-category thresholds (max F1) on labeled data.
 
-        A category with fewer than `min_positives` labeled positives keeps its current threshold.
+        A category with fewer than `min_positives` labeled positives gets the threshold pooled over
+        categories. With `supervised` and at least `min_head_positives` positives (and negatives),
+        a category also gets its own logistic head on the pooled segment embeddings plus the
+        prototype and lexicon features; its threshold is chosen on 5-fold out-of-fold scores, so
+        it is not tuned on scores the head was fitted to.
         """
         from sklearn.linear_model import LogisticRegression
 
@@ -379,16 +412,54 @@ class SensitiveDetector:
             thresholds=dict(self.params.thresholds), backend=self.backend, fitted_on=source, n_train=int(len(y)),
         )
         scores = self._score(feats, params)
+        # one threshold for all categories pooled: the fallback for a category with few positives
+        pooled = choose_threshold(scores.to_numpy().reshape(-1), y.reshape(-1))
         chosen = {}
         for j, c in enumerate(self.cats):
             if y[:, j].sum() >= min_positives:
                 params.thresholds[c] = choose_threshold(scores[c].to_numpy(), y[:, j])
                 chosen[c] = "fitted"
             else:
-                chosen[c] = f"kept (fewer than {min_positives} positives)"
+                params.thresholds[c] = pooled
+                chosen[c] = f"pooled over categories (fewer than {min_positives} positives)"
+        heads = {}
+        if supervised:
+            H = _head_matrix(feats, self.cats)
+            for j, c in enumerate(self.cats):
+                if y[:, j].sum() < min_head_positives or (~y[:, j]).sum() < min_head_positives:
+                    continue
+                h, oof = _fit_head(H, y[:, j], C=head_C, seed=seed)
+                heads[c] = h
+                params.thresholds[c] = choose_threshold(oof, y[:, j])
+                chosen[c] = "supervised head (threshold on out-of-fold scores)"
+        params.heads = heads
         params.notes = {"thresholds": chosen, "positives": {c: int(y[:, j].sum()) for j, c in enumerate(self.cats)}}
         self.params = params
         return params
+
+
+def _head_matrix(feats: pd.DataFrame, cats: Sequence[str]) -> np.ndarray:
+    emb = [c for c in feats.columns if c.startswith("emb__")]
+    x = _design(feats, cats).reshape(len(feats), -1)
+    return np.hstack([feats[emb].to_numpy(dtype=np.float64), x])
+
+
+def _fit_head(H: np.ndarray, y: np.ndarray, *, C: float, seed: int) -> tuple[dict, np.ndarray]:
+    """Standardize, fit an L2 logistic regression; also return 5-fold out-of-fold probabilities."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    mean, scale = H.mean(axis=0), H.std(axis=0)
+    scale = np.where(scale > 1e-9, scale, 1.0)
+    Z = (H - mean) / scale
+    make = lambda: LogisticRegression(C=C, max_iter=3000, class_weight="balanced")  # noqa: E731
+    oof = np.zeros(len(y))
+    for tr, te in StratifiedKFold(5, shuffle=True, random_state=seed).split(Z, y):
+        m = make().fit(Z[tr], y[tr])
+        oof[te] = m.predict_proba(Z[te])[:, 1]
+    m = make().fit(Z, y)
+    head = {"mean": mean.tolist(), "scale": scale.tolist(), "coef": m.coef_[0].tolist(), "intercept": float(m.intercept_[0])}
+    return head, oof
 
 
 def choose_threshold(score: np.ndarray, y: np.ndarray, *, beta: float = 1.0) -> float:
