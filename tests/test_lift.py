@@ -195,3 +195,17 @@ def test_metrics_record_estimates_with_truth(report, world, tmp_path):
         assert r["truth"] is not None and r["ci_low"] <= r["truth"] <= r["ci_high"]
     assert m.loc["did_rel_lift", "truth"] == pytest.approx(world.ground_truth["lift"]["included_post"]["rel"])
     assert m.loc["ab_rel_lift", "truth"] == pytest.approx(world.ground_truth["lift"]["treatment_arm"]["rel"])
+
+
+@pytest.mark.notebook
+def test_stage_notebook_records_estimates_and_truth(small_world_dir, tmp_path):
+    from analysis.metrics import read_metrics
+    from analysis.pipeline import run
+
+    res = run(None, {"input_dir": str(small_world_dir)}, reports_dir=tmp_path, stages=["00_ingest", "04_engagement_lift"], progress=False)
+    assert res.ok, res.error
+    m = read_metrics(res.run_dir, "04_engagement_lift").set_index("metric")
+    for name in ("did_rel_lift", "cuped_rel_lift", "ab_rel_lift"):
+        assert m.loc[name, "ci_low"] <= m.loc[name, "truth"] <= m.loc[name, "ci_high"], name
+    html = (res.run_dir / "04_engagement_lift.html").read_text()
+    assert "Event study" in html and "Observational" in html
