@@ -142,7 +142,7 @@ def load_catalog(path: str | Path | None = None) -> list[dict]:
     """The topic catalogue: phrasings, slots and the IAB node each topic feeds."""
     src = Path(path) if path else resources.files("analysis") / "data" / "world_topics.yaml"
     text = src.read_text(encoding="utf-8")
-    topics = yaml.safe_load(text)["topics"]
+    topics = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))["topics"]  # libyaml: ~10x faster
     for t in topics:
         for key in ("openers", "followups", "assistant"):
             for tpl in t[key]:
