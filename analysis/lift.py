@@ -401,52 +401,79 @@ class EventStudyResult:
 
 
 class EventStudy:
-    """Week-by-week DiD: WLS of user-week CTR on week fixed effects and included x week dummies
-    (reference week omitted), weights = impressions, user-clustered SEs, t reference. Pre-period
-    coefficients are placebo tests of parallel trends; their joint F-test is the pre-trend test."""
+    """Week-by-week DiD: WLS of user-week CTR on an included-region effect, week fixed effects and
+    included x week dummies (reference week omitted), weights = impressions, user-clustered SEs
+    (CR1, statsmodels' small-sample factor), t reference with users - 1 df. Pre-period coefficients
+    are placebo tests of parallel trends; their joint cluster-robust F-test is the pre-trend test.
+
+    The model is the one statsmodels' `WLS(...).fit(cov_type="cluster", use_t=True)` fits (a test
+    checks equality on `design()`), but it is solved with a sparse design: at millions of user-weeks
+    statsmodels' dense SVDs took minutes."""
 
     def __init__(self, ref_week: int = -1, alpha: float = 0.05):
         self.ref_week = ref_week
         self.alpha = alpha
 
-    def fit(self, data: LiftData) -> EventStudyResult:
+    def design(self, data: LiftData):
+        """(X as scipy CSR, y, weights, user groups, weeks): columns are [included, week dummies,
+        included x week for every week but the reference]."""
+        from scipy import sparse
+
         uw = data.user_week.join(data.users["included"], on="user")
         uw = uw[uw["impressions"] > 0]
         weeks = np.sort(uw["week"].unique())
         if self.ref_week not in weeks:
             raise ValueError(f"reference week {self.ref_week} has no impressions")
-        widx = np.searchsorted(weeks, uw["week"].to_numpy())
         n, k = len(uw), len(weeks)
-        inc = uw["included"].to_numpy(float)
-        X = np.zeros((n, 2 * k - 1))
-        X[np.arange(n), widx] = 1.0
-        inter = [w for w in weeks if w != self.ref_week]
+        widx = np.searchsorted(weeks, uw["week"].to_numpy())
+        inc = uw["included"].to_numpy(bool)
         col = np.full(k, -1)
-        col[[i for i, w in enumerate(weeks) if w != self.ref_week]] = np.arange(k, 2 * k - 1)
-        rows = np.flatnonzero((col[widx] >= 0) & (inc > 0))
-        X[rows, col[widx][rows]] = 1.0
+        col[weeks != self.ref_week] = 1 + k + np.arange(k - 1)
+        inter = inc & (col[widx] >= 0)
+        r = np.concatenate([np.flatnonzero(inc), np.arange(n), np.flatnonzero(inter)])
+        c = np.concatenate([np.zeros(inc.sum(), int), 1 + widx, col[widx][inter]])
+        X = sparse.csr_matrix((np.ones(len(r)), (r, c)), shape=(n, 2 * k))
         y = (uw["clicks"] / uw["impressions"]).to_numpy()
-        res = sm.WLS(y, X, weights=uw["impressions"].to_numpy(float)).fit(
-            cov_type="cluster", cov_kwds={"groups": uw["user"].to_numpy()}, use_t=True
-        )
-        ci = res.conf_int(self.alpha)[k:]
+        return X, y, uw["impressions"].to_numpy(float), uw["user"].to_numpy(), weeks
+
+    def fit(self, data: LiftData) -> EventStudyResult:
+        from scipy import sparse
+
+        X, y, w, groups, weeks = self.design(data)
+        n, K = X.shape
+        k = len(weeks)
+        XtW = X.T.multiply(w).tocsr()
+        bread = np.linalg.inv((XtW @ X).toarray())
+        b = bread @ (XtW @ y)
+        we = w * (y - X @ b)  # weight x residual = clicks - impressions x fitted CTR
+        gi, g = np.unique(groups, return_inverse=True)
+        G = len(gi)
+        scores = sparse.csr_matrix(X.multiply(we[:, None]))
+        S = sparse.csr_matrix((np.ones(n), (g, np.arange(n))), shape=(G, n)) @ scores  # per-user score sums
+        meat = (S.T @ S).toarray()
+        V = (G / (G - 1)) * ((n - 1) / (n - K)) * bread @ meat @ bread
+        df = G - 1
+        sel = [1 + k + i for i in range(k - 1)]
+        inter = weeks[weeks != self.ref_week]
+        est, se = b[sel], np.sqrt(np.diag(V)[sel])
+        q = stats.t.ppf(1 - self.alpha / 2, df)
         coefs = pd.DataFrame(
             {
                 "week": inter,
-                "estimate": res.params[k:],
-                "se": res.bse[k:],
-                "ci_low": ci[:, 0],
-                "ci_high": ci[:, 1],
-                "p_value": res.pvalues[k:],
-                "period": np.where(np.array(inter) < 0, "pre", "post"),
+                "estimate": est,
+                "se": se,
+                "ci_low": est - q * se,
+                "ci_high": est + q * se,
+                "p_value": 2 * stats.t.sf(np.abs(est / se), df),
+                "period": np.where(inter < 0, "pre", "post"),
             }
         )
-        pre_cols = [k + i for i, w in enumerate(inter) if w < 0]
-        if pre_cols:
-            R = np.zeros((len(pre_cols), X.shape[1]))
-            R[np.arange(len(pre_cols)), pre_cols] = 1.0
-            ft = res.f_test(R)
-            f, p, dfs = float(np.squeeze(ft.fvalue)), float(ft.pvalue), (int(ft.df_num), int(ft.df_denom))
+        pre = [c for c, wk in zip(sel, inter) if wk < 0]
+        if pre:
+            bp, Vp = b[pre], V[np.ix_(pre, pre)]
+            f = float(bp @ np.linalg.solve(Vp, bp) / len(pre))
+            p = float(stats.f.sf(f, len(pre), df))
+            dfs = (len(pre), df)
         else:
             f, p, dfs = np.nan, np.nan, (0, 0)
         return EventStudyResult(coefs, self.ref_week, f, p, dfs)
