@@ -190,10 +190,10 @@ class LeakRateResult:
         return self.table.copy()
 
     def plot(self, ax=None, group: str = "all", others: dict[str, pd.DataFrame] | None = None):
-        """Forest plot: one row per category, CP interval (and other estimators' rows beside), truth as x."""
+        """Forest plot: one row per category, Wilson interval (and other estimators' rows beside), truth as x."""
         return forest_plot(self.table[self.table["region_group"] == group], ax=ax, tolerance=self.tolerance,
                            others={k: v[v["region_group"] == group] for k, v in (others or {}).items()},
-                           label=f"{self.basis} (Clopper-Pearson)")
+                           label=f"{self.basis} (Wilson)")
 
 
 class WhiteBoxLeakage:
@@ -286,10 +286,11 @@ class CorrectedLeakage:
     E[x_s] = Se T_s + f (N_s - T_s), so the Rogan–Gladen count of true-c conversations is
     T_s = (x_s - f N_s) / (Se - f), and the leak rate T_P / (T_P + T_B) = A / (A + B) with
     A = x_P - f N_P, B = x_B - f N_B: Se cancels, only the false-positive rate matters (missed
-    conversations are missed equally often in both strata). The CI is a parametric bootstrap that
-    redraws the four (stratum x flag) counts (multinomial) and f from its Jeffreys posterior
-    Beta(fp + 1/2, tn + 1/2), so it carries both the leak-rate sampling and the detector's
-    specificity uncertainty (and Se's, for the prevalence it also reports).
+    conversations are missed equally often in both strata). The CI is the equal-tailed interval of
+    draws of the four (stratum x flag) cell shares from their Jeffreys posterior Dirichlet(cells +
+    1/2) and of f from Beta(fp + 1/2, tn + 1/2) (Se from Beta(tp + 1/2, fn + 1/2)): it carries the
+    leak-rate sampling and the detector's error-rate uncertainty together (a Bayesian bootstrap;
+    its frequentist coverage is checked by simulation, tests/test_leakage_simulation.py).
 
     The validation counts must come from conversations *not* in the counted set (the stage drops
     labeled conversations from the counts): otherwise f and x_P share the same false positives.
@@ -341,8 +342,9 @@ class CorrectedLeakage:
             out.update({"ci_low": np.nan, "ci_high": np.nan, "se": np.nan})
             return out
         B = self.n_boot
-        p = cells / n
-        draw = rng.multinomial(n, p, size=B)
+        # Jeffreys posterior of the four cell shares (not a plug-in multinomial: a small passed-and-
+        # flagged count would otherwise understate its own uncertainty, as a Wald interval does)
+        draw = n * rng.dirichlet(cells + 0.5, size=B)
         bp, bb = _post(vp, B, rng), _post(vb, B, rng) if vp is not vb else None
         if bb is None:
             bb = bp
@@ -475,10 +477,16 @@ class ExposureResult:
         if ax is None:
             _, ax = plt.subplots(figsize=(7.5, 0.42 * max(len(t), 3) + 1))
         y = np.arange(len(t))[::-1]
-        colors = np.where(t["kind"] == "control", "tab:green", "tab:red")
-        ax.errorbar(t["effect"] * 100, y, xerr=[(t["effect"] - t["ci_low"]) * 100, (t["ci_high"] - t["effect"]) * 100],
-                    fmt="none", ecolor=colors, elinewidth=2, capsize=3)
-        ax.scatter(t["effect"] * 100, y, c=colors, zorder=3)
+        for kind, col, name in (("sensitive", "tab:red", "Art. 9 category"), ("control", "tab:green", "positive control")):
+            m = (t["kind"] == kind).to_numpy()
+            if m.any():
+                e = t[m]
+                ax.errorbar(e["effect"] * 100, y[m], xerr=[(e["effect"] - e["ci_low"]) * 100, (e["ci_high"] - e["effect"]) * 100],
+                            fmt="o", color=col, elinewidth=2, capsize=3, label=name)
+        if not len(t):
+            ax.text(0.5, 0.5, f"too few users for a test (< {self.min_cell})", ha="center", va="center", transform=ax.transAxes)
+        else:
+            ax.legend(frameon=False, fontsize=8)
         ax.axvline(0, color="k", lw=0.8)
         ax.set_yticks(y, [f"{c} ({'control' if k == 'control' else 'Art. 9'})" for c, k in zip(t["category"], t["kind"])])
         ax.set_xlabel(f"change in share of the category's ads after vs before, treated minus {'matched' if design == 'matched' else 'excluded-region'} (pp)")
@@ -504,18 +512,28 @@ class ExposureTest:
     counts with treated x after, cluster-robust by user. `effect` is the difference in mean D with
     a Welch CI. Ads in a node shared by several categories (Z7rJBM) count as exposure for each of
     them; with `exclusive_nodes` only the nodes a category does not share are used.
+
+    A comparison with fewer than `min_users` users on either side is not tested: with ~10 treated
+    users the Welch statistic's heavy tails push the false-positive rate to 0.08-0.12 (simulation).
     """
 
-    def __init__(self, window_days: float = 30.0, n_permutations: int = 999, alpha: float = 0.05, min_users: int = 10,
+    def __init__(self, window_days: float = 30.0, n_permutations: int = 999, alpha: float = 0.05, min_users: int = 20,
                  seed: int = 0, glm: bool = True, exclusive_nodes: bool = False):
         self.window_days, self.n_permutations, self.alpha = window_days, n_permutations, alpha
         self.min_users, self.seed, self.glm, self.exclusive_nodes = min_users, seed, glm, exclusive_nodes
 
     def fit(self, data: ExposureData, conversations: pd.DataFrame, member: pd.DataFrame, ad_nodes: dict[str, list[str]],
-            kinds: dict[str, str] | None = None) -> ExposureResult:
+            kinds: dict[str, str] | None = None, *, groups: np.ndarray | None = None, did: bool = True) -> ExposureResult:
         """`conversations`: conversation_id, user_id, started_at; `member`: conversation x category booleans
-        (index conversation_id); `ad_nodes`: category -> IAB ids; `kinds`: category -> sensitive/control."""
+        (index conversation_id); `ad_nodes`: category -> IAB ids; `kinds`: category -> sensitive/control.
+        `groups` (a label per user code, None = left out) replaces the included/excluded split, e.g. to
+        test each excluded region on its own (then without the `did` design)."""
         rng = np.random.default_rng(self.seed)
+        if groups is None:
+            labels, glist = np.where(data.included, "included", "excluded").astype(object), ["included", "excluded"]
+        else:
+            labels = np.asarray(groups, dtype=object)
+            glist = sorted({g for g in labels if isinstance(g, str)})
         conv = conversations.set_index(conversations["conversation_id"].astype(str))
         conv = conv.loc[conv.index.intersection(member.index)]
         ucode = data.user_ids.get_indexer(conv["user_id"].astype(str))
@@ -544,22 +562,22 @@ class ExposureTest:
             recent[ucode[m & (t_conv >= data.policy_s - w)]] = True
             never = np.flatnonzero(~recent & has_imp)
             per_group = {}
-            for g, inc in (("included", True), ("excluded", False)):
-                tg = data.included[tu] == inc
-                cu = never[data.included[never] == inc]
+            for g in glist:
+                tg = labels[tu] == g
+                cu = never[labels[never] == g]
                 if tg.sum() == 0 or len(cu) == 0:
                     per_group[g] = None
                     continue
                 ct = rng.choice(tt[tg], size=len(cu), replace=True)
                 per_group[g] = (_deltas(data, tu[tg], tt[tg], cs, w), _deltas(data, cu, ct, cs, w))
             kind = (kinds or {}).get(c, "sensitive")
-            for g in ("included", "excluded"):
-                pair = per_group[g]
-                rows.append(self._compare(c, kind, "matched", g, pair, rng))
-            did = None
-            if per_group["included"] is not None and per_group["excluded"] is not None:
-                did = (per_group["included"][0], per_group["excluded"][0])
-            rows.append(self._compare(c, kind, "did", "included_vs_excluded", did, rng))
+            for g in glist:
+                rows.append(self._compare(c, kind, "matched", g, per_group[g], rng))
+            if groups is None and did:
+                pair = None
+                if per_group["included"] is not None and per_group["excluded"] is not None:
+                    pair = (per_group["included"][0], per_group["excluded"][0])
+                rows.append(self._compare(c, kind, "did", "included_vs_excluded", pair, rng))
         t = pd.DataFrame(rows)
         t["p_bh"] = np.nan
         for (k, d, g), idx in t.groupby(["kind", "design", "region_group"]).groups.items():
@@ -656,11 +674,86 @@ def _glm(ct: np.ndarray, cc: np.ndarray, alpha: float) -> dict:
 # ------------------------------------------------------------------------------ violations
 
 
+def regional_exposure(data: ExposureData, conversations: pd.DataFrame, conversation_nodes: pd.Series, *, window_days: float = 30.0,
+                      n_permutations: int = 999, alpha: float = 0.05, min_users: int = 20, seed: int = 0) -> pd.DataFrame:
+    """The matched exposure test within each excluded region on its own, over every chat topic at once,
+    so that a violation confined to one country is not diluted by the others (design `region`,
+    category `any_chat_topic`).
+
+    Treated: a user's first conversation after the policy date whose topic maps to an IAB node
+    (`conversation_nodes`: conversation_id -> node); outcome: the change in the share of their ads
+    in that node. Controls: users of the same region given a pseudo (date, node) drawn from the
+    treated ones, kept if they had no conversation about that node from (policy - w) on.
+    BH across regions.
+    """
+    rng = np.random.default_rng(seed)
+    w = int(window_days * 86400)
+    conv = conversations.assign(conversation_id=conversations["conversation_id"].astype(str))
+    node = conv["conversation_id"].map(conversation_nodes)
+    ncode = data.nodes.get_indexer(pd.Index(node.astype(object).where(node.notna(), "")).astype(str))
+    ucode = data.user_ids.get_indexer(conv["user_id"].astype(str))
+    t = data.seconds(conv["started_at"])
+    ok = (ncode >= 0) & (ucode >= 0)
+    ucode, ncode, t = ucode[ok], ncode[ok], t[ok]
+    K = np.int64(len(data.nodes) + 1)
+    recent = np.unique(ucode[t >= data.policy_s - w].astype(np.int64) * K + ncode[t >= data.policy_s - w])
+    post = t >= data.policy_s
+    o = np.lexsort((t[post], ucode[post]))
+    tu, tt, tn = ucode[post][o], t[post][o], ncode[post][o]
+    first = np.r_[True, tu[1:] != tu[:-1]] if len(tu) else np.zeros(0, bool)
+    tu, tt, tn = tu[first], tt[first], tn[first]
+    has_imp = np.bincount((data.key >> _SHIFT).astype(np.int64), minlength=len(data.user_ids)) > 0
+    cache: dict[int, np.ndarray] = {}
+
+    def deltas(users, t0, nodes):
+        k = np.zeros((len(users), 4), dtype=np.int64)
+        for n in np.unique(nodes):
+            if n not in cache:
+                cache[n] = data.cumulative(np.arange(len(data.nodes)) == n)
+            m = nodes == n
+            k[m] = data.window_counts(users[m], t0[m], cache[n], w)
+        keep = (k[:, 0] > 0) & (k[:, 2] > 0)
+        k = k[keep]
+        return k[:, 3] / k[:, 2] - k[:, 1] / k[:, 0], k
+
+    test = ExposureTest(window_days, n_permutations, alpha, min_users, seed)
+    rows = []
+    for r in sorted(set(data.region[~data.included])):
+        tr = data.region[tu] == r
+        cu = np.flatnonzero((data.region == r) & has_imp)
+        cu = cu[~np.isin(cu, tu[tr])]
+        pair = None
+        if tr.any() and len(cu):
+            pick = rng.integers(0, tr.sum(), size=len(cu))
+            ct, cn = tt[tr][pick], tn[tr][pick]
+            clean = ~np.isin(cu.astype(np.int64) * K + cn, recent)
+            pair = (deltas(tu[tr], tt[tr], tn[tr]), deltas(cu[clean], ct[clean], cn[clean]))
+        rows.append(test._compare("any_chat_topic", "control", "region", r, pair, rng))
+    out = pd.DataFrame(rows)
+    out["p_bh"] = np.nan
+    ok = out["p_permutation"].notna() if len(out) else pd.Series(dtype=bool)
+    if len(out) and ok.any():
+        out.loc[ok, "p_bh"] = multipletests(out.loc[ok, "p_permutation"], method="fdr_bh")[1]
+    out["detected"] = out["p_bh"] < alpha
+    return out
+
+
+def primary_nodes(categories: pd.DataFrame) -> pd.Series:
+    """conversation_id -> the first IAB node of the conversation's topics (from `iab_ids`/`iab_id`)."""
+    col = next((c for c in ("iab_ids", "iab_id", "iab") if c in categories), None)
+    idx = pd.Index(categories["conversation_id"].astype(str))
+    if col is None:
+        return pd.Series(dtype=object)
+    v = [x[0] if isinstance(x, (list, tuple, np.ndarray)) and len(x) else (x if isinstance(x, str) and x else None) for x in categories[col]]
+    return pd.Series(v, index=idx, dtype=object).dropna().astype(str)
+
+
 def violations(data: ExposureData, exposure: ExposureResult | None = None, *, min_cell: int = 10, alpha: float = 0.05) -> pd.DataFrame:
     """Chat-derived ad signals in excluded regions, per region: impressions whose targeting sources
     include "ai_chat" (and the users they reached, small cells suppressed). A region is flagged when
-    it has any; the excluded group as a whole is flagged (row `ALL excluded`) also when a black-box
-    exposure test among excluded-region users is significant (BH across categories)."""
+    it has any, or when its own black-box exposure test (design `region`, chat topics pooled) is
+    significant (BH across regions); the excluded group as a whole (row `ALL excluded`) also when a
+    category's exposure test among all excluded-region users is (BH across categories)."""
     from analysis.privacy import suppress_small_cells
 
     users = (data.key >> _SHIFT).astype(np.int64)
@@ -673,17 +766,24 @@ def violations(data: ExposureData, exposure: ExposureResult | None = None, *, mi
     all_excl = pd.Index(sorted(set(data.region[~data.included])), name="region")
     g = g.reindex(all_excl, fill_value=0).reset_index()
     g["impressions"] = pd.Series(data.region[users[excl_imp]]).value_counts().reindex(g["region"]).fillna(0).astype(int).to_numpy()
-    g["flagged"] = g["chat_impressions"] > 0
-    g["signal"] = np.where(g["flagged"], "ai_chat targeting source", "")
+    g["exposure_effect"], g["exposure_p"] = np.nan, np.nan
     exp_sig = []
     if exposure is not None:
         e = exposure.table
+        reg = e[(e["design"] == "region") & e["p_bh"].notna()].set_index("region_group")
+        g["exposure_effect"] = g["region"].map(reg["effect"])
+        g["exposure_p"] = g["region"].map(reg["p_bh"])
         e = e[(e["design"] == "matched") & (e["region_group"] == "excluded") & (e["p_bh"] < alpha)]
         exp_sig = sorted(e["category"])
+    by_exposure = g["exposure_p"] < alpha
+    g["flagged"] = (g["chat_impressions"] > 0) | by_exposure
+    g["signal"] = ["; ".join(x for x in ("ai_chat targeting source" if c > 0 else "", "exposure effect" if b else "") if x)
+                   for c, b in zip(g["chat_impressions"], by_exposure)]
     total = {"region": "ALL excluded", "chat_impressions": int(g["chat_impressions"].sum()), "users": int(len(np.unique(users[sel]))),
              "impressions": int(excl_imp.sum()), "flagged": bool(g["flagged"].any() or exp_sig),
-             "signal": "; ".join(x for x in ("ai_chat targeting source" if g["flagged"].any() else "",
-                                              f"exposure effect: {', '.join(exp_sig)}" if exp_sig else "") if x)}
+             "signal": "; ".join(x for x in ("ai_chat targeting source" if g["chat_impressions"].sum() else "",
+                                              "exposure effect in " + ", ".join(g.loc[by_exposure, "region"]) if by_exposure.any() else "",
+                                              f"exposure effect (all excluded): {', '.join(exp_sig)}" if exp_sig else "") if x)}
     g = pd.concat([g, pd.DataFrame([total])], ignore_index=True)
     g = g.sort_values(["flagged", "chat_impressions"], ascending=False, kind="stable").reset_index(drop=True)
     return suppress_small_cells(g, ["users"], k=min_cell, complementary=False)
@@ -739,7 +839,7 @@ def forest_plot(table: pd.DataFrame, ax=None, *, tolerance: float | None = None,
     if ax is None:
         _, ax = plt.subplots(figsize=(8, 0.55 * len(cats) + 1.2))
     y = np.arange(len(cats))[::-1].astype(float)
-    series = [(label, t, "cp_low", "cp_high", "tab:blue")]
+    series = [(label, t, "wilson_low", "wilson_high", "tab:blue")]
     palette = iter(["tab:orange", "tab:purple", "tab:gray"])
     for name, o in (others or {}).items():
         o = o.set_index("category").reindex(cats).reset_index()
@@ -749,7 +849,9 @@ def forest_plot(table: pd.DataFrame, ax=None, *, tolerance: float | None = None,
     for i, (name, s, lo, hi, col) in enumerate(series):
         yy = y + step * ((len(series) - 1) / 2 - i)
         est = s["leak_rate"].to_numpy(dtype=float)
-        ax.errorbar(est * 100, yy, xerr=[(est - s[lo].to_numpy(dtype=float)) * 100, (s[hi].to_numpy(dtype=float) - est) * 100],
+        # a clipped point estimate can sit just outside its posterior interval: clip the bars, not the data
+        err = [np.clip(est - s[lo].to_numpy(dtype=float), 0, None) * 100, np.clip(s[hi].to_numpy(dtype=float) - est, 0, None) * 100]
+        ax.errorbar(est * 100, yy, xerr=np.nan_to_num(err),
                     fmt="o", color=col, ms=4, capsize=2, label=name)
     if "truth" in t and t["truth"].notna().any():
         ax.scatter(t["truth"] * 100, y, marker="x", color="k", s=40, zorder=4, label="truth (simulated)")
@@ -761,6 +863,30 @@ def forest_plot(table: pd.DataFrame, ax=None, *, tolerance: float | None = None,
     ax.legend(frameon=False, fontsize=8, loc="lower right")
     ax.figure.tight_layout()
     return ax
+
+
+def plot_threshold_curves(filter_curve: pd.DataFrame | None, detector_curve: pd.DataFrame | None, *, actual_filter: float = 0.5):
+    """Leak rate vs the filter's blocking threshold (left) and vs the detector's flagging threshold (right)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, df, est, title, mark in (
+        (axes[0], filter_curve, "leak_rate", "vs the filter's blocking threshold (labels basis)", actual_filter),
+        (axes[1], detector_curve, "leak_rate", "vs the detector's flagging threshold (corrected)", 0.5),
+    ):
+        if df is None or not len(df):
+            ax.text(0.5, 0.5, "not available for these inputs", ha="center", va="center", transform=ax.transAxes)
+            ax.set_axis_off()
+            continue
+        for c, g in df.groupby("category", sort=False):
+            ax.plot(g["threshold"], g[est] * 100, marker="o", ms=3, label=c)
+        ax.axvline(mark, color="k", ls=":", lw=1)
+        ax.set_xlabel("threshold")
+        ax.set_ylabel("leak rate (%)")
+        ax.set_title(title, fontsize=10)
+    axes[0].legend(frameon=False, fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 # --------------------------------------------------------------------------------- the stage
@@ -824,7 +950,7 @@ class LeakageReport:
         if self.whitebox is not None:
             w = self.whitebox.table
             w = w[w["region_group"] == group].set_index("category")
-            parts.append(w[["n", "leak_rate", "cp_low", "cp_high"]].rename(columns=lambda c: f"{self.whitebox.basis}_{c}"))
+            parts.append(w[["n", "leak_rate", "wilson_low", "wilson_high", "cp_low", "cp_high"]].rename(columns=lambda c: f"{self.whitebox.basis}_{c}"))
         if self.corrected is not None:
             c = self.corrected[self.corrected["region_group"] == group].set_index("category")
             parts.append(c[["raw_rate", "raw_low", "raw_high"]].rename(columns=lambda x: "detector_" + x))
@@ -833,10 +959,29 @@ class LeakageReport:
         if self.whitebox is not None and "truth" in self.whitebox.table:
             w = self.whitebox.table
             out["truth"] = w[w["region_group"] == group].set_index("category")["truth"]
-        return out.reset_index()
+        out = out.reset_index()
+        ncol = f"{self.whitebox.basis}_n" if self.whitebox is not None else None
+        if ncol in out:
+            from analysis.privacy import suppress_small_cells
+
+            k = self.settings.get("min_cell_users", 10)
+            out = suppress_small_cells(out, [ncol], k=k, complementary=False)
+        return out
 
     def summary(self) -> pd.DataFrame:
         return self.side_by_side()
+
+    def forest(self, group: str = "all", ax=None):
+        """Forest plot of the primary white-box estimate with the raw and corrected detector-based ones beside."""
+        if self.whitebox is None:
+            return None
+        others = {}
+        if self.corrected is not None:
+            raw = self.corrected.drop(columns=["leak_rate", "ci_low", "ci_high"]).rename(
+                columns={"raw_rate": "leak_rate", "raw_low": "ci_low", "raw_high": "ci_high"})
+            others["detector flags, uncorrected (Wilson)"] = raw[["category", "region_group", "leak_rate", "ci_low", "ci_high"]]
+            others["detector flags, corrected"] = self.corrected
+        return self.whitebox.plot(ax=ax, group=group, others=others)
 
     def to_frame(self) -> pd.DataFrame:
         return self.whitebox.to_frame() if self.whitebox is not None else pd.DataFrame()
@@ -850,8 +995,9 @@ class LeakageReport:
                 grp = {"category": r.category, "region_group": r.region_group, "basis": r.basis}
                 truth = getattr(r, "truth", None)
                 truth = None if truth is None or pd.isna(truth) else truth
-                m.add("leak_rate", r.leak_rate, group=grp, ci=(r.cp_low, r.cp_high), truth=truth, n=r.n)
-                m.add("leak_rate_wilson", r.leak_rate, group=grp, ci=(r.wilson_low, r.wilson_high), truth=truth, n=r.n)
+                # headline CI: Wilson (coverage ~0.95 by simulation); Clopper-Pearson (exact, >= 0.95) beside
+                m.add("leak_rate", r.leak_rate, group=grp, ci=(r.wilson_low, r.wilson_high), truth=truth, n=r.n)
+                m.add("leak_rate_cp", r.leak_rate, group=grp, ci=(r.cp_low, r.cp_high), truth=truth, n=r.n)
                 m.add("tolerance_p_value", r.p_tolerance, group=grp, n=r.n)
                 m.add("tolerance_p_value_holm", r.p_holm, group=grp, n=r.n)
                 m.add("tolerance_p_value_bh", r.p_bh, group=grp, n=r.n)
@@ -950,8 +1096,12 @@ def analyse(inputs: LeakageInputs, *, alpha: float = 0.05, tolerance: float = 0.
         if member.shape[1] == len(ART9):
             notes.append("conversation categories carry no iab_ids: positive controls skipped")
         kinds = {**{c: "sensitive" for c in ART9}, **{c: "control" for c in controls}}
-        exp = ExposureTest(exposure_window_days, n_permutations, alpha, min_cell_users, seed).fit(
+        exp = ExposureTest(exposure_window_days, n_permutations, alpha, max(20, min_cell_users), seed).fit(
             data, conv.reset_index(drop=True), member, {**nodes, **controls}, kinds)
+        regional = regional_exposure(data, conv.reset_index(drop=True), primary_nodes(inputs.categories),
+                                     window_days=exposure_window_days, n_permutations=n_permutations, alpha=alpha,
+                                     min_users=max(20, min_cell_users), seed=seed)
+        exp.table = pd.concat([exp.table, regional], ignore_index=True)
         viol = violations(data, exp, min_cell=min_cell_users, alpha=alpha)
     else:
         notes.append("no impressions: black-box exposure test and violation check skipped")
@@ -1002,3 +1152,71 @@ def run_stage(run_dir: str | Path, input_dir: str | Path | None = None, **settin
     report = analyse(inputs, ground_truth=gt, **settings)
     report.record_metrics(run_dir, gt)
     return report, gt
+
+
+# ------------------------------------------------------------------------- validation by simulation
+
+
+def inputs_from_world(world, *, sensitivity: float | dict = 0.9, specificity: float | dict = 0.995, seed: int = 0,
+                      impressions: bool = True) -> LeakageInputs:
+    """The stage's inputs built in memory from a simulated World, with `simulated_detector` standing in
+    for stage 02 (tests and benchmarks; the stage itself reads run_dir/data)."""
+    from analysis.regions import is_excluded as _excl
+
+    ct = world.conversation_truth
+    users = world.users[["user_id", "region"]]
+    region = ct["user_id"].map(users.set_index("user_id")["region"])
+    conv = pd.DataFrame({"conversation_id": ct["conversation_id"], "user_id": ct["user_id"], "region": region,
+                         "excluded": _excl(region, world.config.excluded_regions), "started_at": ct["started_at"]})
+    cats = simulated_detector(ct, sensitivity, specificity, seed=seed, topics=world.ground_truth["topics"])
+    imp = None
+    if impressions:
+        from analysis.lift import _chat_flag
+
+        imp = world.impressions[["user_id", "shown_at", "ad_category"]].assign(chat=_chat_flag(world.impressions["targeting_sources"]))
+    return LeakageInputs(conv, users, cats, imp, world.filter_decisions, world.labels, None)
+
+
+def validate_world(world_config: dict, *, sensitivity: float = 0.9, specificity: float = 0.995, alpha: float = 0.05,
+                   exposure: bool = False, n_permutations: int = 199, n_boot: int = 2000, controls: dict | None = None) -> pd.DataFrame:
+    """Simulate one world and compare the stage's estimates with its truth: one row per category
+    (white-box CIs on the true categories of all conversations and on the labeled sample, the
+    corrected CI with a simulated detector, and whether each covers the true leak rate), plus with
+    `exposure` the black-box p-values per category, design and region group."""
+    from analysis.simulate import simulate
+
+    w = simulate(world_config)
+    inp = inputs_from_world(w, sensitivity=sensitivity, specificity=specificity, seed=w.config.seed, impressions=exposure)
+    truth = w.ground_truth["leakage"]
+    conv = inp.conversations.set_index("conversation_id", drop=False)
+    group = pd.Series(np.where(conv["excluded"], "excluded", "included"), index=conv.index)
+    passed = pd.Series(~w.filter_decisions["blocked"].to_numpy(), index=w.filter_decisions["conversation_id"].astype(str)).reindex(conv.index)
+    true_member = pd.DataFrame(label_matrix(w.conversation_truth["art9"], ART9), index=conv.index, columns=list(ART9))
+    est = WhiteBoxLeakage(alpha)
+    full = est.fit(passed, true_member, group, basis="truth", truth=truth).table
+    lab = inp.labels.assign(conversation_id=inp.labels["conversation_id"].astype(str))
+    lab_member = pd.DataFrame(label_matrix(lab["art9"], ART9), index=pd.Index(lab["conversation_id"]), columns=list(ART9))
+    labeled = est.fit(passed, lab_member, group, basis="labels", truth=truth).table
+    flags = flag_matrix(inp.categories).reindex(conv.index)
+    corr = CorrectedLeakage(alpha, n_boot, w.config.seed).fit(passed, flags, validation_counts(flags, lab), group,
+                                                               exclude=pd.Index(lab["conversation_id"]), truth=truth)
+    key = ["category", "region_group"]
+    out = full[key + ["n", "passed", "leak_rate", "truth", "covers_truth_cp", "covers_truth_wilson"]].copy()
+    out["covers_truth_jeffreys"] = (full["jeffreys_low"] <= full["truth"]) & (full["truth"] <= full["jeffreys_high"])
+    out = out.merge(labeled[key + ["n", "covers_truth_cp", "covers_truth_wilson"]].rename(
+        columns={"n": "n_labeled", "covers_truth_cp": "labeled_covers_cp", "covers_truth_wilson": "labeled_covers_wilson"}), on=key)
+    out = out.merge(corr[key + ["leak_rate", "ci_low", "ci_high", "covers_truth_ci"]].rename(
+        columns={"leak_rate": "corrected", "ci_low": "corrected_low", "ci_high": "corrected_high", "covers_truth_ci": "corrected_covers"}), on=key)
+    out["seed"], out["mode"] = w.config.seed, w.config.mode
+    if exposure:
+        data = ExposureData.build(inp.impressions, inp.users, excluded_regions=w.config.excluded_regions, policy_date=w.config.policy_date)
+        from analysis.taxonomy import category_ad_nodes
+
+        controls = dict(DEFAULT_CONTROLS if controls is None else controls)
+        member = pd.concat([true_member, iab_matrix(inp.categories, controls).reindex(conv.index)], axis=1)
+        kinds = {**{c: "sensitive" for c in ART9}, **{c: "control" for c in controls}}
+        ex = ExposureTest(w.config.chat_window_days, n_permutations, alpha, seed=w.config.seed).fit(
+            data, inp.conversations, member, {**category_ad_nodes(), **controls}, kinds).table
+        ex["seed"], ex["mode"] = w.config.seed, w.config.mode
+        return out, ex
+    return out
