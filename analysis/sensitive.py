@@ -391,14 +391,15 @@ class SensitiveDetector:
 
     def fit(self, texts: Sequence[str] | None, labels, *, features: pd.DataFrame | None = None, source: str = "",
             min_positives: int = 5, C: float = 1.0, supervised: bool = True, min_head_positives: int = 40,
-            head_C: float = 0.05, seed: int = 0) -> DetectorParams:
+            head_C: float = 2.0, beta: float = 1.5, seed: int = 0) -> DetectorParams:
         """Fit the pooled logistic weights and per-category thresholds (max F1) on labeled data.
 
         A category with fewer than `min_positives` labeled positives gets the threshold pooled over
         categories. With `supervised` and at least `min_head_positives` positives (and negatives),
         a category also gets its own logistic head on the pooled segment embeddings plus the
         prototype and lexicon features; its threshold is chosen on 5-fold out-of-fold scores, so
-        it is not tuned on scores the head was fitted to.
+        it is not tuned on scores the head was fitted to. Thresholds maximize F-beta (`beta` > 1
+        favours recall: a missed sensitive chat is the costlier error for the audit).
         """
         from sklearn.linear_model import LogisticRegression
 
@@ -417,7 +418,7 @@ class SensitiveDetector:
         chosen = {}
         for j, c in enumerate(self.cats):
             if y[:, j].sum() >= min_positives:
-                params.thresholds[c] = choose_threshold(scores[c].to_numpy(), y[:, j])
+                params.thresholds[c] = choose_threshold(scores[c].to_numpy(), y[:, j], beta=beta)
                 chosen[c] = "fitted"
             else:
                 params.thresholds[c] = pooled
@@ -430,7 +431,7 @@ class SensitiveDetector:
                     continue
                 h, oof = _fit_head(H, y[:, j], C=head_C, seed=seed)
                 heads[c] = h
-                params.thresholds[c] = choose_threshold(oof, y[:, j])
+                params.thresholds[c] = choose_threshold(oof, y[:, j], beta=beta)
                 chosen[c] = "supervised head (threshold on out-of-fold scores)"
         params.heads = heads
         params.notes = {"thresholds": chosen, "positives": {c: int(y[:, j].sum()) for j, c in enumerate(self.cats)}}
