@@ -1217,6 +1217,9 @@ def validate_world(world_config: dict, *, sensitivity: float = 0.9, specificity:
         kinds = {**{c: "sensitive" for c in ART9}, **{c: "control" for c in controls}}
         ex = ExposureTest(w.config.chat_window_days, n_permutations, alpha, seed=w.config.seed).fit(
             data, inp.conversations, member, {**category_ad_nodes(), **controls}, kinds).table
+        reg = regional_exposure(data, inp.conversations, primary_nodes(inp.categories), window_days=w.config.chat_window_days,
+                                n_permutations=n_permutations, alpha=alpha, seed=w.config.seed)
+        ex = pd.concat([ex, reg], ignore_index=True)
         ex["seed"], ex["mode"] = w.config.seed, w.config.mode
         return out, ex
     return out
