@@ -80,15 +80,34 @@ def label_matrix(lists, cats=ART9) -> np.ndarray:
     return out
 
 
-def iab_matrix(categories: pd.DataFrame, controls: dict[str, list[str]]) -> pd.DataFrame:
-    """Boolean (conversation_id x control topic): the conversation maps to one of the topic's IAB nodes."""
+def related_nodes(nodes, taxonomy: pd.DataFrame | None = None) -> set[str]:
+    """The nodes, everything below them and their ancestors: a conversation mapped anywhere on that
+    branch (Video Gaming > PC Games for ads in Video Gaming) is about the same ads."""
+    from analysis.taxonomy import descendants, load_taxonomy
+
+    tax = load_taxonomy() if taxonomy is None else taxonomy
+    parent = tax.set_index("id")["parent_id"].to_dict()
+    out: set[str] = set()
+    for n in map(str, nodes):
+        out |= descendants(n, tax)
+        p = parent.get(n)
+        while isinstance(p, str):
+            out.add(p)
+            p = parent.get(p)
+    return out
+
+
+def iab_matrix(categories: pd.DataFrame, controls: dict[str, list[str]], *, branch: bool = True) -> pd.DataFrame:
+    """Boolean (conversation_id x control topic): the conversation maps to one of the topic's IAB nodes
+    (with `branch`, to a node on the same branch: below or above one of them)."""
     col = next((c for c in ("iab_ids", "iab_id", "iab") if c in categories), None)
     idx = pd.Index(categories["conversation_id"].astype(str), name="conversation_id")
     if col is None:
         return pd.DataFrame(np.zeros((len(categories), 0), dtype=bool), index=idx)
     vals = categories[col]
     sets = [set(map(str, v)) if isinstance(v, (list, tuple, set, np.ndarray)) else ({str(v)} if isinstance(v, str) and v else set()) for v in vals]
-    out = {name: np.fromiter((bool(s & set(nodes)) for s in sets), dtype=bool, count=len(sets)) for name, nodes in controls.items()}
+    match = {name: (related_nodes(nodes) if branch else set(map(str, nodes))) for name, nodes in controls.items()}
+    out = {name: np.fromiter((bool(s & match[name]) for s in sets), dtype=bool, count=len(sets)) for name in controls}
     return pd.DataFrame(out, index=idx)
 
 
@@ -556,7 +575,7 @@ class ExposureTest:
             tu, tt = ucode[post], t_conv[post]
             o = np.lexsort((tt, tu))
             tu, tt = tu[o], tt[o]
-            first = np.r_[True, tu[1:] != tu[:-1]]
+            first = np.r_[True, tu[1:] != tu[:-1]] if len(tu) else np.zeros(0, dtype=bool)
             tu, tt = tu[first], tt[first]
             recent = np.zeros(len(data.user_ids), dtype=bool)
             recent[ucode[m & (t_conv >= data.policy_s - w)]] = True
@@ -1060,17 +1079,15 @@ def analyse(inputs: LeakageInputs, *, alpha: float = 0.05, tolerance: float = 0.
         else:
             wb = wb_det
             by_region = est.by_region(passed, flags, conv["region"])
+        # stage 02's validation is out of sample (labels it did not tune on); recompute from the labels
+        # only when it is missing. Either way every labeled conversation is left out of the corrected
+        # counts, so the counts and the detector's error rates rest on disjoint conversations.
         val = inputs.validation
+        if val is None and lab_member is not None:
+            val = validation_counts(flags, labels)
+            notes.append("no detector_validation.parquet: detector error rates computed on labels.parquet "
+                         "(optimistic if the detector was tuned on those labels)")
         if lab_member is not None:
-            # the validation must not share conversations with the counts: recompute it on the labeled
-            # sample (which the corrected estimator then leaves out of its counts)
-            val_own = validation_counts(flags, labels)
-            if val is None:
-                val = val_own
-            elif not _same_counts(val, val_own):
-                notes.append("detector_validation.parquet differs from the detector's flags checked against labels.parquet; "
-                             "the correction uses the latter (its conversations are left out of the counts)")
-                val = val_own
             stratum = pd.Series(np.where(passed, "passed", "blocked"), index=conv.index)
             diff = _differential_check(validation_counts(flags, labels, stratum))
         if val is not None:
@@ -1109,16 +1126,6 @@ def analyse(inputs: LeakageInputs, *, alpha: float = 0.05, tolerance: float = 0.
                 "exposure_window_days": exposure_window_days, "n_permutations": n_permutations, "n_boot": n_boot,
                 "control_topics": controls}
     return LeakageReport(wb, wb_det, corr, by_region, exp, viol, fcurve, dcurve, diff, settings, notes)
-
-
-def _same_counts(a: pd.DataFrame, b: pd.DataFrame) -> bool:
-    cols = ["tp", "fn", "tn", "fp"]
-    try:
-        x = a.set_index("category")[cols].sort_index()
-        y = b.set_index("category")[cols].sort_index()
-        return x.shape == y.shape and bool((x.to_numpy() == y.to_numpy()).all())
-    except KeyError:
-        return False
 
 
 def _differential_check(v: pd.DataFrame) -> pd.DataFrame:
