@@ -912,10 +912,11 @@ class CategoryLiftResult:
         if ax is None:
             fig, ax = plt.subplots(figsize=(8, 0.28 * max(len(t), 4) + 1))
         y = np.arange(len(t))
-        lo = np.clip(t["rel_ci_low"], -1, 5)
-        hi = np.clip(t["rel_ci_high"], -1, 5)
-        ax.errorbar(t["rel_lift"], y, xerr=[t["rel_lift"] - lo, hi - t["rel_lift"]], fmt="o", ms=4, capsize=2,
-                    color="tab:blue", label="estimate, 95% CI")
+        # clip to a readable range (a category with few clicks can have a huge relative CI)
+        x = np.clip(t["rel_lift"].to_numpy(float), -1, 5)
+        lo = np.minimum(np.clip(t["rel_ci_low"].to_numpy(float), -1, 5), x)
+        hi = np.maximum(np.clip(t["rel_ci_high"].to_numpy(float), -1, 5), x)
+        ax.errorbar(x, y, xerr=[x - lo, hi - x], fmt="o", ms=4, capsize=2, color="tab:blue", label="estimate, 95% CI (clipped to [-1, 5])")
         if "truth" in t and t["truth"].notna().any():
             ax.plot(t["truth"], y, "x", color="tab:green", label="true lift (simulation)")
         ax.axvline(0, color="k", lw=0.8)
