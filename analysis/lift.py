@@ -691,6 +691,8 @@ class Cuped:
         post-period impressions are left out (they carry no outcome)."""
         treated = np.asarray(treated, bool)
         has = users["imp_post"].to_numpy() > 0
+        if min((has & treated).sum(), (has & ~treated).sum()) < 2:
+            raise ValueError("each group needs at least two users with post-period impressions")
         cols = [users[c].to_numpy() for c in ("clk_post", "imp_post", "clk_pre", "imp_pre")]
         t = GroupMoments.from_users(*[c[has & treated] for c in cols])
         c = GroupMoments.from_users(*[c[has & ~treated] for c in cols])
@@ -989,33 +991,36 @@ class LiftReport:
     """All engagement-lift estimates of one audit run."""
 
     data: LiftData
-    did: DiDResult
+    did: DiDResult | None  # None when the log lacks a group x period cell (e.g. no excluded regions)
     event_study: EventStudyResult | None
     randomization: RandomizationResult | None
-    cuped: TwoGroupResult  # included vs excluded, post period, pre-period CTR covariate
+    cuped: TwoGroupResult | None  # included vs excluded, post period, pre-period CTR covariate
     ab: ABResult | None
     categories: CategoryLiftResult | None
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> pd.DataFrame:
-        parts = [self.did.summary(), self.cuped.summary()]
-        if self.ab is not None:
-            parts.append(self.ab.summary())
-        return pd.concat(parts, ignore_index=True)
+        parts = [r.summary() for r in (self.did, self.cuped, self.ab) if r is not None]
+        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
     def to_frame(self, ground_truth: dict | None = None) -> pd.DataFrame:
         """Headline estimates with CIs, the estimand each targets and (for simulated worlds) its truth."""
         lt = (ground_truth or {}).get("lift", {})
         inc, arm = lt.get("included_post", {}), lt.get("treatment_arm", {})
         d, c = self.did, self.cuped
-        rows = [
-            ("did_abs_lift", d.abs_lift, d.ci, "included_post", inc.get("abs"), d.p_value),
-            ("did_rel_lift", d.rel_lift, d.rel_ci_delta, "included_post", inc.get("rel"), d.p_value),
-            ("did_rel_lift_fieller", d.rel_lift, d.rel_ci_fieller, "included_post", inc.get("rel"), d.p_value),
-            ("cuped_abs_lift", c.abs_lift, c.ci, "included_post", inc.get("abs"), c.p_value),
-            ("cuped_rel_lift", c.rel_lift, c.rel_ci_delta, "included_post", inc.get("rel"), c.p_value),
-            ("cuped_rel_lift_fieller", c.rel_lift, c.rel_ci_fieller, "included_post", inc.get("rel"), c.p_value),
-        ]
+        rows = []
+        if d is not None:
+            rows += [
+                ("did_abs_lift", d.abs_lift, d.ci, "included_post", inc.get("abs"), d.p_value),
+                ("did_rel_lift", d.rel_lift, d.rel_ci_delta, "included_post", inc.get("rel"), d.p_value),
+                ("did_rel_lift_fieller", d.rel_lift, d.rel_ci_fieller, "included_post", inc.get("rel"), d.p_value),
+            ]
+        if c is not None:
+            rows += [
+                ("cuped_abs_lift", c.abs_lift, c.ci, "included_post", inc.get("abs"), c.p_value),
+                ("cuped_rel_lift", c.rel_lift, c.rel_ci_delta, "included_post", inc.get("rel"), c.p_value),
+                ("cuped_rel_lift_fieller", c.rel_lift, c.rel_ci_fieller, "included_post", inc.get("rel"), c.p_value),
+            ]
         if self.ab is not None:
             a, ac = self.ab.plain, self.ab.cuped
             rows += [
@@ -1035,12 +1040,15 @@ class LiftReport:
         from analysis.metrics import MetricsRecorder
 
         m = MetricsRecorder(run_dir, "04_engagement_lift")
-        nd = self.did.n_users
+        nd = self.did.n_users if self.did is not None else None
         for r in self.to_frame(ground_truth).itertuples():
             n = self.ab.plain.n_treated + self.ab.plain.n_control if r.metric.startswith("ab_") and self.ab else nd
             m.add(r.metric, r.estimate, ci=(r.ci_low, r.ci_high), truth=r.truth, n=n, group={"estimand": r.estimand})
-        m.add("did_p_value", self.did.p_value, n=nd)
-        m.add("cuped_variance_reduction", self.cuped.variance_reduction, n=self.cuped.n_treated + self.cuped.n_control)
+        m.add("impressions", self.data.n_impressions)
+        if self.did is not None:
+            m.add("did_p_value", self.did.p_value, n=nd)
+        if self.cuped is not None:
+            m.add("cuped_variance_reduction", self.cuped.variance_reduction, n=self.cuped.n_treated + self.cuped.n_control)
         if self.event_study is not None:
             m.add("pretrend_p_value", self.event_study.pretrend_p)
         if self.randomization is not None:
@@ -1076,15 +1084,19 @@ def analyse(
 ) -> LiftReport:
     """Every estimator of the stage on one LiftData; parts that the data cannot support are skipped with a note."""
     notes = []
-    did = DiffInDiff(alpha).fit(data)
+
+    def attempt(name, f):
+        try:
+            return f()
+        except ValueError as e:
+            notes.append(f"{name} skipped: {e}")
+            return None
+
+    did = attempt("difference-in-differences", lambda: DiffInDiff(alpha).fit(data))
     pu = data.per_user()
-    cuped = Cuped(alpha).fit_users(pu, pu["included"].to_numpy(), "CUPED (included vs excluded, post; pre-period CTR)")
-    es = EventStudy(alpha=alpha).fit(data) if event_study else None
-    try:
-        ri = RegionRandomization(n_permutations=n_permutations, seed=seed).fit(data)
-    except ValueError as e:
-        ri = None
-        notes.append(f"randomization inference skipped: {e}")
+    cuped = attempt("region CUPED", lambda: Cuped(alpha).fit_users(pu, pu["included"].to_numpy(), "CUPED (included vs excluded, post; pre-period CTR)"))
+    es = attempt("event study", lambda: EventStudy(alpha=alpha).fit(data)) if event_study and did is not None else None
+    ri = attempt("randomization inference", lambda: RegionRandomization(n_permutations=n_permutations, seed=seed).fit(data)) if did is not None else None
     ab = None
     if data.users["arm"].notna().any():
         try:
@@ -1110,14 +1122,23 @@ def analyse(
     return LiftReport(data, did, es, ri, cuped, ab, cats, notes)
 
 
-def run_stage(run_dir: str | Path, input_dir: str | Path | None = None, **settings) -> tuple[LiftReport, dict | None]:
-    """Read stage 00's impressions and users, analyse, record metrics (with truth when simulated)."""
+def run_stage(run_dir: str | Path, input_dir: str | Path | None = None, **settings) -> tuple[LiftReport | None, dict | None]:
+    """Read stage 00's impressions and users, analyse, record metrics (with truth when simulated).
+    Returns (None, truth) when the run has no impression log."""
     from analysis.io import read_ground_truth
 
+    from analysis.metrics import MetricsRecorder
+
     data_dir = Path(run_dir) / "data"
+    gt = read_ground_truth(input_dir) if input_dir and Path(input_dir).is_dir() else None
+    if not (data_dir / "impressions.parquet").exists():
+        # a chat-only corpus (e.g. a ChatGPT export): nothing to estimate, and the run goes on
+        m = MetricsRecorder(run_dir, "04_engagement_lift")
+        m.add("impressions", 0)
+        m.write()
+        return None, gt
     imp = read_impressions(data_dir / "impressions.parquet")
     users = pd.read_parquet(data_dir / "users.parquet", columns=["user_id", "region"])
-    gt = read_ground_truth(input_dir) if input_dir and Path(input_dir).is_dir() else None
     policy_date = settings.pop("policy_date", DEFAULT_POLICY_DATE)
     excluded_regions = settings.pop("excluded_regions", None)
     data = aggregate(imp, users, policy_date=policy_date, excluded_regions=excluded_regions)

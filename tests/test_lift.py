@@ -236,3 +236,18 @@ def test_event_study_equals_statsmodels_cluster_wls(data):
     wk = int(ours.coefs["week"].iloc[0])
     did = (ctr[True, wk] - ctr[False, wk]) - (ctr[True, -1] - ctr[False, -1])
     assert ours.coefs["estimate"].iloc[0] == pytest.approx(did, rel=1e-9)
+
+
+def test_missing_designs_are_skipped_with_a_note(world, tmp_path):
+    # only included-region users: no DiD, but the randomized holdout still answers
+    inc_users = world.users[~world.users["region"].isin(world.config.excluded_regions)]
+    imp = world.impressions[world.impressions["user_id"].isin(inc_users["user_id"])]
+    rep = lift.analyse(lift.aggregate(imp, inc_users), n_permutations=100)
+    assert rep.did is None and rep.cuped is None and rep.event_study is None and rep.randomization is None
+    assert rep.ab is not None and any("difference-in-differences skipped" in n for n in rep.notes)
+    assert set(rep.to_frame()["metric"]) >= {"ab_rel_lift", "ab_cuped_rel_lift"}
+    rep.record_metrics(tmp_path)
+    # a chat-only corpus has no impression log at all: the stage records that and the run goes on
+    (tmp_path / "run" / "data").mkdir(parents=True)
+    report, truth = lift.run_stage(tmp_path / "run", None)
+    assert report is None and (tmp_path / "run" / "metrics" / "04_engagement_lift.json").exists()
