@@ -210,7 +210,10 @@ class LeakRateResult:
 
     def plot(self, ax=None, group: str = "all", others: dict[str, pd.DataFrame] | None = None):
         """Forest plot: one row per category, Wilson interval (and other estimators' rows beside), truth as x."""
-        return forest_plot(self.table[self.table["region_group"] == group], ax=ax, tolerance=self.tolerance,
+        t = self.table[self.table["region_group"] == group].copy()
+        small = (t["n"] > 0) & (t["n"] < self.min_cell)  # withheld in the plot as in the table
+        t.loc[small, ["leak_rate", "wilson_low", "wilson_high", "cp_low", "cp_high"]] = np.nan
+        return forest_plot(t, ax=ax, tolerance=self.tolerance,
                            others={k: v[v["region_group"] == group] for k, v in (others or {}).items()},
                            label=f"{self.basis} (Wilson)")
 
@@ -844,6 +847,18 @@ def detector_threshold_curve(passed: pd.Series, scores: pd.DataFrame, labels: pd
         parts.append(t[t["region_group"] == "all"].assign(threshold=float(tau)))
     cols = ["threshold", "category", "flagged", "raw_rate", "leak_rate", "ci_low", "ci_high", "sensitivity", "specificity"]
     return pd.concat(parts, ignore_index=True)[cols]
+
+
+def fmt(df: pd.DataFrame | None, digits: int = 4) -> pd.DataFrame | None:
+    """A table for the report: floats as strings with `digits` significant digits (NaN blank), so no
+    long digit run (10.117560) is mistaken for a phone number by the report's privacy scan."""
+    if df is None:
+        return None
+    out = df.copy()
+    for c in out.columns:
+        if pd.api.types.is_float_dtype(out[c]):
+            out[c] = [("" if not np.isfinite(v) else f"{v:.{digits}g}") for v in out[c].to_numpy(dtype=float)]
+    return out
 
 
 # ----------------------------------------------------------------------------------- figures
