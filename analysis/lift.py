@@ -180,7 +180,9 @@ def aggregate(
     day = np.floor_divide(ns, NS_PER_DAY)
     week = np.floor_divide(day, 7)
     # an edge week covered by fewer than 4 days of data is merged into its neighbour
-    dw = np.unique(day[keep]) // 7
+    dk = day[keep]
+    d0 = dk.min()
+    dw = (np.flatnonzero(np.bincount(dk - d0)) + d0) // 7  # weeks of the days that have data
     wk, ndays = np.unique(dw, return_counts=True)
     lo = wk[0] + (1 if len(wk) > 1 and ndays[0] < 4 else 0)
     hi = wk[-1] - (1 if len(wk) > 1 and ndays[-1] < 4 else 0)
@@ -190,28 +192,19 @@ def aggregate(
 
     clicked = impressions["clicked"].to_numpy(dtype=bool)
     nw = int(hi - lo + 1)
-    key = codes[keep] * nw + (week[keep] - lo)
-    agg = pd.DataFrame({"k": key, "c": clicked[keep]}).groupby("k", sort=True)["c"].agg(["size", "sum"])
-    k = agg.index.to_numpy()
-    user_week = pd.DataFrame(
-        {
-            "user": (k // nw).astype(np.int64),
-            "week": (k % nw + lo).astype(np.int64),
-            "impressions": agg["size"].to_numpy(np.int64),
-            "clicks": agg["sum"].to_numpy(np.int64),
-        }
-    )
+    k, size, sums = _count_by(codes[keep] * nw + (week[keep] - lo), clicked[keep])
+    user_week = pd.DataFrame({"user": k // nw, "week": k % nw + lo, "impressions": size, "clicks": sums})
 
     included = ~is_excluded(pd.Series(region, dtype="object").fillna(""), excluded).to_numpy()
     arm = pd.Series([None] * len(ucat.categories), dtype=object)
     if "arm" in impressions:
-        a = pd.Series(impressions["arm"].to_numpy(dtype=object)).map({"treatment": 0, "holdout": 1}).fillna(-1).to_numpy(np.int8)
-        per_user = pd.Series(a).groupby(codes).agg(["min", "max"])
-        ac = np.full(len(ucat.categories), -1, dtype=np.int8)
-        best = per_user["max"].to_numpy()
-        # a user with both arms is not a clean experimental unit: leave them out of the A/B
-        best = np.where((per_user["min"].to_numpy() >= 0) & (per_user["min"].to_numpy() != best), -1, best)
-        ac[per_user.index.to_numpy()] = best
+        a = impressions["arm"]
+        a = a.array if isinstance(a.dtype, pd.CategoricalDtype) else pd.Categorical(a)
+        nu = len(ucat.categories)
+        n_arm = [np.bincount(codes, weights=np.asarray(a == arm_name), minlength=nu) for arm_name in ARMS]
+        ac = np.where(n_arm[0] > 0, 0, np.where(n_arm[1] > 0, 1, -1))
+        # a user seen in both arms is not a clean experimental unit: leave them out of the A/B
+        ac = np.where((n_arm[0] > 0) & (n_arm[1] > 0), -1, ac)
         arm = pd.Series(np.array([None, *ARMS], dtype=object)[ac + 1])
     user_tab = pd.DataFrame({"user_id": np.asarray(ucat.categories, dtype=object), "region": region, "included": included, "arm": arm.to_numpy()})
     user_tab = user_tab[known].rename_axis("user")
@@ -227,18 +220,31 @@ def aggregate(
         cat = impressions["ad_category"]
         ccat = cat.array if isinstance(cat.dtype, pd.CategoricalDtype) else pd.Categorical(cat)
         ccodes = np.asarray(ccat.codes, dtype=np.int64)[m]
-        df = pd.DataFrame({"user": codes[m], "cat": ccodes, "chat": chat[m], "c": clicked[m]})
-        g = df.groupby(["cat", "user", "chat"], sort=True)["c"].agg(["size", "sum"]).reset_index()
+        nu = len(ucat.categories)
+        k, size, sums = _count_by((ccodes * nu + codes[m]) * 2 + chat[m], clicked[m])
         cells = pd.DataFrame(
             {
-                "ad_category": np.asarray(ccat.categories, dtype=object)[g["cat"].to_numpy()],
-                "user": g["user"].to_numpy(np.int64),
-                "chat": g["chat"].to_numpy(bool),
-                "impressions": g["size"].to_numpy(np.int64),
-                "clicks": g["sum"].to_numpy(np.int64),
+                "ad_category": np.asarray(ccat.categories, dtype=object)[k // (2 * nu)],
+                "user": (k // 2) % nu,
+                "chat": (k % 2).astype(bool),
+                "impressions": size,
+                "clicks": sums,
             }
         )
     return LiftData(user_tab, user_week, cells, policy_date, int(len(impressions)), n_dropped)
+
+
+def _count_by(key: np.ndarray, flag: np.ndarray, dense_limit: int = 50_000_000):
+    """Distinct keys (sorted), rows per key and flagged rows per key: bincount when the key range
+    is small enough for a dense array, a hash group-by otherwise."""
+    key = np.asarray(key, dtype=np.int64)
+    if len(key) and key.max() < dense_limit:
+        size = np.bincount(key)
+        sums = np.bincount(key, weights=flag).astype(np.int64)
+        k = np.flatnonzero(size)
+        return k, size[k].astype(np.int64), sums[k]
+    g = pd.DataFrame({"k": key, "c": flag}).groupby("k", sort=True)["c"].agg(["size", "sum"])
+    return g.index.to_numpy(np.int64), g["size"].to_numpy(np.int64), g["sum"].to_numpy(np.int64)
 
 
 # -------------------------------------------------------------------- ratio intervals

@@ -251,3 +251,11 @@ def test_missing_designs_are_skipped_with_a_note(world, tmp_path):
     (tmp_path / "run" / "data").mkdir(parents=True)
     report, truth = lift.run_stage(tmp_path / "run", None)
     assert report is None and (tmp_path / "run" / "metrics" / "04_engagement_lift.json").exists()
+
+
+def test_dense_and_hashed_counting_agree():
+    rng = np.random.default_rng(0)
+    key, flag = rng.integers(0, 5000, 20_000), rng.random(20_000) < 0.1
+    dense, hashed = lift._count_by(key, flag), lift._count_by(key, flag, dense_limit=0)
+    for a, b in zip(dense, hashed):
+        np.testing.assert_array_equal(a, b)
