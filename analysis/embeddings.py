@@ -131,7 +131,14 @@ class _Model:
         if backend == STATIC:
             from model2vec import StaticModel
 
-            path = distill_static(model_dir)
+            path = static_model_path(model_dir)
+            shared = static_model_path(default_cache_dir())
+            # a fresh cache dir reuses the project's distilled model rather than distilling again
+            # (the model id carries the weights' fingerprint, so cache keys stay honest)
+            if not (path / "model.safetensors").exists() and (shared / "model.safetensors").exists():
+                path = shared
+            else:
+                path = distill_static(model_dir)
             self._m2v = StaticModel.from_pretrained(str(path))
             self.model_id = f"static-{path.name}-{_file_fingerprint(path)}"
             self.dim = int(self._m2v.dim)

