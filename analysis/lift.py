@@ -413,8 +413,8 @@ class EventStudy:
     are placebo tests of parallel trends; their joint cluster-robust F-test is the pre-trend test.
 
     The model is the one statsmodels' `WLS(...).fit(cov_type="cluster", use_t=True)` fits (a test
-    checks equality on `design()`), but it is solved with a sparse design: at millions of user-weeks
-    statsmodels' dense SVDs took minutes."""
+    checks equality on `design()`), but it is solved with a sparse design: statsmodels' dense fit
+    took 4.1 s at 75k user-weeks (six SVDs of the design) and grows with the rows."""
 
     def __init__(self, ref_week: int = -1, alpha: float = 0.05):
         self.ref_week = ref_week
