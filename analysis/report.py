@@ -152,10 +152,12 @@ class AuditSummary:
             f"({ci_text(d['ci_low'], d['ci_high'])}) relative to excluded regions (difference-in-differences, observational)"
         )
         s += ", a statistically significant lift." if sig and d["estimate"] > 0 else (", a significant drop." if sig else ", not distinguishable from no effect.")
-        ab = self._m("04_engagement_lift", "ab_rel_lift")
+        ab = self._m("04_engagement_lift", "ab_cuped_rel_lift")
+        ab = ab if len(ab) else self._m("04_engagement_lift", "ab_rel_lift")
         if len(ab):
             a = ab.iloc[0]
-            s += f" The randomized holdout gives {_signed_pct(a['estimate'])} ({ci_text(a['ci_low'], a['ci_high'])})."
+            how = "CUPED-adjusted for pre-period click-through" if a["metric"].startswith("ab_cuped") else "unadjusted"
+            s += f" The randomized holdout comparison gives {_signed_pct(a['estimate'])} ({ci_text(a['ci_low'], a['ci_high'])}; {how})."
         return Answer("lift", q, s, True, src)
 
     def answers(self) -> list[Answer]:

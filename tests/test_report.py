@@ -31,6 +31,7 @@ def fake_run(tmp_path):
     _metrics(tmp_path, "04_engagement_lift", [
         {"metric": "did_rel_lift", "group": {"estimand": "included_post"}, "estimate": 0.045, "ci_low": 0.021, "ci_high": 0.069, "truth": 0.0451},
         {"metric": "ab_rel_lift", "group": {"estimand": "treatment_arm"}, "estimate": 0.05, "ci_low": -0.01, "ci_high": 0.11},
+        {"metric": "ab_cuped_rel_lift", "group": {"estimand": "treatment_arm"}, "estimate": 0.052, "ci_low": 0.004, "ci_high": 0.1},
     ])
     write_parquet(pd.DataFrame({"topic": [-1, 0, 1, 2, 3], "label": ["outliers", "hiking boots", "sourdough baking", "job search", "tiny"],
                                 "size": [50, 400, 300, 200, 4], "share": [50 / 954, 400 / 954, 300 / 954, 200 / 954, 4 / 954]}), tmp_path / "data" / "topic_info.parquet")
@@ -45,7 +46,7 @@ def test_sentences_carry_the_numbers_of_the_stage_outputs(fake_run):
     assert "2 of 3 categories leak significantly more than the 1% tolerance" in a["leakage"].sentence
     assert "1,234 impressions carried a chat-derived signal" in a["leakage"].sentence
     assert "changed by +4.5% (95% CI 2.1–6.9%)" in a["lift"].sentence and "statistically significant lift" in a["lift"].sentence
-    assert "randomized holdout gives +5.0% (95% CI -1.0–11.0%)" in a["lift"].sentence
+    assert "randomized holdout comparison gives +5.2% (95% CI 0.4–10.0%; CUPED-adjusted" in a["lift"].sentence
     assert not a["ad_categories"].assessed and "did not run" in a["ad_categories"].sentence
     t = AuditSummary(fake_run).estimates_vs_truth().set_index("metric")
     assert bool(t.loc["did_rel_lift", "covers_truth"]) and not bool(t.loc["leak_rate", "covers_truth"])
