@@ -46,6 +46,16 @@ STAGE = "01_topics"
 OUTLIER_STRATEGIES = ("embeddings", "c-tf-idf", "distributions", "none")
 REPRESENTATIONS = ("keybert", "mmr", "ctfidf")
 TOKEN_PATTERN = r"(?u)\b[^\W\d_][^\W\d_]+\b"  # words of 2+ letters: numbers (ids, phones) never become keywords
+# Chat filler and contraction stubs ("don't" -> "don") on top of sklearn's English stop words: in
+# chats they are frequent in every topic and would otherwise crowd topic labels.
+CHAT_STOP_WORDS = frozenset(
+    """ok okay lol hmm hm haha yeah yep yes nope sure thanks thank thx ty pls please hi hello hey oh wow btw
+    cool great nice awesome really actually maybe just like want need help know tell make does did doing
+    think thing things way say says said got get gets getting good best better use using used question
+    questions answer write explain give let lets also wait kind sort stuff right wrong work works
+    don doesn didn isn wasn aren weren won wouldn couldn shouldn haven hasn ll ve re im ive id youre
+    thats whats dont cant wont didnt doesnt isnt com www http https gmail html org""".split()
+)
 
 
 # -------------------------------------------------------------------------- documents
@@ -241,7 +251,7 @@ class TopicSettings:
     seed: int = 20251216
     fit_sample: int = 10000  # UMAP + HDBSCAN run on at most this many documents; the rest are assigned
     max_documents: int | None = None  # a seeded sample of at most this many conversations (None: all)
-    representation: str = "keybert"  # keybert | mmr | ctfidf: the words topic labels are made of
+    representation: str = "mmr"  # mmr | keybert | ctfidf: the words topic labels are made of
     top_n_words: int = 10
     min_df: int = 2  # a keyword must occur in at least this many documents (drops names, typos, ids)
     max_chars: int = 2000
@@ -439,7 +449,7 @@ def make_label(words: Sequence[str], n: int = 3) -> str:
     chosen: list[str] = []
     covered: set[str] = set()
     for w in words:
-        parts = set(w.split())
+        parts = {p.rstrip("s") for p in w.split()}  # "cats" adds nothing after "cat"
         # "boots hiking" adds nothing after "hiking boots"; nor "hiking" after "hiking boots"
         if not w or parts <= covered or any(w in c for c in chosen):
             continue
@@ -476,7 +486,15 @@ class TopicsResult:
     def summary(self) -> pd.DataFrame:
         """The headline numbers, one row each."""
         q = self.quality[self.quality["group"].map(lambda g: not ({"step", "removed"} & set(g)) or g.get("step") == "total")]
-        return q.assign(group=q["group"].map(lambda g: ", ".join(f"{k}={v}" for k, v in g.items())))[["metric", "group", "estimate", "n"]].reset_index(drop=True)
+        return pd.DataFrame(
+            {
+                "metric": q["metric"].to_numpy(),
+                "group": q["group"].map(lambda g: ", ".join(f"{k}={v}" for k, v in g.items())).to_numpy(),
+                # counts as "1,600", rates to 3 decimals: long digit runs read like phone numbers to the report scan
+                "estimate": [_fmt(v) for v in q["estimate"]],
+                "n": pd.array([None if pd.isna(v) else int(v) for v in q["n"]], dtype="Int64"),
+            }
+        )
 
     def to_frame(self) -> pd.DataFrame:
         return self.assignments
@@ -487,6 +505,7 @@ class TopicsResult:
 
         t = self.topic_info[["topic", "label", "keywords", "size", "share", "npmi"]].copy()
         t["keywords"] = t["keywords"].map(lambda ws: ", ".join(ws[:8]))
+        t["npmi"] = t["npmi"].round(3)
         small = t["size"] < k
         t["share"] = t["share"].round(4).astype(object).where(~small, f"<{k}")
         return suppress_small_cells(t, ["size"], k=k)
@@ -558,12 +577,49 @@ class TopicsResult:
         fig.tight_layout()
         return fig
 
-    def fig_intertopic(self):
-        """BERTopic's intertopic distance map (plotly)."""
-        return self.model.bertopic.visualize_topics(custom_labels=True)
+    def fig_intertopic(self, annotate: int = 25):
+        """Intertopic distance map: topic centroids placed by metric MDS of their cosine distances
+        (seeded), circle area = topic size; the largest topics are labeled."""
+        import matplotlib.pyplot as plt
+        from sklearn.manifold import MDS
+
+        ids, cent = self.model.topic_ids, self.model.centroids()
+        d = np.clip(1 - cent @ cent.T, 0, 2)
+        np.fill_diagonal(d, 0)
+        xy = MDS(n_components=2, metric="precomputed", random_state=self.settings.seed, n_init=1, init="classical_mds").fit_transform(d) if len(ids) > 2 else np.zeros((len(ids), 2))
+        info = self.topic_info.set_index("topic")
+        size = info["size"].reindex(ids).fillna(0).to_numpy()
+        fig, ax = plt.subplots(figsize=(8, 6.5))
+        ax.scatter(xy[:, 0], xy[:, 1], s=20 + 1200 * size / max(size.max(), 1), alpha=0.45, edgecolor="k", lw=0.5)
+        for i in np.argsort(-size)[:annotate]:
+            ax.annotate(f"{ids[i]}: {info.loc[ids[i], 'label']}", xy[i], fontsize=6.5, ha="center", va="center")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title("Intertopic distance map (closer = more similar; area = size)", fontsize=10)
+        fig.tight_layout()
+        return fig
 
     def fig_hierarchy(self):
-        """BERTopic's topic hierarchy (plotly), clustered on the topic centroids."""
+        """Topic hierarchy: average-linkage clustering of the topic centroids (cosine distance)."""
+        import matplotlib.pyplot as plt
+        from scipy.cluster.hierarchy import dendrogram, linkage
+
+        ids, cent = self.model.topic_ids, self.model.centroids()
+        info = self.topic_info.set_index("topic")
+        fig, ax = plt.subplots(figsize=(8, max(3, 0.18 * len(ids) + 1)))
+        if len(ids) > 1:
+            z = linkage(cent.astype(np.float64), method="average", metric="cosine")
+            dendrogram(z, labels=[f"{t}: {info.loc[t, 'label']}" for t in ids], orientation="left", ax=ax, leaf_font_size=6.5, color_threshold=0.7 * z[:, 2].max())
+        ax.set_xlabel("cosine distance at which topics merge")
+        ax.set_title("Topic hierarchy", fontsize=10)
+        fig.tight_layout()
+        return fig
+
+    def fig_intertopic_interactive(self):
+        """BERTopic's plotly intertopic map (for JupyterLab; plotly.js is large in HTML reports)."""
+        return self.model.bertopic.visualize_topics(custom_labels=True)
+
+    def fig_hierarchy_interactive(self):
         return self.model.bertopic.visualize_hierarchy(custom_labels=True, use_ctfidf=False)
 
     def fig_barchart(self, top: int = 12):
@@ -601,7 +657,7 @@ class TopicModeler:
             n_epochs=s.umap_epochs,
         )
         hdb = HDBSCAN(min_cluster_size=mts, min_samples=ms, metric="euclidean", cluster_selection_method="eom", prediction_data=False)
-        vec = CountVectorizer(stop_words="english", ngram_range=(1, 2), min_df=min(s.min_df, max(1, n_fit // 20)), token_pattern=TOKEN_PATTERN)
+        vec = CountVectorizer(stop_words=stop_words(), ngram_range=(1, 2), min_df=min(s.min_df, max(1, n_fit // 20)), token_pattern=TOKEN_PATTERN)
         return BERTopic(
             embedding_model=bertopic_backend(embedder),
             umap_model=umap,
@@ -630,6 +686,7 @@ class TopicModeler:
         """Fit topics on `conversations` (conversation_id, document, and optionally user_id, region,
         excluded, started_at); `truth` (conversation_id, topic) adds ARI/NMI to the quality table."""
         s = self.settings
+        _silence_bertopic()
         timings: dict[str, float] = {}
         t_all = time.perf_counter()
         conv = conversations.reset_index(drop=True)
@@ -712,6 +769,7 @@ class TopicModeler:
 
         # ---- representations on every document's final topic; centroids are the assignment's
         t0 = time.perf_counter()
+        _silence_bertopic()
         vec = bt.vectorizer_model
         vec.set_params(min_df=min(s.min_df, max(1, n // 20)))
         bt.update_topics(texts, topics=list(final), top_n_words=s.top_n_words, vectorizer_model=vec, ctfidf_model=bt.ctfidf_model, representation_model=self._representation())
@@ -780,6 +838,37 @@ class TopicModeler:
         keep = [c for c in ("conversation_id", "user_id", "region", "excluded", "started_at") if c in conv]
         model.meta.update({"n_documents": int(n), "n_fit": int(len(fit_pos)), "topics": int(len(topic_ids)), "cluster_sizes": list(s.cluster_sizes(len(fit_pos)))})
         return TopicsResult(assignments, topic_info, quality, model, docs, conv[keep].copy(), timings, s, embed_stats)
+
+
+def stop_words() -> list[str]:
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    return sorted(ENGLISH_STOP_WORDS | CHAT_STOP_WORDS)
+
+
+class _DropExpected(logging.Filter):
+    # update_topics warns whenever topics are given explicitly, which is exactly what this stage
+    # does after outlier reduction and assignment; the warning would only confuse report readers
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "custom list of topic assignments" not in record.getMessage()
+
+
+def _silence_bertopic() -> None:
+    lg = logging.getLogger("BERTopic")
+    if not any(isinstance(f, _DropExpected) for f in lg.filters):
+        lg.addFilter(_DropExpected())
+    for h in lg.handlers:
+        if not any(isinstance(f, _DropExpected) for f in h.filters):
+            h.addFilter(_DropExpected())
+
+
+def _fmt(v) -> str:
+    if v is None or pd.isna(v):
+        return ""
+    v = float(v)
+    if v.is_integer():
+        return f"{int(v):,}"
+    return f"{v:,.3f}" if abs(v) < 1000 else f"{v:,.0f}"
 
 
 def _dedupe_labels(labels: dict[int, str], model: TopicModel) -> dict[int, str]:
