@@ -577,7 +577,7 @@ class TopicsResult:
         fig.tight_layout()
         return fig
 
-    def fig_intertopic(self, annotate: int = 25):
+    def fig_intertopic(self, annotate: int = 15):
         """Intertopic distance map: topic centroids placed by metric MDS of their cosine distances
         (seeded), circle area = topic size; the largest topics are labeled."""
         import matplotlib.pyplot as plt

