@@ -450,13 +450,14 @@ def run_stage(run_dir: str | Path, *, input_dir: str | Path | None = None, backe
         tune = _split(labels["conversation_id"], tune_share if fit else 0.0, seed)
         if fit:
             lt = labels[tune]
-            det.fit(None, lt["art9"].reset_index(drop=True), features=feats.iloc[pos[lt["conversation_id"]].to_numpy()].reset_index(drop=True),
+            det.fit(conv["document"].iloc[pos[lt["conversation_id"]].to_numpy()].tolist(), lt["art9"].reset_index(drop=True),
+                    features=feats.iloc[pos[lt["conversation_id"]].to_numpy()].reset_index(drop=True),
                     source=f"{int(tune.sum())} labeled conversations of this run (tuning part)", seed=seed)
             params_source = f"fitted on {int(tune.sum())} labeled conversations; validated on the other {int((~tune).sum())}"
         else:
             notes.append(f"detector not refitted ({len(labels)} labels < min_labels_to_fit={min_labels_to_fit} or fit_detector off): "
                          "validation uses all labels" + (" — in-sample if these labels tuned the defaults" if labels_path else ""))
-    detection = det.detect(None, conv["conversation_id"], features=feats)
+    detection = det.detect(conv["document"].tolist(), conv["conversation_id"], features=feats)
     if labels is not None:
         lv = labels[~tune]
         validation = validate(detection.flags.iloc[pos[lv["conversation_id"]].to_numpy()].reset_index(drop=True), lv["art9"].reset_index(drop=True))

@@ -272,12 +272,14 @@ class DetectorParams:
     # per-category supervised heads (logistic regression on pooled embeddings + the features above),
     # fitted only where labels have enough positives: {category: {"mean", "scale", "coef", "intercept"}}
     heads: dict = field(default_factory=dict)
+    # the word n-gram TF-IDF vocabulary the heads' text part uses: {"vocabulary", "idf", "ngram_range"}
+    tfidf: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
             "backend": self.backend, "coef": self.coef, "intercept": self.intercept, "thresholds": self.thresholds,
             "fitted_on": self.fitted_on, "n_train": self.n_train, "features": list(FEATURES), "notes": self.notes,
-            "heads": self.heads,
+            "heads": self.heads, "tfidf": self.tfidf,
         }
 
     @classmethod
@@ -285,7 +287,7 @@ class DetectorParams:
         return cls(coef={k: float(v) for k, v in d["coef"].items()}, intercept=float(d["intercept"]),
                    thresholds={k: float(v) for k, v in d["thresholds"].items()}, backend=d.get("backend", "minilm"),
                    fitted_on=d.get("fitted_on", ""), n_train=d.get("n_train"), notes=d.get("notes") or {},
-                   heads=d.get("heads") or {})
+                   heads=d.get("heads") or {}, tfidf=d.get("tfidf") or {})
 
     def save(self, path: str | Path) -> Path:
         from analysis.storage import write_json
@@ -370,28 +372,35 @@ class SensitiveDetector:
         texts = ["" if t is None else str(t) for t in texts]
         return pd.concat([self.embedding.features(texts), self.lexicon.counts(texts)], axis=1)
 
-    def _score(self, feats: pd.DataFrame, params: DetectorParams | None = None) -> pd.DataFrame:
+    def _score(self, feats: pd.DataFrame, params: DetectorParams | None = None, texts: Sequence[str] | None = None) -> pd.DataFrame:
         p = params or self.params
         x = _design(feats, self.cats)
         w = np.array([p.coef[f] for f in FEATURES])
         out = pd.DataFrame(1 / (1 + np.exp(-(x @ w + p.intercept))), columns=self.cats)
         if p.heads:
             H = _head_matrix(feats, self.cats)
+            T = _tfidf(p.tfidf).transform([clean_text(t) for t in texts]) if p.tfidf and texts is not None else None
+            if p.tfidf and texts is None:
+                raise ValueError("these detector params have a text (TF-IDF) part: pass the texts")
             for c, h in p.heads.items():
                 z = ((H - np.array(h["mean"])) / np.array(h["scale"])) @ np.array(h["coef"]) + h["intercept"]
-                out[c] = 1 / (1 + np.exp(-z))
+                prob = 1 / (1 + np.exp(-z))
+                if T is not None and "tfidf_coef" in h:
+                    zt = T @ np.array(h["tfidf_coef"]) + h["tfidf_intercept"]
+                    prob = (prob + 1 / (1 + np.exp(-zt))) / 2
+                out[c] = prob
         return out
 
     def detect(self, texts: Sequence[str], conversation_id: Sequence | None = None, *, features: pd.DataFrame | None = None) -> Detection:
         feats = self.features(texts) if features is None else features
-        scores = self._score(feats)
+        scores = self._score(feats, texts=texts)
         flags = pd.DataFrame({c: scores[c].to_numpy() >= self.params.thresholds[c] for c in self.cats})
         ids = pd.Series(conversation_id if conversation_id is not None else np.arange(len(feats)))
         return Detection(ids.reset_index(drop=True), scores, flags, feats, self.params)
 
     def fit(self, texts: Sequence[str] | None, labels, *, features: pd.DataFrame | None = None, source: str = "",
             min_positives: int = 5, C: float = 1.0, supervised: bool = True, min_head_positives: int = 40,
-            head_C: float = 2.0, beta: float = 1.5, seed: int = 0) -> DetectorParams:
+            head_C: float = 2.0, beta: float = 1.0, seed: int = 0) -> DetectorParams:
         """Fit the pooled logistic weights and per-category thresholds (max F1) on labeled data.
 
         A category with fewer than `min_positives` labeled positives gets the threshold pooled over
@@ -426,10 +435,21 @@ class SensitiveDetector:
         heads = {}
         if supervised:
             H = _head_matrix(feats, self.cats)
+            T = None
+            if texts is not None:
+                from sklearn.feature_extraction.text import TfidfVectorizer
+
+                vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True, max_features=30000)
+                T = vec.fit_transform([clean_text(t) for t in texts])
+                params.tfidf = {"vocabulary": {k: int(v) for k, v in vec.vocabulary_.items()}, "idf": vec.idf_.round(6).tolist(), "ngram_range": [1, 2]}
             for j, c in enumerate(self.cats):
                 if y[:, j].sum() < min_head_positives or (~y[:, j]).sum() < min_head_positives:
                     continue
                 h, oof = _fit_head(H, y[:, j], C=head_C, seed=seed)
+                if T is not None:  # a word n-gram model beside the embedding model; their probabilities are averaged
+                    ht, oof_t = _fit_text_head(T, y[:, j], seed=seed)
+                    h.update(ht)
+                    oof = (oof + oof_t) / 2
                 heads[c] = h
                 params.thresholds[c] = choose_threshold(oof, y[:, j], beta=beta)
                 chosen[c] = "supervised head (threshold on out-of-fold scores)"
@@ -461,6 +481,26 @@ def _fit_head(H: np.ndarray, y: np.ndarray, *, C: float, seed: int) -> tuple[dic
     m = make().fit(Z, y)
     head = {"mean": mean.tolist(), "scale": scale.tolist(), "coef": m.coef_[0].tolist(), "intercept": float(m.intercept_[0])}
     return head, oof
+
+
+def _tfidf(spec: dict):
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    vec = TfidfVectorizer(ngram_range=tuple(spec.get("ngram_range", (1, 2))), sublinear_tf=True, vocabulary=spec["vocabulary"])
+    vec.idf_ = np.asarray(spec["idf"], dtype=np.float64)
+    return vec
+
+
+def _fit_text_head(T, y: np.ndarray, *, seed: int, C: float = 10.0) -> tuple[dict, np.ndarray]:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    make = lambda: LogisticRegression(C=C, max_iter=3000, class_weight="balanced")  # noqa: E731
+    oof = np.zeros(len(y))
+    for tr, te in StratifiedKFold(5, shuffle=True, random_state=seed).split(np.zeros(len(y)), y):
+        oof[te] = make().fit(T[tr], y[tr]).predict_proba(T[te])[:, 1]
+    m = make().fit(T, y)
+    return {"tfidf_coef": m.coef_[0].round(6).tolist(), "tfidf_intercept": float(m.intercept_[0])}, oof
 
 
 def choose_threshold(score: np.ndarray, y: np.ndarray, *, beta: float = 1.0) -> float:
