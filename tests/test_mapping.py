@@ -1,0 +1,89 @@
+"""Topic -> IAB mapping and the stage-02 runner: accuracy against the simulator's truth, overrides,
+outputs the leakage stage reads, and a clear failure when stage 01 has not run."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from analysis.io import ingest
+from analysis.mapping import Overrides, StageInputError, TopicMapper, run_stage, topic_info_from_assignments
+from analysis.taxonomy import TaxonomyError
+
+
+@pytest.fixture(scope="module")
+def small_run(small_world_dir, tmp_path_factory):
+    rd = tmp_path_factory.mktemp("run02")
+    ingest(small_world_dir, rd)
+    return rd
+
+
+def test_stage_fails_clearly_without_stage_01(small_run):
+    with pytest.raises(StageInputError, match="topics.parquet, topic_info.parquet not found .* run stage 01"):
+        run_stage(small_run, input_dir=None)
+
+
+def test_topics_map_to_the_right_tier1_for_ad_topics(small_world, small_run):
+    """With the simulator's topics as the clustering, ad topics land in their true IAB tier-1."""
+    conv = pd.read_parquet(small_run / "data" / "conversations.parquet")
+    truth = small_world.conversation_truth
+    info = topic_info_from_assignments(conv, truth[["conversation_id", "topic"]])
+    m = TopicMapper(backend="static", threshold=0.2).map(info, dict(zip(conv["conversation_id"], conv["document"])))
+    t = m.table.set_index("topic")
+    kinds = {x["key"]: (x["kind"], x.get("iab_id")) for x in small_world.ground_truth["topics"]}
+    from analysis.taxonomy import tier1_of
+
+    ad = [k for k, (kind, _) in kinds.items() if kind == "ad" and k in t.index]
+    true_t1 = tier1_of(pd.Series([kinds[k][1] for k in ad], index=ad))
+    acc = (t.loc[ad, "tier1_id"] == true_t1).mean()
+    assert len(ad) >= 25 and acc >= 0.85, t.loc[ad, ["path", "score"]]
+    assert all(len(x) == 3 for x in t["top3"]) and set(t["source"]) <= {"similarity", "unmapped"}
+    # the sensitive topics that have an IAB home land in it
+    assert t.loc["health_diabetes", "art9_node"] == "health" and t.loc["politics_elections", "art9_node"] == "politics"
+
+
+def test_overrides_win_and_are_recorded(tmp_path):
+    p = tmp_path / "ov.yaml"
+    p.write_text("topics:\n  hiking: '159'\n  small_talk: unmapped\nad_nodes:\n  health: ['286']\n")
+    ov = Overrides.load(p)
+    info = pd.DataFrame({"topic": ["hiking", "small_talk"], "label": ["hiking", "small_talk"],
+                         "keywords": [["trail", "boots", "hike"], ["hi", "joke"]], "representative_docs": [["best boots for a day hike"], ["tell me a joke"]]})
+    m = TopicMapper(backend="static", threshold=0.0, overrides=ov).map(info)
+    t = m.table.set_index("topic")
+    assert t.loc["hiking", "iab_id"] == "159" and t.loc["hiking", "source"] == "override"
+    assert t.loc["small_talk", "source"] == "unmapped" and pd.isna(t.loc["small_talk", "iab_id"])
+    assert {o["topic"] for o in m.overrides_applied} == {"hiking", "small_talk"} and ov.ad_nodes == {"health": ["286"]}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("topics:\n  hiking: 'nope'\n")
+    with pytest.raises(TaxonomyError, match="bad.yaml: topic 'hiking': unknown IAB node id 'nope'"):
+        Overrides.load(bad)
+
+
+@pytest.mark.slow
+def test_stage_outputs_on_a_small_world(small_world_dir, small_run, tmp_path):
+    """The whole stage with truth topics: the tables the leakage stage reads, metrics, overrides."""
+    ov = tmp_path / "ov.yaml"
+    ov.write_text("topics:\n  hiking: '159'\n")
+    res = run_stage(small_run, input_dir=small_world_dir, use_truth_topics=True, overrides_file=ov, detector_backend="static",
+                    min_labels_to_fit=100)
+    d = small_run / "data"
+    cc = pd.read_parquet(d / "conversation_categories.parquet")
+    assert {"conversation_id", "iab_id", "tier1_id", "iab_ids", "any_sensitive"} <= set(cc.columns)
+    assert all(f"flag_{c}" in cc and f"score_{c}" in cc for c in res.detection.flags.columns)
+    assert len(cc) == 1600 and cc["conversation_id"].is_unique
+    tc = pd.read_parquet(d / "topic_categories.parquet")
+    assert tc.set_index("topic").loc["hiking", "source"] == "override"
+    dv = pd.read_parquet(d / "detector_validation.parquet")
+    assert list(dv.columns[:5]) == ["category", "tp", "fn", "tn", "fp"] and (dv[["tp", "fn", "tn", "fp"]].sum(axis=1) == dv["n"]).all()
+    applied = json.loads((d / "mapping_overrides_applied.json").read_text())
+    assert applied["topics"][0]["to"] == "159" and applied["ad_nodes_in_use"]["trade_union"] == ["123", "383"]
+    metrics = pd.DataFrame(json.loads((small_run / "metrics" / "02_ad_mapping.json").read_text()))
+    assert {"precision", "recall", "prevalence_flagged", "tier1_accuracy_nonsensitive", "override_applied"} <= set(metrics["metric"])
+    assert res.tier1_accuracy["accuracy"] >= 0.85
+    # the simulator's prevalence sits near what the detector flags
+    prev = metrics[metrics["metric"] == "prevalence_flagged"].dropna(subset=["truth"])
+    assert (abs(prev["estimate"] - prev["truth"]) < 0.03).all()
+    # published tables suppress small cells
+    assert res.prevalence_by_region()["users"].map(lambda v: isinstance(v, str) or v >= 10).all()
