@@ -369,8 +369,10 @@ class AdMappingResult:
         fig, ax = plt.subplots(figsize=(7, 3.2))
         y = np.arange(len(v))
         for off, m, col in ((-0.15, "precision", "C0"), (0.15, "recall", "C1")):
-            est = v[m].to_numpy()
-            ax.errorbar(est, y + off, xerr=[est - v[f"{m}_low"], v[f"{m}_high"] - est], fmt="o", color=col, label=m, capsize=3)
+            est = v[m].to_numpy(dtype=float)
+            lo = np.clip(np.nan_to_num(est - v[f"{m}_low"].to_numpy(dtype=float)), 0, None)
+            hi = np.clip(np.nan_to_num(v[f"{m}_high"].to_numpy(dtype=float) - est), 0, None)
+            ax.errorbar(est, y + off, xerr=[lo, hi], fmt="o", color=col, label=m, capsize=3)
         ax.set_yticks(y, v["category"])
         ax.axvline(0.9, color="k", ls=":", lw=1)
         ax.set_xlim(0, 1.02)
