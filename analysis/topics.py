@@ -305,6 +305,20 @@ def knn_vote(query: np.ndarray, ref: np.ndarray, ref_topic: np.ndarray, k: int =
     return out
 
 
+def assign_rest(emb: np.ndarray, spec: Mapping) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The assignment of documents outside the fit sample, shared by every engine: (majority topic
+    of the `knn` nearest clustered sample documents, or -1 below the similarity `threshold`;
+    cosine similarity to that topic's centroid; float64 sum of the outliers' embeddings)."""
+    if len(emb) == 0:
+        return np.zeros(0, dtype=int), np.zeros(0), np.zeros(spec["centroids"].shape[1])
+    t = knn_vote(emb, spec["index"], spec["index_topics"], spec["knn"])
+    pos = np.searchsorted(spec["topic_ids"], t)
+    bs = np.einsum("ij,ij->i", emb, spec["centroids"][pos]).astype(np.float64)
+    if spec["threshold"] is not None:
+        t = np.where(bs >= spec["threshold"], t, -1)
+    return t.astype(int), bs, emb[t == -1].sum(axis=0, dtype=np.float64)
+
+
 class TopicModel:
     """A fitted topic model: BERTopic's representations + topic centroids + the assignment rule.
 
@@ -682,9 +696,16 @@ class TopicModeler:
             return {"MMR": MaximalMarginalRelevance(diversity=0.3, top_n_words=s.top_n_words)}
         return None
 
-    def fit(self, conversations: pd.DataFrame, truth: pd.DataFrame | None = None, *, embedder: Embedder | None = None) -> TopicsResult:
+    def fit(self, conversations: pd.DataFrame, truth: pd.DataFrame | None = None, *, embedder: Embedder | None = None,
+            documents: Documents | None = None, embed_assign=None) -> TopicsResult:
         """Fit topics on `conversations` (conversation_id, document, and optionally user_id, region,
-        excluded, started_at); `truth` (conversation_id, topic) adds ARI/NMI to the quality table."""
+        excluded, started_at); `truth` (conversation_id, topic) adds ARI/NMI to the quality table.
+
+        For another engine (`analysis.engine`): `documents` are the already cleaned documents of
+        `conversations` (which then need no `document` column), and `embed_assign(texts, spec)`
+        embeds and assigns the documents outside the fit sample elsewhere, returning
+        (topic, similarity, sum of the outliers' embeddings, embedding stats) by `assign_rest`.
+        Only the fit sample is then embedded here; results equal the in-process ones."""
         s = self.settings
         _silence_bertopic()
         timings: dict[str, float] = {}
@@ -695,7 +716,9 @@ class TopicModeler:
             conv = conv.iloc[pick].reset_index(drop=True)
 
         t0 = time.perf_counter()
-        docs = build_documents(conv["document"], max_chars=s.max_chars)
+        if documents is not None and len(documents.texts) != len(conv):
+            raise ValueError(f"{len(documents.texts)} documents for {len(conv)} conversations")
+        docs = documents if documents is not None else build_documents(conv["document"], max_chars=s.max_chars)
         timings["clean"] = time.perf_counter() - t0
         ok = ~docs.flags["empty"].to_numpy()
         idx = np.flatnonzero(ok)
@@ -705,8 +728,8 @@ class TopicModeler:
         embedder = embedder or get_embedder(s.embedding_backend, s.cache_dir)
         timings["load_embedder"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        emb = embedder.encode(texts)
-        embed_stats = dict(embedder.stats.history[-1]) if embedder.stats.history else {}
+        emb = embedder.encode(texts) if embed_assign is None else None  # else: the fit sample only, below
+        embed_stats = dict(embedder.stats.history[-1]) if embedder.stats.history and emb is not None else {}
         timings["embed"] = time.perf_counter() - t0
 
         # ---- fit on a seeded sample
@@ -716,7 +739,13 @@ class TopicModeler:
         if len(fit_pos) < 20:
             raise ValueError(f"only {len(fit_pos)} non-empty documents: too few to find topics")
         fit_docs = [texts[i] for i in fit_pos]
-        fit_emb = emb[fit_pos]
+        if emb is not None:
+            fit_emb = emb[fit_pos]
+        else:
+            t0 = time.perf_counter()
+            fit_emb = embedder.encode(fit_docs)
+            embed_stats = dict(embedder.stats.history[-1])
+            timings["embed"] += time.perf_counter() - t0
         bt = self._bertopic(embedder, len(fit_pos))
         t0 = time.perf_counter()
         topics_fit, probs_fit = bt.fit_transform(fit_docs, fit_emb)
@@ -752,18 +781,22 @@ class TopicModeler:
         how[fit_pos] = np.where(topics_fit != -1, "cluster", np.where(reduced != -1, "outlier_reduction", "outlier"))
         rest = np.setdiff1d(np.arange(n), fit_pos)
         cn = cent / np.linalg.norm(cent, axis=1, keepdims=True)
-        all_sim = emb @ cn.T
         pos_of = {t: i for i, t in enumerate(topic_ids)}
+        spec = {"index": fit_emb[core], "index_topics": topics_fit[core].astype(np.int64), "centroids": cn, "topic_ids": topic_ids,
+                "knn": s.knn, "threshold": s.outlier_threshold if s.outlier_strategy != "none" else None}
+        out_sum = np.zeros(fit_emb.shape[1], dtype=np.float64)
         if len(rest):
-            t_rest = knn_vote(emb[rest], fit_emb[core], topics_fit[core], s.knn)
-            bs = all_sim[rest, np.searchsorted(topic_ids, t_rest)]
-            if s.outlier_strategy != "none":
-                t_rest = np.where(bs >= s.outlier_threshold, t_rest, -1)
+            if embed_assign is None:
+                t_rest, bs, out_sum = assign_rest(emb[rest], spec)
+            else:
+                t_rest, bs, out_sum, rest_stats = embed_assign([texts[i] for i in rest], spec)
+                embed_stats = {k: embed_stats.get(k, 0) + rest_stats.get(k, 0) for k in set(embed_stats) | set(rest_stats)}
             final[rest] = t_rest
             how[rest] = np.where(t_rest != -1, "knn", "outlier")
             prob[rest] = np.where(t_rest != -1, bs, 0.0)
-        assigned = final != -1
-        sim[assigned] = all_sim[np.flatnonzero(assigned), [pos_of[t] for t in final[assigned]]]
+            sim[rest] = np.where(t_rest != -1, bs, 0.0)  # the similarity to the assigned centroid
+        fit_assigned = np.flatnonzero(final[fit_pos] != -1)
+        sim[fit_pos[fit_assigned]] = (fit_emb[fit_assigned] @ cn.T)[np.arange(len(fit_assigned)), [pos_of[t] for t in final[fit_pos[fit_assigned]]]]
         prob[fit_pos[(topics_fit == -1) & (reduced != -1)]] = sim[fit_pos[(topics_fit == -1) & (reduced != -1)]]
         timings["assign"] = time.perf_counter() - t0
 
@@ -773,7 +806,8 @@ class TopicModeler:
         vec = bt.vectorizer_model
         vec.set_params(min_df=min(s.min_df, max(1, n // 20)))
         bt.update_topics(texts, topics=list(final), top_n_words=s.top_n_words, vectorizer_model=vec, ctfidf_model=bt.ctfidf_model, representation_model=self._representation())
-        outl = [emb[final == -1].mean(axis=0)] if (final == -1).any() else []
+        n_out = int((final == -1).sum())
+        outl = [((fit_emb[final[fit_pos] == -1].sum(axis=0, dtype=np.float64) + out_sum) / n_out).astype(np.float32)] if n_out else []
         bt.topic_embeddings_ = np.vstack(outl + [cent]).astype(np.float32)
         bt.representative_docs_ = {}  # raw text: never kept in the model
         aspect = {"keybert": "KeyBERT", "mmr": "MMR"}.get(s.representation)

@@ -1,0 +1,369 @@
+"""The `engine` parameter: run the heavy steps in-process (`pandas`, the default) or on Dask.
+
+With `engine="dask"` the same stage functions run their heavy steps on dask.distributed:
+
+- a cluster is found, not built by hand: the `dask_scheduler` parameter, else the
+  `DASK_SCHEDULER_ADDRESS` environment variable (any scheduler: Kubernetes, YARN, HPC, SSH),
+  else a `LocalCluster` on this machine; `client()` returns it and the notebook shows its dashboard;
+- inputs are read as partitioned Parquet (`read_parquet`: one file, or a folder of part files);
+- topics (stage 01): documents are cleaned by `map_partitions` on the workers; UMAP + HDBSCAN are
+  fitted on the seeded sample on the driver exactly as with pandas; the fitted assignment rule
+  (kNN index of the sample, centroids, threshold) is broadcast once, and the remaining documents
+  are embedded and assigned by `map_partitions` (`embed_assign`); topic representations
+  (c-TF-IDF over every document) stay on the driver, as with pandas;
+- lift (stage 04): impressions are reduced to the per-user-week and per-user-category sufficient
+  statistics by Dask groupby (`aggregate`) -- the impression log never reaches the driver --
+  and the estimators run on that small `LiftData`;
+- leakage (stage 03): impressions are read and reduced to compact columns (the chat flag instead
+  of lists of targeting sources) in parallel (`read_impressions`); the window counts then run on them.
+
+Results equal the pandas engine's on the same input and seed (tests/test_engine.py): the same
+functions do the per-row work, and the user/category codes keep the pandas order (first appearance).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+ENGINES = ("pandas", "dask")
+log = logging.getLogger(__name__)
+
+_CLUSTER = None  # the LocalCluster this process started, reused by later stages in the same kernel
+_LOCK = threading.Lock()
+
+
+def check_engine(engine: str | None) -> str:
+    engine = (engine or "pandas").lower()
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    return engine
+
+
+def client(dask_scheduler: str | None = None, *, n_workers: int | None = None, threads_per_worker: int = 1,
+           processes: bool = True, memory_limit: str | float = "auto", show: bool = True):
+    """A dask.distributed Client: `dask_scheduler`, else $DASK_SCHEDULER_ADDRESS, else an existing
+    default client, else a LocalCluster (one single-threaded worker per core: the per-row work is
+    Python and numpy, and processes sidestep the GIL). Shows the dashboard link when `show`."""
+    global _CLUSTER
+    from distributed import Client, LocalCluster, default_client
+
+    address = dask_scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
+    with _LOCK:
+        if address:
+            c = Client(address)
+        else:
+            try:
+                c = default_client()
+            except ValueError:
+                if _CLUSTER is None or _CLUSTER.status.name == "closed":
+                    _CLUSTER = LocalCluster(n_workers=n_workers or os.cpu_count() or 1, threads_per_worker=threads_per_worker,
+                                            processes=processes, memory_limit=memory_limit, dashboard_address=":0")
+                c = Client(_CLUSTER, set_as_default=True)
+    if show:
+        show_dashboard(c)
+    return c
+
+
+def show_dashboard(c) -> None:
+    """The scheduler, its workers and the dashboard link: Markdown in a notebook, a log line elsewhere."""
+    info = c.scheduler_info()
+    n, threads = len(info.get("workers", {})), sum(w.get("nthreads", 0) for w in info.get("workers", {}).values())
+    text = f"Dask: scheduler {info.get('address')}, {n} workers, {threads} threads; dashboard: {c.dashboard_link}"
+    try:
+        from IPython import get_ipython
+        from IPython.display import Markdown, display
+
+        if get_ipython() is not None:
+            display(Markdown(f"**Dask** scheduler `{info.get('address')}`, {n} workers / {threads} threads — "
+                             f"[dashboard]({c.dashboard_link})"))
+            return
+    except ImportError:
+        pass
+    log.info(text)
+
+
+def compute(*collections, c=None, label: str = ""):
+    """Compute dask collections on the cluster with a progress bar (distributed's `progress`)."""
+    import dask
+    from distributed import progress
+
+    if c is None:
+        return dask.compute(*collections)
+    futures = c.compute(list(collections))
+    if label:
+        print(label, flush=True)
+    progress(futures, notebook=False)
+    print(flush=True)
+    return tuple(c.gather(futures))
+
+
+def parquet_files(path: str | Path) -> list[str]:
+    """One Parquet file, or the sorted *.parquet part files of a folder (a partitioned dataset)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(str(p) for p in path.glob("*.parquet"))
+        if not files:
+            raise FileNotFoundError(f"{path}: no .parquet files")
+        return files
+    if not path.exists():
+        raise FileNotFoundError(path)
+    return [str(path)]
+
+
+def read_parquet(path: str | Path, columns: Sequence[str] | None = None):
+    """A Dask DataFrame over a Parquet file or folder: one partition per row group of each file,
+    in file order (so row order is the pandas engine's)."""
+    import dask.dataframe as dd
+
+    return dd.read_parquet(parquet_files(path), columns=list(columns) if columns else None, split_row_groups=True)
+
+
+def parquet_schema_names(path: str | Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return pq.read_schema(parquet_files(path)[0]).names
+
+
+# ------------------------------------------------------------------------------- topics
+
+_EMBEDDERS: dict = {}
+
+
+def _worker_embedder(backend: str, cache_dir: str, use_cache: bool):
+    """One embedder per worker process (and a lock: threaded workers share it)."""
+    from analysis.embeddings import Embedder
+
+    key = (backend, cache_dir, use_cache)
+    with _LOCK:
+        if key not in _EMBEDDERS:
+            _EMBEDDERS[key] = (Embedder(backend, cache_dir=cache_dir, use_cache=use_cache), threading.Lock())
+        return _EMBEDDERS[key]
+
+
+def _clean_partition(df: pd.DataFrame, max_chars: int) -> pd.DataFrame:
+    from analysis.topics import build_documents
+
+    d = build_documents(df["document"], max_chars=max_chars)
+    return pd.concat([pd.DataFrame({"text": pd.Series(d.texts, dtype=object, index=df.index)}), d.flags.set_index(df.index)], axis=1)
+
+
+def _embed_assign_partition(texts: list, spec: Mapping, backend: str, cache_dir: str, use_cache: bool) -> list:
+    from analysis.topics import assign_rest
+
+    emb, lock = _worker_embedder(backend, cache_dir, use_cache)
+    with lock:
+        vecs = emb.encode(list(texts))
+        stats = dict(emb.stats.history[-1]) if emb.stats.history else {}
+    t, bs, out_sum = assign_rest(vecs, spec)
+    return [(t, bs, out_sum, {k: v for k, v in stats.items() if isinstance(v, (int, float))})]
+
+
+def embed_assign(c, embedder, *, partition_size: int = 20_000):
+    """The `embed_assign` hook of `TopicModeler.fit`: the fitted assignment rule is put on the
+    cluster once (a single task every partition depends on), and each partition of the texts is
+    embedded and assigned by `assign_rest` on a worker, with the fit's embedding backend."""
+    import dask
+    import dask.bag as db
+
+    backend, cache_dir, use_cache = embedder.backend, str(embedder.cache_dir), bool(embedder.use_cache)
+
+    def run(texts: list[str], spec: Mapping):
+        spec_d = dask.delayed(dict(spec), traverse=False)
+        bag = db.from_sequence(texts, partition_size=max(1, partition_size))
+        parts = bag.map_partitions(_embed_assign_partition, spec_d, backend, cache_dir, use_cache)
+        (out,) = compute(parts, c=c, label=f"embed + assign {len(texts):,} documents ({bag.npartitions} partitions)")
+        if not out:
+            return np.zeros(0, dtype=int), np.zeros(0), np.zeros(spec["centroids"].shape[1]), {}
+        stats: dict = {}
+        for *_, s in out:
+            for k, v in s.items():
+                stats[k] = stats.get(k, 0) + v
+        return (np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out]),
+                np.sum([o[2] for o in out], axis=0), stats)
+
+    return run
+
+
+def clean_documents(ddf, max_chars: int = 2000, c=None):
+    """Cleaned documents of a Dask conversations frame (map_partitions), gathered in row order."""
+    from analysis.topics import Documents
+
+    meta = pd.DataFrame({"text": pd.Series([], dtype=object), **{k: pd.Series([], dtype=bool) for k in ("code", "log", "boilerplate", "truncated", "empty")}})
+    (out,) = compute(ddf[["document"]].map_partitions(_clean_partition, max_chars, meta=meta), c=c, label="clean documents")
+    return Documents(out["text"].tolist(), out[["code", "log", "boilerplate", "truncated", "empty"]].reset_index(drop=True).astype(bool))
+
+
+def fit_topics(conversations_path: str | Path, truth=None, *, settings=None, c=None, embedder=None):
+    """Stage 01's fit on Dask: clean on the workers, fit the sample on the driver, embed and assign
+    the rest on the workers (see the module docstring). Same result as `TopicModeler.fit`."""
+    from analysis.embeddings import get_embedder
+    from analysis.topics import TopicModeler, TopicSettings
+
+    s = settings if isinstance(settings, TopicSettings) else TopicSettings.from_dict(settings)
+    names = parquet_schema_names(conversations_path)
+    keep = [k for k in ("conversation_id", "user_id", "region", "excluded", "started_at") if k in names]
+    modeler = TopicModeler(s)
+    if s.max_documents is not None:
+        # a bounded sample: nothing to distribute
+        conv = pd.concat([pd.read_parquet(f, columns=keep + ["document"]) for f in parquet_files(conversations_path)], ignore_index=True)
+        return modeler.fit(conv, truth, embedder=embedder)
+    c = c or client(show=False)
+    ddf = read_parquet(conversations_path, columns=keep + ["document"])
+    docs = clean_documents(ddf, s.max_chars, c=c)
+    conv = pd.concat([pd.read_parquet(f, columns=keep) for f in parquet_files(conversations_path)], ignore_index=True)
+    embedder = embedder or get_embedder(s.embedding_backend, s.cache_dir)
+    return modeler.fit(conv, truth, embedder=embedder, documents=docs, embed_assign=embed_assign(c, embedder))
+
+
+# ------------------------------------------------------------------------------ impressions
+
+_IMP_COLS = ("user_id", "shown_at", "ad_category", "clicked", "targeting_sources", "arm")
+
+
+def _compact_partition(df: pd.DataFrame) -> pd.DataFrame:
+    """Per impression: the chat flag instead of the list of targeting sources (as `read_impressions`)."""
+    from analysis.lift import _chat_flag
+
+    out = df.drop(columns=["targeting_sources"], errors="ignore")
+    if "targeting_sources" in df:
+        import pyarrow as pa
+
+        lists = pa.array(df["targeting_sources"].tolist(), type=pa.list_(pa.string()), from_pandas=True)
+        out = out.assign(chat=_chat_flag(lists))
+    return out
+
+
+def _first_appearance(values) -> pd.Index:
+    return pd.Index(pd.unique(np.asarray(values, dtype=object)))
+
+
+def read_impressions(path: str | Path, c=None) -> pd.DataFrame:
+    """`analysis.lift.read_impressions` with the per-row work on the workers: the same frame
+    (ids as categoricals in first-appearance order, `chat` flag), for the leakage stage."""
+    cols = [k for k in _IMP_COLS if k in parquet_schema_names(path)]
+    ddf = read_parquet(path, columns=cols)
+    (df,) = compute(ddf.map_partitions(_compact_partition, meta=_compact_partition(ddf._meta)), c=c, label="read impressions")
+    df = df.reset_index(drop=True)
+    for k in ("user_id", "ad_category", "arm"):
+        if k in df:
+            df[k] = pd.Categorical(df[k], categories=_first_appearance(df[k].dropna()))
+    order = ["user_id", "shown_at", "ad_category", "clicked", "arm", "chat"]
+    return df[[k for k in order if k in df]]
+
+
+def _stat_partition(df: pd.DataFrame, policy_ns: int, region: Mapping, included: Mapping) -> pd.DataFrame:
+    """Per impression: user, raw week since the policy date, day, click, known/included, post."""
+    from analysis.lift import NS_PER_DAY
+
+    df = _compact_partition(df)
+    t = df["shown_at"]
+    t = t.dt.tz_convert("UTC") if getattr(t.dt, "tz", None) is not None else t.dt.tz_localize("UTC")
+    day = np.floor_divide(t.to_numpy(dtype="datetime64[ns]").view("int64") - policy_ns, NS_PER_DAY)
+    uid = df["user_id"].astype(object)
+    out = pd.DataFrame({"user_id": uid.to_numpy(), "day": day, "week": np.floor_divide(day, 7),
+                        "n": np.ones(len(df), dtype=np.int64), "clicks": df["clicked"].to_numpy(dtype=bool).astype(np.int64)}, index=df.index)
+    out["known"] = uid.map(region).notna().to_numpy()
+    out["included"] = uid.map(included).fillna(False).to_numpy(dtype=bool)
+    out["post"] = day >= 0
+    if "ad_category" in df:
+        out["ad_category"] = df["ad_category"].astype(object).to_numpy()
+    if "arm" in df:
+        out["arm"] = df["arm"].astype(object).to_numpy()
+    if "chat" in df:
+        out["chat"] = df["chat"].to_numpy(dtype=bool)
+    return out
+
+
+def _unique_partition(s: pd.Series) -> pd.Series:
+    return pd.Series(pd.unique(s.astype(object).to_numpy()), dtype=object)
+
+
+def aggregate(path: str | Path, users: pd.DataFrame, *, policy_date: str | None = None, excluded_regions=None, c=None, split_out: int | None = None):
+    """`analysis.lift.aggregate` on Dask: the impression log (Parquet file or folder) is reduced to
+    per-user-week and per-user-category-chat counts by Dask groupby; only those sums, the days with
+    data and the users' first-appearance order come to the driver. Returns the same `LiftData`."""
+    from analysis.lift import ARMS, LiftData
+    from analysis.regions import DEFAULT_EXCLUDED, DEFAULT_POLICY_DATE, is_excluded
+
+    policy_date = policy_date or DEFAULT_POLICY_DATE
+    excluded = tuple(excluded_regions) if excluded_regions else DEFAULT_EXCLUDED
+    u = users.drop_duplicates("user_id")
+    reg = dict(zip(u["user_id"].astype(object), u["region"]))
+    reg = {k: v for k, v in reg.items() if pd.notna(v)}
+    inc = dict(zip(u["user_id"].astype(object), ~is_excluded(pd.Series(u["region"], dtype="object").fillna(""), excluded).to_numpy()))
+    cols = [k for k in _IMP_COLS if k in parquet_schema_names(path)]
+    raw = read_parquet(path, columns=cols)
+    args = (pd.Timestamp(policy_date, tz="UTC").value, reg, inc)
+    x = raw.map_partitions(_stat_partition, *args, meta=_stat_partition(raw._meta, *args))
+    has_cat = "ad_category" in cols and "targeting_sources" in cols
+    kept = x[x["known"]]
+    so = split_out or max(1, raw.npartitions // 8)
+    jobs = {
+        "n": x["n"].sum(),
+        "n_kept": kept["n"].sum(),
+        "days": kept.groupby("day")["n"].sum(),
+        "user_week": kept.groupby(["user_id", "week"])[["n", "clicks"]].sum(split_out=so),
+        "users": x["user_id"].map_partitions(_unique_partition, meta=("user_id", object)),
+    }
+    if "arm" in cols:
+        jobs["arm"] = x.dropna(subset=["arm"]).groupby(["user_id", "arm"])["n"].sum()
+    if has_cat:
+        sel = kept[kept["post"] & kept["included"]]
+        jobs["cells"] = sel.groupby(["ad_category", "user_id", "chat"])[["n", "clicks"]].sum(split_out=so)
+        jobs["cats"] = x["ad_category"].map_partitions(_unique_partition, meta=("ad_category", object))
+    res = dict(zip(jobs, compute(*jobs.values(), c=c, label="aggregate impressions to sufficient statistics")))
+
+    # the pandas engine's codes: users (and categories) in order of first appearance
+    order = _first_appearance(res["users"])
+    nu = len(order)
+    region = pd.Series(reg, dtype=object).reindex(order).to_numpy(dtype=object)
+    known = pd.notna(region)
+    included = ~is_excluded(pd.Series(region, dtype="object").fillna(""), excluded).to_numpy()
+
+    days = np.sort(res["days"].index.to_numpy(np.int64))
+    d0 = days.min()
+    dw = days // 7
+    wk, ndays = np.unique(dw, return_counts=True)
+    lo = wk[0] + (1 if len(wk) > 1 and ndays[0] < 4 else 0)
+    hi = wk[-1] - (1 if len(wk) > 1 and ndays[-1] < 4 else 0)
+    del d0
+    uw = res["user_week"].reset_index()
+    w = uw["week"].to_numpy(np.int64)
+    w2 = np.clip(w, lo, hi)
+    w2 = np.where(w >= 0, np.maximum(w2, 0), np.minimum(w2, -1))  # a merge never crosses the policy date
+    nw = int(hi - lo + 1)
+    key = order.get_indexer(uw["user_id"].to_numpy(object)).astype(np.int64) * nw + (w2 - lo)
+    size = np.bincount(key, weights=uw["n"].to_numpy(float))
+    clicks = np.bincount(key, weights=uw["clicks"].to_numpy(float))
+    k = np.flatnonzero(size)
+    user_week = pd.DataFrame({"user": k // nw, "week": k % nw + lo, "impressions": size[k].astype(np.int64), "clicks": clicks[k].astype(np.int64)})
+
+    arm = np.full(nu, None, dtype=object)
+    if "arm" in res:
+        a = res["arm"].reset_index()
+        code = order.get_indexer(a["user_id"].to_numpy(object))
+        n_arm = [np.bincount(code, weights=(a["arm"].to_numpy(object) == name) * a["n"].to_numpy(float), minlength=nu) for name in ARMS]
+        ac = np.where(n_arm[0] > 0, 0, np.where(n_arm[1] > 0, 1, -1))
+        ac = np.where((n_arm[0] > 0) & (n_arm[1] > 0), -1, ac)
+        arm = np.array([None, *ARMS], dtype=object)[ac + 1]
+    user_tab = pd.DataFrame({"user_id": np.asarray(order, dtype=object), "region": region, "included": included, "arm": arm})
+    user_tab = user_tab[known].rename_axis("user")
+
+    cells = None
+    if has_cat:
+        cats = _first_appearance(pd.Series(res["cats"]).dropna())
+        cl = res["cells"].reset_index()
+        ck = (cats.get_indexer(cl["ad_category"].to_numpy(object)).astype(np.int64) * nu + order.get_indexer(cl["user_id"].to_numpy(object))) * 2 + cl["chat"].to_numpy(bool)
+        o = np.argsort(ck, kind="stable")
+        ck = ck[o]
+        cells = pd.DataFrame({"ad_category": np.asarray(cats, dtype=object)[ck // (2 * nu)], "user": (ck // 2) % nu, "chat": (ck % 2).astype(bool),
+                              "impressions": cl["n"].to_numpy(np.int64)[o], "clicks": cl["clicks"].to_numpy(np.int64)[o]})
+    n = int(res["n"])
+    return LiftData(user_tab, user_week, cells, policy_date, n, n - int(res["n_kept"]))
