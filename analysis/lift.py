@@ -50,7 +50,7 @@ def read_impressions(path: str | Path) -> pd.DataFrame:
     `targeting_sources` (a list per row) becomes a boolean `chat` ("ai_chat" among the sources)
     without materializing Python lists; ids become categoricals. Missing optional columns stay absent.
     """
-    schema = pq.read_schema(path)
+    schema = pq.ParquetDataset(path).schema  # a file or a folder of part files
     cols = [c for c in ("user_id", "shown_at", "ad_category", "clicked", "targeting_sources", "arm") if c in schema.names]
     t = pq.read_table(path, columns=cols)
     out = {
@@ -1143,12 +1143,19 @@ def run_stage(run_dir: str | Path, input_dir: str | Path | None = None, **settin
         m.add("impressions", 0)
         m.write()
         return None, gt
-    imp = read_impressions(data_dir / "impressions.parquet")
+    from analysis import engine as eng
+
     users = pd.read_parquet(data_dir / "users.parquet", columns=["user_id", "region"])
     policy_date = settings.pop("policy_date", DEFAULT_POLICY_DATE)
     excluded_regions = settings.pop("excluded_regions", None)
-    data = aggregate(imp, users, policy_date=policy_date, excluded_regions=excluded_regions)
-    del imp
+    dask_scheduler = settings.pop("dask_scheduler", None)
+    if eng.check_engine(settings.pop("engine", "pandas")) == "dask":  # Dask groupby: the log never reaches the driver
+        data = eng.aggregate(data_dir / "impressions.parquet", users, policy_date=policy_date, excluded_regions=excluded_regions,
+                             c=eng.client(dask_scheduler))
+    else:
+        imp = read_impressions(data_dir / "impressions.parquet")
+        data = aggregate(imp, users, policy_date=policy_date, excluded_regions=excluded_regions)
+        del imp
     report = analyse(data, ground_truth=gt, **settings)
     report.record_metrics(run_dir, gt)
     return report, gt

@@ -964,19 +964,27 @@ def read_truth(input_dir: str | Path | None) -> pd.DataFrame | None:
     return pd.read_parquet(p, columns=["conversation_id", "topic"]) if p.exists() else None
 
 
-def run_topics(run_dir: str | Path, input_dir: str | Path | None = None, *, min_cell_users: int = 10, **settings) -> TopicsResult:
+def run_topics(run_dir: str | Path, input_dir: str | Path | None = None, *, min_cell_users: int = 10, engine: str = "pandas",
+               dask_scheduler: str | None = None, **settings) -> TopicsResult:
     """Stage 01: fit topics on `run_dir/data/conversations.parquet`, write the artifacts and metrics.
 
     Writes `data/topics.parquet` (per conversation), `data/topic_info.parquet` (per topic, PII-
     scrubbed labels, no raw text), `data/topics_over_time.parquet`, `data/topics_by_region.parquet`
     (small cells suppressed), the model under `model/topics/`, and `metrics/01_topics.json`.
+    `engine="dask"` cleans, embeds and assigns on a Dask cluster (`analysis.engine`), same results.
     """
     from analysis.metrics import MetricsRecorder
     from analysis.storage import write_parquet
 
     run_dir = Path(run_dir)
-    conv = pd.read_parquet(run_dir / "data" / "conversations.parquet")
-    res = TopicModeler(TopicSettings.from_dict(settings)).fit(conv, read_truth(input_dir))
+    from analysis import engine as eng
+
+    if eng.check_engine(engine) == "dask":
+        res = eng.fit_topics(run_dir / "data" / "conversations.parquet", read_truth(input_dir), settings=TopicSettings.from_dict(settings),
+                             c=eng.client(dask_scheduler))
+    else:
+        conv = pd.read_parquet(run_dir / "data" / "conversations.parquet")
+        res = TopicModeler(TopicSettings.from_dict(settings)).fit(conv, read_truth(input_dir))
     out = run_dir / "data"
     art = {
         "topics": write_parquet(res.assignments, out / "topics.parquet"),
