@@ -144,6 +144,11 @@ def render_html(notebook: Path, out: Path, title: str | None = None) -> Path:
     nb = nbformat.read(str(notebook), as_version=4)
     if title:
         nb.metadata["title"] = title
+    # Warnings and logs (stderr) stay in the executed notebook for analysts; stakeholders don't get
+    # them (they carry local paths and library noise, not findings).
+    for cell in nb.cells:
+        if cell.get("outputs"):
+            cell.outputs = [o for o in cell.outputs if not (o.get("output_type") == "stream" and o.get("name") == "stderr")]
     exporter = HTMLExporter(
         template_name="audit",
         extra_template_basedirs=[str(Path(__file__).parent / "templates")],
