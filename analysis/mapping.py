@@ -386,16 +386,16 @@ class AdMappingResult:
         return fig
 
 
-def _split(ids: pd.Series, share: float, seed: int) -> np.ndarray:
-    """Deterministic split by a hash of the id: True = tuning part."""
-    h = ids.astype(str).map(lambda s: int(hashlib.sha256(f"{seed}:{s}".encode()).hexdigest()[:8], 16) / 2**32)
-    return (h < share).to_numpy()
+def _split(ids: pd.Series, share: float, seed: int, *, values: bool = False) -> np.ndarray:
+    """Deterministic split by a hash of the id: True = tuning part (or the uniform hash values)."""
+    h = ids.astype(str).map(lambda s: int(hashlib.sha256(f"{seed}:{s}".encode()).hexdigest()[:8], 16) / 2**32).to_numpy()
+    return h if values else h < share
 
 
 def run_stage(run_dir: str | Path, *, input_dir: str | Path | None = None, backend: str = "minilm", detector_backend: str = "minilm",
               mapping_threshold: float = 0.3,
               overrides_file: str | Path | None = None, detector_params: str | Path | None = None, fit_detector: str | bool = "auto",
-              tune_share: float = 0.5, min_labels_to_fit: int = 200, labels_path: str | Path | None = None,
+              tune_share: float = 0.5, cv_folds: int = 5, min_labels_to_fit: int = 200, labels_path: str | Path | None = None,
               min_cell_users: int = 10, seed: int = 0, use_truth_topics: bool = False, cache_dir=None) -> AdMappingResult:
     """Stage 02. Reads `conversations.parquet` (stage 00) and `topics.parquet` + `topic_info.parquet`
     (stage 01) from `run_dir/data/`; writes its outputs there and its metrics under `metrics/`.
@@ -404,8 +404,10 @@ def run_stage(run_dir: str | Path, *, input_dir: str | Path | None = None, backe
     here: tier-1 accuracy 0.76 vs 0.69 on the default world's stage-01 topics); `detector_backend` runs the
     sensitive-topic detector. Detector parameters: `detector_params` (a JSON file) or the shipped defaults; with labels
     (`labels.parquet` from stage 00, or `labels_path`) and `fit_detector` true or "auto" with at
-    least `min_labels_to_fit` labeled conversations, weights and thresholds are refitted on a
-    `tune_share` part of the labels (split by id hash) and validated on the rest.
+    least `min_labels_to_fit` labeled conversations, the detector is refitted: with `cv_folds` > 1 by
+    cross-fitting (each labeled conversation scored by a detector fitted on the other folds, the
+    validation is out-of-fold over all labels, the rest of the corpus is scored by the detector fitted
+    on all labels); with `cv_folds` <= 1 on a `tune_share` part (id-hash split), validated on the rest.
     `use_truth_topics` (development only) uses the simulator's true topics instead of stage 01's.
     """
     from analysis.metrics import MetricsRecorder
@@ -465,17 +467,45 @@ def run_stage(run_dir: str | Path, *, input_dir: str | Path | None = None, backe
     validation = None
     if labels is not None:
         fit = fit_detector is True or (fit_detector == "auto" and len(labels) >= min_labels_to_fit)
-        tune = _split(labels["conversation_id"], tune_share if fit else 0.0, seed)
-        if fit:
-            lt = labels[tune]
-            det.fit(conv["document"].iloc[pos[lt["conversation_id"]].to_numpy()].tolist(), lt["art9"].reset_index(drop=True),
-                    features=feats.iloc[pos[lt["conversation_id"]].to_numpy()].reset_index(drop=True),
-                    source=f"{int(tune.sum())} labeled conversations of this run (tuning part)", seed=seed)
-            params_source = f"fitted on {int(tune.sum())} labeled conversations; validated on the other {int((~tune).sum())}"
-        else:
+        tune = np.zeros(len(labels), dtype=bool)
+        if not fit:
             notes.append(f"detector not refitted ({len(labels)} labels < min_labels_to_fit={min_labels_to_fit} or fit_detector off): "
                          "validation uses all labels" + (" — in-sample if these labels tuned the defaults" if labels_path else ""))
-    detection = det.detect(conv["document"].tolist(), conv["conversation_id"], features=feats)
+    docs_all = conv["document"].tolist()
+    oof = None
+    if labels is not None and fit and cv_folds and cv_folds > 1:
+        # cross-fitting: every labeled conversation is scored by a detector fitted on the other folds,
+        # so the validation (and the flags the leakage stage re-checks) are out-of-sample; the
+        # unlabeled conversations get the detector fitted on all labels
+        fold = (_split(labels["conversation_id"], 1.0, seed, values=True) * cv_folds).astype(int)
+        lp = pos[labels["conversation_id"]].to_numpy()
+        oof_scores = pd.DataFrame(index=range(len(labels)), columns=det.cats, dtype=float)
+        oof_flags = pd.DataFrame(index=range(len(labels)), columns=det.cats, dtype=bool)
+        for k in range(cv_folds):
+            tr, te = lp[fold != k], lp[fold == k]
+            dk = SensitiveDetector(backend=detector_backend, params=det.params, spec=spec, cache_dir=cache_dir)
+            dk.fit([docs_all[i] for i in tr], labels["art9"][fold != k].reset_index(drop=True), features=feats.iloc[tr].reset_index(drop=True), seed=seed)
+            rk = dk.detect([docs_all[i] for i in te], features=feats.iloc[te].reset_index(drop=True))
+            oof_scores.loc[np.flatnonzero(fold == k)] = rk.scores.to_numpy()
+            oof_flags.loc[np.flatnonzero(fold == k)] = rk.flags.to_numpy()
+        det.fit([docs_all[i] for i in lp], labels["art9"].reset_index(drop=True), features=feats.iloc[lp].reset_index(drop=True),
+                source=f"all {len(labels)} labeled conversations of this run", seed=seed)
+        oof = (lp, oof_scores, oof_flags.astype(bool))
+        params_source = (f"fitted on all {len(labels)} labeled conversations; validated by {cv_folds}-fold cross-fitting "
+                         "(labeled conversations carry their out-of-fold scores)")
+    elif labels is not None and fit:
+        tune = _split(labels["conversation_id"], tune_share, seed)
+        lt = labels[tune]
+        det.fit([docs_all[i] for i in pos[lt["conversation_id"]].to_numpy()], lt["art9"].reset_index(drop=True),
+                features=feats.iloc[pos[lt["conversation_id"]].to_numpy()].reset_index(drop=True),
+                source=f"{int(tune.sum())} labeled conversations of this run (tuning part)", seed=seed)
+        params_source = f"fitted on {int(tune.sum())} labeled conversations; validated on the other {int((~tune).sum())}"
+    detection = det.detect(docs_all, conv["conversation_id"], features=feats)
+    if oof is not None:
+        lp, osc, ofl = oof
+        for c in det.cats:
+            detection.scores.loc[lp, c] = osc[c].to_numpy(dtype=float)
+            detection.flags.loc[lp, c] = ofl[c].to_numpy(dtype=bool)
     if labels is not None:
         lv = labels[~tune]
         validation = validate(detection.flags.iloc[pos[lv["conversation_id"]].to_numpy()].reset_index(drop=True), lv["art9"].reset_index(drop=True))
