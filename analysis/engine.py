@@ -125,31 +125,56 @@ def _in_kernel() -> bool:
 
 def compute(*collections, c=None, label: str = ""):
     """Compute dask collections on the cluster with progress: distributed's progress bar in a
-    terminal; in a notebook (whose output becomes the report) one line per tenth of the tasks."""
-    import time
-
+    terminal; in a notebook (whose output becomes the report) one line per tenth of the partitions."""
     import dask
-    from distributed import as_completed, futures_of, progress
+    from distributed import futures_of
 
     if c is None:
         return dask.compute(*collections)
     if _in_kernel():
         persisted = c.persist(list(collections))  # per-partition futures: progress by partitions done
-        parts = futures_of(persisted)
-        t0, done, step, total = time.perf_counter(), 0, 0.1, max(len(parts), 1)
-        for _ in as_completed(parts):
-            done += 1
-            if done / total >= step or done == total:
-                print(f"{label}: {done}/{total} partitions ({done / total:.0%}), {time.perf_counter() - t0:.1f} s", flush=True)
-                step = done / total + 0.1
+        _wait(futures_of(persisted), label)
         futures = c.compute(persisted)
     else:
         futures = c.compute(list(collections))
+        _wait(futures, label)  # the progress bar follows every task behind these futures
+    return tuple(c.gather(futures))
+
+
+def gather_frame(ddf, c=None, label: str = "") -> pd.DataFrame:
+    """A Dask DataFrame as one pandas frame on the driver, in partition order. The partitions come
+    to the driver one by one: `compute` would first concatenate them in one task on one worker,
+    which then needs the whole table in its memory (50M impressions: far over a worker's limit)."""
+    if c is None:
+        return ddf.compute()
+    from distributed import futures_of
+
+    persisted = c.persist(ddf)
+
+    parts = futures_of(persisted)
+    _wait(parts, label)
+    out = pd.concat([c.gather(f) for f in parts], ignore_index=False)
+    del persisted
+    return out
+
+
+def _wait(parts, label: str) -> None:
+    import time
+
+    from distributed import as_completed, progress
+
+    if not _in_kernel():
         if label:
             print(label, flush=True)
-        progress(futures, notebook=False)
+        progress(parts, notebook=False)
         print(flush=True)
-    return tuple(c.gather(futures))
+        return
+    t0, done, step, total = time.perf_counter(), 0, 0.1, max(len(parts), 1)
+    for _ in as_completed(parts):
+        done += 1
+        if done / total >= step or done == total:
+            print(f"{label}: {done}/{total} partitions ({done / total:.0%}), {time.perf_counter() - t0:.1f} s", flush=True)
+            step = done / total + 0.1
 
 
 def parquet_files(path: str | Path) -> list[str]:
@@ -195,6 +220,14 @@ def _worker_embedder(backend: str, cache_dir: str, use_cache: bool):
         return _EMBEDDERS[key]
 
 
+def _drop_embedders() -> None:
+    import gc
+
+    with _LOCK:
+        _EMBEDDERS.clear()
+    gc.collect()
+
+
 def _clean_partition(df: pd.DataFrame, max_chars: int) -> pd.DataFrame:
     from analysis.topics import build_documents
 
@@ -227,6 +260,7 @@ def embed_assign(c, embedder, *, partition_size: int = 20_000):
         bag = db.from_sequence(texts, partition_size=max(1, partition_size))
         parts = bag.map_partitions(_embed_assign_partition, spec_d, backend, cache_dir, use_cache)
         (out,) = compute(parts, c=c, label=f"embed + assign {len(texts):,} documents ({bag.npartitions} partitions)")
+        c.run(_drop_embedders)  # the workers' models and in-memory embedding caches are not needed after this
         if not out:
             return np.zeros(0, dtype=int), np.zeros(0), np.zeros(spec["centroids"].shape[1]), {}
         stats: dict = {}
@@ -244,7 +278,7 @@ def clean_documents(ddf, max_chars: int = 2000, c=None):
     from analysis.topics import Documents
 
     meta = pd.DataFrame({"text": pd.Series([], dtype=object), **{k: pd.Series([], dtype=bool) for k in ("code", "log", "boilerplate", "truncated", "empty")}})
-    (out,) = compute(ddf[["document"]].map_partitions(_clean_partition, max_chars, meta=meta), c=c, label="clean documents")
+    out = gather_frame(ddf[["document"]].map_partitions(_clean_partition, max_chars, meta=meta), c=c, label="clean documents")
     return Documents(out["text"].tolist(), out[["code", "log", "boilerplate", "truncated", "empty"]].reset_index(drop=True).astype(bool))
 
 
@@ -297,7 +331,7 @@ def read_impressions(path: str | Path, c=None) -> pd.DataFrame:
     (ids as categoricals in first-appearance order, `chat` flag), for the leakage stage."""
     cols = [k for k in _IMP_COLS if k in parquet_schema_names(path)]
     ddf = read_parquet(path, columns=cols)
-    (df,) = compute(ddf.map_partitions(_compact_partition, meta=_compact_partition(ddf._meta)), c=c, label="read impressions")
+    df = gather_frame(ddf.map_partitions(_compact_partition, meta=_compact_partition(ddf._meta)), c=c, label="read impressions")
     df = df.reset_index(drop=True)
     for k in ("user_id", "ad_category", "arm"):
         if k in df:
@@ -306,26 +340,26 @@ def read_impressions(path: str | Path, c=None) -> pd.DataFrame:
     return df[[k for k in order if k in df]]
 
 
-def _stat_partition(df: pd.DataFrame, policy_ns: int, region: Mapping, included: Mapping) -> pd.DataFrame:
-    """Per impression: user, raw week since the policy date, day, click, known/included, post."""
-    from analysis.lift import NS_PER_DAY
+def _codes_partition(df: pd.DataFrame, policy_ns: int, users: pd.Index, known: np.ndarray, included: np.ndarray,
+                     cats: pd.Index | None) -> pd.DataFrame:
+    """Per impression, integers only: user code (first-appearance order of the whole log), raw week
+    and day since the policy date, click, known region, included region, post period, and the
+    category code and chat flag (or -1 / False). Small partitions, fast integer groupbys."""
+    from analysis.lift import ARMS, NS_PER_DAY
 
-    df = _compact_partition(df)
     t = df["shown_at"]
     t = t.dt.tz_convert("UTC") if getattr(t.dt, "tz", None) is not None else t.dt.tz_localize("UTC")
     day = np.floor_divide(t.to_numpy(dtype="datetime64[ns]").view("int64") - policy_ns, NS_PER_DAY)
-    uid = df["user_id"].astype(object)
-    out = pd.DataFrame({"user_id": uid.to_numpy(), "day": day, "week": np.floor_divide(day, 7),
-                        "n": np.ones(len(df), dtype=np.int64), "clicks": df["clicked"].to_numpy(dtype=bool).astype(np.int64)}, index=df.index)
-    out["known"] = uid.map(region).notna().to_numpy()
-    out["included"] = uid.map(included).fillna(False).to_numpy(dtype=bool)
-    out["post"] = day >= 0
-    if "ad_category" in df:
-        out["ad_category"] = df["ad_category"].astype(object).to_numpy()
+    u = users.get_indexer(df["user_id"]).astype(np.int64)
+    out = pd.DataFrame({"u": u, "day": day, "week": np.floor_divide(day, 7), "n": np.ones(len(df), dtype=np.int64),
+                        "clicks": df["clicked"].to_numpy(dtype=bool).astype(np.int64), "known": known[u], "post": day >= 0,
+                        "included": included[u]}, index=df.index)
     if "arm" in df:
-        out["arm"] = df["arm"].astype(object).to_numpy()
-    if "chat" in df:
-        out["chat"] = df["chat"].to_numpy(dtype=bool)
+        a = df["arm"]
+        out["arm"] = np.where(a.eq(ARMS[0]).fillna(False).to_numpy(bool), 0, np.where(a.eq(ARMS[1]).fillna(False).to_numpy(bool), 1, -1)).astype(np.int64)
+    if cats is not None:
+        out["cat"] = cats.get_indexer(df["ad_category"]).astype(np.int64)
+        out["chat"] = _compact_partition(df[["targeting_sources"]])["chat"].to_numpy(dtype=bool)
     return out
 
 
@@ -333,61 +367,67 @@ def _unique_partition(s: pd.Series) -> pd.Series:
     return pd.Series(pd.unique(s.astype(object).to_numpy()), dtype=object)
 
 
+def first_appearance(path: str | Path, column: str, c=None) -> pd.Index:
+    """The distinct values of a column in order of first appearance in the file(s) (the order
+    pandas' / Arrow's dictionary encoding gives): per-partition uniques, then their uniques."""
+    col = read_parquet(path, columns=[column])[column]
+    (u,) = compute(col.map_partitions(_unique_partition, meta=(column, object)), c=c, label=f"distinct {column}")
+    return _first_appearance(pd.Series(u).dropna())
+
+
 def aggregate(path: str | Path, users: pd.DataFrame, *, policy_date: str | None = None, excluded_regions=None, c=None, split_out: int | None = None):
     """`analysis.lift.aggregate` on Dask: the impression log (Parquet file or folder) is reduced to
-    per-user-week and per-user-category-chat counts by Dask groupby; only those sums, the days with
-    data and the users' first-appearance order come to the driver. Returns the same `LiftData`."""
+    per-user-week and per-user-category-chat counts by Dask groupby on integer codes; only those
+    sums, the days with data and the users' first-appearance order come to the driver. Returns the
+    same `LiftData` (same user codes, same row order)."""
+    import dask
+
     from analysis.lift import ARMS, LiftData
     from analysis.regions import DEFAULT_EXCLUDED, DEFAULT_POLICY_DATE, is_excluded
 
     policy_date = policy_date or DEFAULT_POLICY_DATE
     excluded = tuple(excluded_regions) if excluded_regions else DEFAULT_EXCLUDED
-    u = users.drop_duplicates("user_id")
-    reg = dict(zip(u["user_id"].astype(object), u["region"]))
-    reg = {k: v for k, v in reg.items() if pd.notna(v)}
-    inc = dict(zip(u["user_id"].astype(object), ~is_excluded(pd.Series(u["region"], dtype="object").fillna(""), excluded).to_numpy()))
     cols = [k for k in _IMP_COLS if k in parquet_schema_names(path)]
-    raw = read_parquet(path, columns=cols)
-    args = (pd.Timestamp(policy_date, tz="UTC").value, reg, inc)
-    x = raw.map_partitions(_stat_partition, *args, meta=_stat_partition(raw._meta, *args))
     has_cat = "ad_category" in cols and "targeting_sources" in cols
+    # pass 1 (two columns): the pandas engine's codes, users and categories in order of first appearance
+    order = first_appearance(path, "user_id", c=c)
+    cats = first_appearance(path, "ad_category", c=c) if has_cat else None
+    nu = len(order)
+    regions = users.drop_duplicates("user_id").set_index("user_id")["region"]
+    region = regions.reindex(order).to_numpy(dtype=object)
+    known = pd.notna(region)
+    included = ~is_excluded(pd.Series(region, dtype="object").fillna(""), excluded).to_numpy()
+    # pass 2: integer columns per partition; the lookups are one graph key each (sent once per worker)
+    raw = read_parquet(path, columns=cols)
+    lookups = [dask.delayed(v, traverse=False) for v in (order, np.append(known, False), np.append(included, False), cats)]
+    meta = _codes_partition(raw._meta, 0, order, np.append(known, False), np.append(included, False), cats)
+    x = raw.map_partitions(_codes_partition, pd.Timestamp(policy_date, tz="UTC").value, *lookups, meta=meta)
     kept = x[x["known"]]
-    so = split_out or max(1, raw.npartitions // 8)
+    so = split_out or max(1, raw.npartitions // 16)
     jobs = {
         "n": x["n"].sum(),
         "n_kept": kept["n"].sum(),
         "days": kept.groupby("day")["n"].sum(),
-        "user_week": kept.groupby(["user_id", "week"])[["n", "clicks"]].sum(split_out=so),
-        "users": x["user_id"].map_partitions(_unique_partition, meta=("user_id", object)),
+        "user_week": kept.groupby(["u", "week"])[["n", "clicks"]].sum(split_out=so),
     }
     if "arm" in cols:
-        jobs["arm"] = x.dropna(subset=["arm"]).groupby(["user_id", "arm"])["n"].sum()
+        jobs["arm"] = x[x["arm"] >= 0].groupby(["u", "arm"])["n"].sum()
     if has_cat:
         sel = kept[kept["post"] & kept["included"]]
-        jobs["cells"] = sel.groupby(["ad_category", "user_id", "chat"])[["n", "clicks"]].sum(split_out=so)
-        jobs["cats"] = x["ad_category"].map_partitions(_unique_partition, meta=("ad_category", object))
+        jobs["cells"] = sel.groupby(["cat", "u", "chat"])[["n", "clicks"]].sum(split_out=so)
     res = dict(zip(jobs, compute(*jobs.values(), c=c, label="aggregate impressions to sufficient statistics")))
 
-    # the pandas engine's codes: users (and categories) in order of first appearance
-    order = _first_appearance(res["users"])
-    nu = len(order)
-    region = pd.Series(reg, dtype=object).reindex(order).to_numpy(dtype=object)
-    known = pd.notna(region)
-    included = ~is_excluded(pd.Series(region, dtype="object").fillna(""), excluded).to_numpy()
-
     days = np.sort(res["days"].index.to_numpy(np.int64))
-    d0 = days.min()
     dw = days // 7
     wk, ndays = np.unique(dw, return_counts=True)
     lo = wk[0] + (1 if len(wk) > 1 and ndays[0] < 4 else 0)
     hi = wk[-1] - (1 if len(wk) > 1 and ndays[-1] < 4 else 0)
-    del d0
     uw = res["user_week"].reset_index()
     w = uw["week"].to_numpy(np.int64)
     w2 = np.clip(w, lo, hi)
     w2 = np.where(w >= 0, np.maximum(w2, 0), np.minimum(w2, -1))  # a merge never crosses the policy date
     nw = int(hi - lo + 1)
-    key = order.get_indexer(uw["user_id"].to_numpy(object)).astype(np.int64) * nw + (w2 - lo)
+    key = uw["u"].to_numpy(np.int64) * nw + (w2 - lo)
     size = np.bincount(key, weights=uw["n"].to_numpy(float))
     clicks = np.bincount(key, weights=uw["clicks"].to_numpy(float))
     k = np.flatnonzero(size)
@@ -396,8 +436,7 @@ def aggregate(path: str | Path, users: pd.DataFrame, *, policy_date: str | None 
     arm = np.full(nu, None, dtype=object)
     if "arm" in res:
         a = res["arm"].reset_index()
-        code = order.get_indexer(a["user_id"].to_numpy(object))
-        n_arm = [np.bincount(code, weights=(a["arm"].to_numpy(object) == name) * a["n"].to_numpy(float), minlength=nu) for name in ARMS]
+        n_arm = [np.bincount(a["u"].to_numpy(np.int64), weights=(a["arm"].to_numpy() == i) * a["n"].to_numpy(float), minlength=nu) for i in range(len(ARMS))]
         ac = np.where(n_arm[0] > 0, 0, np.where(n_arm[1] > 0, 1, -1))
         ac = np.where((n_arm[0] > 0) & (n_arm[1] > 0), -1, ac)
         arm = np.array([None, *ARMS], dtype=object)[ac + 1]
@@ -406,9 +445,8 @@ def aggregate(path: str | Path, users: pd.DataFrame, *, policy_date: str | None 
 
     cells = None
     if has_cat:
-        cats = _first_appearance(pd.Series(res["cats"]).dropna())
         cl = res["cells"].reset_index()
-        ck = (cats.get_indexer(cl["ad_category"].to_numpy(object)).astype(np.int64) * nu + order.get_indexer(cl["user_id"].to_numpy(object))) * 2 + cl["chat"].to_numpy(bool)
+        ck = (cl["cat"].to_numpy(np.int64) * nu + cl["u"].to_numpy(np.int64)) * 2 + cl["chat"].to_numpy(bool)
         o = np.argsort(ck, kind="stable")
         ck = ck[o]
         cells = pd.DataFrame({"ad_category": np.asarray(cats, dtype=object)[ck // (2 * nu)], "user": (ck // 2) % nu, "chat": (ck % 2).astype(bool),
