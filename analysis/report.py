@@ -171,12 +171,16 @@ class AuditSummary:
         return "\n\n".join(f"**{i}. {a.question}**<br>\n<span class=\"audit-answer\">{a.sentence}</span>" for i, a in enumerate(self.answers(), 1))
 
     # ------------------------------------------------------------------ evidence
-    def estimates_vs_truth(self) -> pd.DataFrame:
-        """Every headline estimate that has a known truth (simulated worlds), with coverage."""
+    def estimates_vs_truth(self, *, headline: bool = True) -> pd.DataFrame:
+        """Estimates that have a known truth (simulated worlds), with coverage. `headline` keeps the
+        all-region, all-category figures (per-region and per-ad-category rows are in the stage reports)."""
         m = self.metrics
         if not len(m):
             return m
         t = m[m["truth"].notna() & m["ci_low"].notna()].copy()
+        if headline:
+            keep = t["group"].map(lambda g: not ({"region", "ad_category"} & set(g or {})) and (g or {}).get("region_group", "all") == "all")
+            t = t[keep]
         t["group"] = t["group"].map(lambda g: ", ".join(f"{k}={v}" for k, v in (g or {}).items()))
         t["covers_truth"] = (t["ci_low"] <= t["truth"]) & (t["truth"] <= t["ci_high"])
         return t[["stage", "metric", "group", "estimate", "ci_low", "ci_high", "truth", "covers_truth"]].reset_index(drop=True)
@@ -242,7 +246,7 @@ class AuditSummary:
         t = pd.read_parquet(p)
         t = t[(t["topic"] != -1) & (t["size"] >= self.k)].sort_values("share", ascending=False).head(top)
         fig = px.bar(t.iloc[::-1], x="share", y="label", orientation="h", labels={"share": "share of conversations", "label": ""}, title="Largest topics")
-        fig.update_layout(height=max(300, 26 * len(t) + 120), margin=dict(l=10, r=10, t=40, b=10), xaxis_tickformat=".0%")
+        fig.update_layout(height=max(300, 26 * len(t) + 120), margin=dict(l=10, r=10, t=40, b=10), xaxis_tickformat=".1%")
         return fig
 
 
