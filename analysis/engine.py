@@ -340,8 +340,7 @@ def read_impressions(path: str | Path, c=None) -> pd.DataFrame:
     return df[[k for k in order if k in df]]
 
 
-def _codes_partition(df: pd.DataFrame, policy_ns: int, users: pd.Index, known: np.ndarray, included: np.ndarray,
-                     cats: pd.Index | None) -> pd.DataFrame:
+def _codes_partition(df: pd.DataFrame, policy_ns: int, users, known: np.ndarray, included: np.ndarray, cats) -> pd.DataFrame:
     """Per impression, integers only: user code (first-appearance order of the whole log), raw week
     and day since the policy date, click, known region, included region, post period, and the
     category code and chat flag (or -1 / False). Small partitions, fast integer groupbys."""
@@ -350,7 +349,7 @@ def _codes_partition(df: pd.DataFrame, policy_ns: int, users: pd.Index, known: n
     t = df["shown_at"]
     t = t.dt.tz_convert("UTC") if getattr(t.dt, "tz", None) is not None else t.dt.tz_localize("UTC")
     day = np.floor_divide(t.to_numpy(dtype="datetime64[ns]").view("int64") - policy_ns, NS_PER_DAY)
-    u = users.get_indexer(df["user_id"]).astype(np.int64)
+    u = _index_in(df["user_id"], users)
     out = pd.DataFrame({"u": u, "day": day, "week": np.floor_divide(day, 7), "n": np.ones(len(df), dtype=np.int64),
                         "clicks": df["clicked"].to_numpy(dtype=bool).astype(np.int64), "known": known[u], "post": day >= 0,
                         "included": included[u]}, index=df.index)
@@ -358,13 +357,26 @@ def _codes_partition(df: pd.DataFrame, policy_ns: int, users: pd.Index, known: n
         a = df["arm"]
         out["arm"] = np.where(a.eq(ARMS[0]).fillna(False).to_numpy(bool), 0, np.where(a.eq(ARMS[1]).fillna(False).to_numpy(bool), 1, -1)).astype(np.int64)
     if cats is not None:
-        out["cat"] = cats.get_indexer(df["ad_category"]).astype(np.int64)
+        out["cat"] = _index_in(df["ad_category"], cats)
         out["chat"] = _compact_partition(df[["targeting_sources"]])["chat"].to_numpy(dtype=bool)
     return out
 
 
+def _index_in(values: pd.Series, lookup) -> np.ndarray:
+    """Position of each value in `lookup` (an Arrow array), -1 if absent: Arrow's hash lookup,
+    without turning a partition's strings into Python objects."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return pc.index_in(pa.array(values, from_pandas=True), value_set=lookup).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
 def _unique_partition(s: pd.Series) -> pd.Series:
-    return pd.Series(pd.unique(s.astype(object).to_numpy()), dtype=object)
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    # Arrow's unique keeps the order of first appearance, like pandas' and dictionary encoding
+    return pd.Series(pc.unique(pa.array(s, from_pandas=True)).to_pylist(), dtype=object)
 
 
 def first_appearance(path: str | Path, column: str, c=None) -> pd.Index:
@@ -381,6 +393,7 @@ def aggregate(path: str | Path, users: pd.DataFrame, *, policy_date: str | None 
     sums, the days with data and the users' first-appearance order come to the driver. Returns the
     same `LiftData` (same user codes, same row order)."""
     import dask
+    import pyarrow as pa
 
     from analysis.lift import ARMS, LiftData
     from analysis.regions import DEFAULT_EXCLUDED, DEFAULT_POLICY_DATE, is_excluded
@@ -399,8 +412,10 @@ def aggregate(path: str | Path, users: pd.DataFrame, *, policy_date: str | None 
     included = ~is_excluded(pd.Series(region, dtype="object").fillna(""), excluded).to_numpy()
     # pass 2: integer columns per partition; the lookups are one graph key each (sent once per worker)
     raw = read_parquet(path, columns=cols)
-    lookups = [dask.delayed(v, traverse=False) for v in (order, np.append(known, False), np.append(included, False), cats)]
-    meta = _codes_partition(raw._meta, 0, order, np.append(known, False), np.append(included, False), cats)
+    order_pa = pa.array(np.asarray(order, dtype=object), type=pa.string())
+    cats_pa = pa.array(np.asarray(cats, dtype=object), type=pa.string()) if cats is not None else None
+    lookups = [dask.delayed(v, traverse=False) for v in (order_pa, np.append(known, False), np.append(included, False), cats_pa)]
+    meta = _codes_partition(raw._meta, 0, order_pa, np.append(known, False), np.append(included, False), cats_pa)
     x = raw.map_partitions(_codes_partition, pd.Timestamp(policy_date, tz="UTC").value, *lookups, meta=meta)
     kept = x[x["known"]]
     so = split_out or max(1, raw.npartitions // 16)
