@@ -150,8 +150,8 @@ def gather_frame(ddf, c=None, label: str = "") -> pd.DataFrame:
     from distributed import futures_of
 
     persisted = c.persist(ddf)
-
-    parts = futures_of(persisted)
+    # one future per partition, keyed (name, i): put them in partition order
+    parts = sorted(futures_of(persisted), key=lambda f: f.key[-1] if isinstance(f.key, tuple) else 0)
     _wait(parts, label)
     out = pd.concat([c.gather(f) for f in parts], ignore_index=False)
     del persisted
