@@ -832,7 +832,7 @@ class ABTest:
         warnings = []
         if min(plain.n_treated, plain.n_control) < self.MIN_ARM_USERS or min(ct, cc) < self.MIN_ARM_CLICKS:
             warnings.append(
-                f"small arm ({min(plain.n_treated, plain.n_control)} users, {int(min(ct, cc))} post-period clicks): the "
+                f"small arm (fewer than {self.MIN_ARM_USERS} users or {self.MIN_ARM_CLICKS} post-period clicks): the "
                 "delta-method CIs are too narrow at this size; rely on the permutation p-value for the test"
             )
         srm_flag = bool(p_srm < self.srm_alpha) if np.isfinite(p_srm) else False

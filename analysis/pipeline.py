@@ -196,11 +196,13 @@ def run(
     for k in PATH_PARAMS:
         if params.get(k) and not Path(str(params[k])).is_absolute():
             params[k] = str((PROJECT_ROOT / str(params[k])).resolve())
-    notebooks = stage_notebooks(notebook_dir)
+    all_notebooks = stage_notebooks(notebook_dir)
     wanted = stages or cfg.get("stages")
+    notebooks = all_notebooks
     if wanted and wanted != "all":
         notebooks = [nb for nb in notebooks if nb.stem in wanted or nb.stem.split("_", 1)[0] in map(str, wanted)]
-    declared = {nb.stem: declared_parameters(nb) for nb in notebooks}
+    # a parameter is known if any stage declares it, so one config serves runs of any subset of stages
+    declared = {nb.stem: declared_parameters(nb) for nb in all_notebooks}
     all_declared = set().union(*[set(d) for d in declared.values()]) if declared else set()
     unknown = set(params) - all_declared - {"run_dir"}
     if unknown:

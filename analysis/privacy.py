@@ -37,7 +37,7 @@ def scrub_pii(text: str | None) -> str | None:
     return text
 
 
-_DATE = re.compile(r"\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{4}")
+_DATE = re.compile(r"\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{4}|-?\d+\.\d+")  # dates, decimals
 
 
 def _keep_short_numbers(m: re.Match, name: str) -> str:
@@ -150,7 +150,7 @@ class ScanResult:
 
 _COUNT_HEADER = re.compile(r"(?:^|[_\s(])(users?|people|persons?|conversations?|respondents?)(?:$|[_\s)])|^n_(users|conversations)$", re.I)
 _COUNT_PROSE = re.compile(r"\b([1-9])\s+(?:distinct\s+|unique\s+)?(users?|people|persons|conversations)\b", re.I)
-_BASE64ISH = re.compile(r"^[A-Za-z0-9+/=]{24,}$")
+_BASE64ISH = re.compile(r"^[A-Za-z0-9+/=]{8,}$")  # plotly's binary arrays ("bdata")
 
 
 def _mask(v: str) -> str:
@@ -170,7 +170,10 @@ def scan_report(path: str | Path, *, k: int = 10, raw_texts=None, raw_ids=None) 
     for src in parser.external:
         res.findings.append(Finding("EXTERNAL_RESOURCE", "document", src[:80]))
     strings = [s for s in parser.script_strings if not _BASE64ISH.match(s)]
-    for where, text in (("text", visible), ("figure data", " | ".join(strings))):
+    # each text node (a paragraph run, a table cell) and each figure string is scanned on its own:
+    # joining them would make phone numbers out of neighbouring numeric cells
+    pieces = [("text", t) for t in parser.text if t.strip()] + [("figure data", t) for t in strings]
+    for where, text in pieces:
         for name, pat in PII_PATTERNS:
             for m in pat.finditer(text):
                 if name == "PHONE" and (sum(ch.isdigit() for ch in m.group(0)) < 7 or _DATE.fullmatch(m.group(0))):

@@ -226,7 +226,10 @@ class AuditSummary:
         ]
         fig, ax = plt.subplots(figsize=(8, 0.4 * len(sel) + 1.2))
         y = np.arange(len(sel))[::-1]
-        ax.errorbar(sel["estimate"], y, xerr=[sel["estimate"] - sel["ci_low"], sel["ci_high"] - sel["estimate"]], fmt="o", capsize=3, label="estimate, 95% CI")
+        est, lo, hi = (sel[c].astype(float).to_numpy() for c in ("estimate", "ci_low", "ci_high"))
+        # an estimate can sit outside its interval (a clipped or Fieller interval): draw the interval as is
+        ax.hlines(y, lo, hi, color="C0")
+        ax.plot(est, y, "o", color="C0", label="estimate, 95% CI")
         if sel["truth"].notna().any():
             ax.scatter(sel["truth"], y, marker="x", color="crimson", zorder=3, label="truth (simulated world)")
         ax.set_yticks(y, labels)

@@ -338,12 +338,20 @@ class Detection:
         out["art9"] = [[c for c in self.flags if r[c]] for _, r in self.flags.iterrows()]
         return out
 
-    def prevalence(self) -> pd.DataFrame:
+    def prevalence(self, min_cell: int | None = None) -> pd.DataFrame:
+        """Flagged conversations and share per category; with `min_cell`, counts below it (and
+        their shares, which would reveal them) are suppressed for publication."""
         n = len(self.flags)
         rows = [{"category": c, "conversations": int(self.flags[c].sum()), "n": n, "share": float(self.flags[c].mean()) if n else np.nan} for c in self.flags]
         rows.append({"category": "any", "conversations": int(self.flags.any(axis=1).sum()), "n": n,
                      "share": float(self.flags.any(axis=1).mean()) if n else np.nan})
-        return pd.DataFrame(rows)
+        out = pd.DataFrame(rows)
+        if min_cell:
+            from analysis.privacy import suppress_small_cells
+
+            out = suppress_small_cells(out, ["conversations"], k=min_cell)
+            out["share"] = out["share"].astype(object).where(out["conversations"] != f"<{min_cell}", None)
+        return out
 
     def summary(self) -> str:
         p = self.prevalence()
