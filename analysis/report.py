@@ -122,14 +122,21 @@ class AuditSummary:
         lr = lr[lr["group"].map(lambda g: g.get("region_group", "all") in ("all", "included"))]
         lr = lr.assign(category=lr["group"].map(lambda g: g.get("category"))).drop_duplicates("category")
         worst = lr.sort_values("estimate", ascending=False).iloc[0]
-        above = lr[lr["ci_low"] > self.tolerance]
         name = CATEGORY_NAMES.get(worst["category"], worst["category"])
         s = (
             f"{name} conversations passed the filter {pct(worst['estimate'])} of the time "
             f"({ci_text(worst['ci_low'], worst['ci_high'])}), the highest of the seven sensitive categories; "
-            f"{len(above)} of {len(lr)} categories leak significantly more than the {pct(self.tolerance, 0)} tolerance"
-            " (95% CI above it)."
         )
+        holm = self._m("03_leakage", "tolerance_p_value_holm", region_group="all")
+        if len(holm):  # the stage's one-sided exact tests against the tolerance, Holm-adjusted across categories
+            holm = holm.assign(category=holm["group"].map(lambda g: g.get("category"))).drop_duplicates("category")
+            s += (
+                f"{int((holm['estimate'] < 0.05).sum())} of {len(holm)} categories leak significantly more than the "
+                f"{pct(self.tolerance, 0)} tolerance (one-sided exact test, Holm-adjusted, α = 0.05)."
+            )
+        else:
+            above = lr[lr["ci_low"] > self.tolerance]
+            s += f"{len(above)} of {len(lr)} categories leak more than the {pct(self.tolerance, 0)} tolerance (95% CI above it)."
         viol = self._m("03_leakage", "violation_impressions")
         if len(viol):
             total = int(np.nansum(viol["estimate"].astype(float)))

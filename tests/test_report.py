@@ -27,6 +27,9 @@ def fake_run(tmp_path):
         {"metric": "leak_rate", "group": {"category": "trade_union", "region_group": "all"}, "estimate": 0.122, "ci_low": 0.101, "ci_high": 0.145, "truth": 0.09},
         {"metric": "leak_rate", "group": {"category": "religion", "region_group": "all"}, "estimate": 0.009, "ci_low": 0.004, "ci_high": 0.018},
         {"metric": "violation_impressions", "group": {"region": "DE"}, "estimate": 1234},
+        {"metric": "tolerance_p_value_holm", "group": {"category": "health", "region_group": "all"}, "estimate": 0.02},
+        {"metric": "tolerance_p_value_holm", "group": {"category": "trade_union", "region_group": "all"}, "estimate": 0.0001},
+        {"metric": "tolerance_p_value_holm", "group": {"category": "religion", "region_group": "all"}, "estimate": 0.7},
     ])
     _metrics(tmp_path, "04_engagement_lift", [
         {"metric": "did_rel_lift", "group": {"estimand": "included_post"}, "estimate": 0.045, "ci_low": 0.021, "ci_high": 0.069, "truth": 0.0451},
@@ -43,7 +46,7 @@ def test_sentences_carry_the_numbers_of_the_stage_outputs(fake_run):
     assert a["topics"].sentence.startswith("Across 954 conversations the analysis found 4 topics; the most common were hiking boots (41.9%), sourdough baking (31.4%) and job search (21.0%)")
     assert "tiny" not in a["topics"].sentence  # a topic of fewer than k conversations is not named
     assert a["leakage"].sentence.startswith("Trade-union conversations passed the filter 12.2% of the time (95% CI 10.1–14.5%), the highest")
-    assert "2 of 3 categories leak significantly more than the 1% tolerance" in a["leakage"].sentence
+    assert "2 of 3 categories leak significantly more than the 1% tolerance (one-sided exact test, Holm-adjusted" in a["leakage"].sentence
     assert "1,234 impressions carried a chat-derived signal" in a["leakage"].sentence
     assert "changed by +4.5% (95% CI 2.1–6.9%)" in a["lift"].sentence and "statistically significant lift" in a["lift"].sentence
     assert "randomized holdout comparison gives +5.2% (95% CI 0.4–10.0%; CUPED-adjusted" in a["lift"].sentence
