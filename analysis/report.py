@@ -81,7 +81,7 @@ class AuditSummary:
         q, src = QUESTIONS["topics"], "01_topics: data/topic_info.parquet"
         p = self.data / "topic_info.parquet"
         if not p.exists():
-            return Answer("topics", q, "Not assessed in this run: the topics stage (01) did not run.", False, src)
+            return _not_run("topics", q, "topics", "01", src)
         t = pd.read_parquet(p)
         real = t[t["topic"] != -1].sort_values("size", ascending=False)
         n = int(t["size"].sum())
@@ -99,7 +99,7 @@ class AuditSummary:
         q, src = QUESTIONS["ad_categories"], "02_ad_mapping: data/conversation_categories.parquet"
         p = self.data / "conversation_categories.parquet"
         if not p.exists():
-            return Answer("ad_categories", q, "Not assessed in this run: the ad-mapping stage (02) did not run.", False, src)
+            return _not_run("ad_categories", q, "ad-mapping", "02", src)
         from analysis.taxonomy import load_taxonomy
 
         c = pd.read_parquet(p)
@@ -118,7 +118,7 @@ class AuditSummary:
         q, src = QUESTIONS["leakage"], "03_leakage: metrics/03_leakage.json (leak_rate)"
         lr = self._m("03_leakage", "leak_rate")
         if not len(lr):
-            return Answer("leakage", q, "Not assessed in this run: the leakage stage (03) did not run.", False, src)
+            return _not_run("leakage", q, "leakage", "03", src)
         lr = lr[lr["group"].map(lambda g: g.get("region_group", "all") in ("all", "included"))]
         lr = lr.assign(category=lr["group"].map(lambda g: g.get("category"))).drop_duplicates("category")
         worst = lr.sort_values("estimate", ascending=False).iloc[0]
@@ -151,7 +151,7 @@ class AuditSummary:
         q, src = QUESTIONS["lift"], "04_engagement_lift: metrics/04_engagement_lift.json"
         did = self._m("04_engagement_lift", "did_rel_lift")
         if not len(did):
-            return Answer("lift", q, "Not assessed in this run: the engagement-lift stage (04) did not run.", False, src)
+            return _not_run("lift", q, "engagement-lift", "04", src)
         d = did.iloc[0]
         sig = d["ci_low"] > 0 or d["ci_high"] < 0
         s = (
@@ -258,6 +258,10 @@ class AuditSummary:
         fig = px.bar(t.iloc[::-1], x="share", y="label", orientation="h", labels={"share": "share of conversations", "label": ""}, title="Largest topics")
         fig.update_layout(height=max(300, 26 * len(t) + 120), margin=dict(l=10, r=10, t=40, b=10), xaxis_tickformat=".1%")
         return fig
+
+
+def _not_run(key: str, question: str, stage_name: str, stage: str, source: str) -> Answer:
+    return Answer(key, question, f"Not assessed in this run: the {stage_name} stage ({stage}) did not run.", False, source)
 
 
 def _join(parts: list[str]) -> str:
