@@ -231,22 +231,30 @@ def _drop_embedders() -> None:
 def _clean_partition(df: pd.DataFrame, max_chars: int) -> pd.DataFrame:
     from analysis.topics import build_documents
 
-    d = build_documents(df["document"], max_chars=max_chars)
-    return pd.concat([pd.DataFrame({"text": pd.Series(d.texts, dtype=object, index=df.index)}), d.flags.set_index(df.index)], axis=1)
+    d = build_documents(df["document"], openings=df["opening"] if "opening" in df else None, max_chars=max_chars)
+    opened = pd.Series(d.openings if d.openings is not None else [None] * len(df), dtype=object, index=df.index)
+    return pd.concat([pd.DataFrame({"text": pd.Series(d.texts, dtype=object, index=df.index), "opening": opened}), d.flags.set_index(df.index)], axis=1)
 
 
-def _embed_assign_partition(texts: list, spec: Mapping, backend: str, cache_dir: str, use_cache: bool) -> list:
-    from analysis.topics import assign_rest
+def _embed_assign_partition(items: list, spec: Mapping, backend: str, cache_dir: str, use_cache: bool, opening_weight: float) -> list:
+    from analysis.topics import assign_rest, document_embeddings
 
     emb, lock = _worker_embedder(backend, cache_dir, use_cache)
+    texts = [t for t, _ in items]
+    openings = None if all(o is None for _, o in items) else [o or "" for _, o in items]
     with lock:
-        vecs = emb.encode(list(texts))
-        stats = dict(emb.stats.history[-1]) if emb.stats.history else {}
+        n_calls = len(emb.stats.history)
+        vecs = document_embeddings(emb, texts, openings, opening_weight)
+        stats: dict = {}
+        for h in emb.stats.history[n_calls:]:
+            for k, v in h.items():
+                if isinstance(v, (int, float)):
+                    stats[k] = stats.get(k, 0) + v
     t, bs, out_sum = assign_rest(vecs, spec)
-    return [(t, bs, out_sum, {k: v for k, v in stats.items() if isinstance(v, (int, float))})]
+    return [(t, bs, out_sum, stats)]
 
 
-def embed_assign(c, embedder, *, partition_size: int = 20_000):
+def embed_assign(c, embedder, *, opening_weight: float = 0.0, partition_size: int = 20_000):
     """The `embed_assign` hook of `TopicModeler.fit`: the fitted assignment rule is put on the
     cluster once (a single task every partition depends on), and each partition of the texts is
     embedded and assigned by `assign_rest` on a worker, with the fit's embedding backend."""
@@ -255,10 +263,11 @@ def embed_assign(c, embedder, *, partition_size: int = 20_000):
 
     backend, cache_dir, use_cache = embedder.backend, str(embedder.cache_dir), bool(embedder.use_cache)
 
-    def run(texts: list[str], spec: Mapping):
+    def run(texts: list[str], openings: list[str] | None, spec: Mapping):
         spec_d = dask.delayed(dict(spec), traverse=False)
-        bag = db.from_sequence(texts, partition_size=max(1, partition_size))
-        parts = bag.map_partitions(_embed_assign_partition, spec_d, backend, cache_dir, use_cache)
+        items = list(zip(texts, openings if openings is not None else [None] * len(texts)))
+        bag = db.from_sequence(items, partition_size=max(1, partition_size))
+        parts = bag.map_partitions(_embed_assign_partition, spec_d, backend, cache_dir, use_cache, opening_weight)
         (out,) = compute(parts, c=c, label=f"embed + assign {len(texts):,} documents ({bag.npartitions} partitions)")
         c.run(_drop_embedders)  # the workers' models and in-memory embedding caches are not needed after this
         if not out:
@@ -277,9 +286,12 @@ def clean_documents(ddf, max_chars: int = 2000, c=None):
     """Cleaned documents of a Dask conversations frame (map_partitions), gathered in row order."""
     from analysis.topics import Documents
 
-    meta = pd.DataFrame({"text": pd.Series([], dtype=object), **{k: pd.Series([], dtype=bool) for k in ("code", "log", "boilerplate", "truncated", "empty")}})
-    out = gather_frame(ddf[["document"]].map_partitions(_clean_partition, max_chars, meta=meta), c=c, label="clean documents")
-    return Documents(out["text"].tolist(), out[["code", "log", "boilerplate", "truncated", "empty"]].reset_index(drop=True).astype(bool))
+    meta = pd.DataFrame({"text": pd.Series([], dtype=object), "opening": pd.Series([], dtype=object),
+                         **{k: pd.Series([], dtype=bool) for k in ("code", "log", "boilerplate", "truncated", "empty")}})
+    cols = [k for k in ("document", "opening") if k in ddf.columns]
+    out = gather_frame(ddf[cols].map_partitions(_clean_partition, max_chars, meta=meta), c=c, label="clean documents")
+    openings = out["opening"].tolist() if "opening" in cols else None
+    return Documents(out["text"].tolist(), out[["code", "log", "boilerplate", "truncated", "empty"]].reset_index(drop=True).astype(bool), openings)
 
 
 def fit_topics(conversations_path: str | Path, truth=None, *, settings=None, c=None, embedder=None):
@@ -291,17 +303,18 @@ def fit_topics(conversations_path: str | Path, truth=None, *, settings=None, c=N
     s = settings if isinstance(settings, TopicSettings) else TopicSettings.from_dict(settings)
     names = parquet_schema_names(conversations_path)
     keep = [k for k in ("conversation_id", "user_id", "region", "excluded", "started_at") if k in names]
+    text_cols = ["document"] + (["opening"] if "opening" in names else [])
     modeler = TopicModeler(s)
     if s.max_documents is not None:
         # a bounded sample: nothing to distribute
-        conv = pd.concat([pd.read_parquet(f, columns=keep + ["document"]) for f in parquet_files(conversations_path)], ignore_index=True)
+        conv = pd.concat([pd.read_parquet(f, columns=keep + text_cols) for f in parquet_files(conversations_path)], ignore_index=True)
         return modeler.fit(conv, truth, embedder=embedder)
     c = c or client(show=False)
-    ddf = read_parquet(conversations_path, columns=keep + ["document"])
+    ddf = read_parquet(conversations_path, columns=keep + text_cols)
     docs = clean_documents(ddf, s.max_chars, c=c)
     conv = pd.concat([pd.read_parquet(f, columns=keep) for f in parquet_files(conversations_path)], ignore_index=True)
     embedder = embedder or get_embedder(s.embedding_backend, s.cache_dir)
-    return modeler.fit(conv, truth, embedder=embedder, documents=docs, embed_assign=embed_assign(c, embedder))
+    return modeler.fit(conv, truth, embedder=embedder, documents=docs, embed_assign=embed_assign(c, embedder, opening_weight=s.opening_weight))
 
 
 # ------------------------------------------------------------------------------ impressions

@@ -693,12 +693,14 @@ def build_conversations(
     excluded_regions=DEFAULT_EXCLUDED,
     policy_date: str | None = None,
 ) -> pd.DataFrame:
-    """One row per conversation: the user-side document, owner, region, excluded flag, times, turns."""
+    """One row per conversation: the user-side document (user turns, one per line), its opening
+    (the first user turn: what the conversation asks), owner, region, excluded flag, times, turns."""
     from analysis.privacy import scrub_pii
 
     m = messages.sort_values(["conversation_id", "turn_index"])
     user_side = m[m["role"] == "user"]
     docs = user_side.groupby("conversation_id", sort=False)["text"].agg("\n".join)
+    openings = user_side.groupby("conversation_id", sort=False)["text"].first()
     g = m.groupby("conversation_id", sort=False)
     conv = pd.DataFrame(
         {
@@ -712,6 +714,7 @@ def build_conversations(
     )
     conv["n_user_turns"] = conv["n_user_turns"].fillna(0).astype("int64")
     conv["document"] = docs.reindex(conv.index).fillna("")
+    conv["opening"] = openings.reindex(conv.index).fillna("")
     conv = conv.reset_index().merge(users[["user_id", "region"]], on="user_id", how="left")
     conv["excluded"] = is_excluded(conv["region"], excluded_regions)
     if policy_date is not None:
@@ -719,7 +722,7 @@ def build_conversations(
     conv["document_display"] = conv["document"].map(scrub_pii)
     cols = ["conversation_id", "user_id", "region", "excluded", "started_at", "ended_at", "n_turns", "n_user_turns", "voice"]
     cols += ["after_policy"] if policy_date is not None else []
-    return conv[cols + ["document", "document_display"]]
+    return conv[cols + ["document", "opening", "document_display"]]
 
 
 # ------------------------------------------------------------------------------- the stage

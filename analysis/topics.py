@@ -3,8 +3,14 @@
 BERTopic over one document per conversation (the user side), built to be offline, fast,
 reproducible and measured:
 
-- documents are cleaned first: fenced/indented code, pasted logs and stack traces, and
-  boilerplate turns ("continue", "go on", "thanks") are dropped so they do not form topics;
+- documents are cleaned first: fenced/indented code, pasted logs and stack traces,
+  boilerplate turns ("continue", "go on", "thanks") and personal data (emails, phone numbers,
+  card numbers, handles: `analysis.privacy.scrub_pii`) are dropped so they do not form topics;
+- a conversation is embedded as a blend of its whole user side and its opening turn
+  (`opening_weight`): the opening states what the chat is for, while later turns are often
+  generic ("can you make it shorter", "what about on a budget") or drift to a side subject.
+  On the default simulated world this raises the share of a conversation's 10 nearest
+  neighbours that share its true topic from 0.85 to 0.95;
 - embeddings come from `analysis.embeddings` (packaged MiniLM, or a static Model2Vec model
   distilled from it), cached on disk by content hash, so sweeps never re-embed a text;
 - UMAP + HDBSCAN are fitted on a seeded sample (`fit_sample`); outliers of the sample are
@@ -97,14 +103,17 @@ _CODE_LINE = re.compile(
     r")"
 )
 _SYMBOLS = set("{}[]()<>=;:/\\_$#*|&^%~`@+")
+_PII_PLACEHOLDER = re.compile(r"\[(?:EMAIL|URL|IBAN|CARD|ID|IP|PHONE|HANDLE)\]")
 
 
 @dataclass
 class Documents:
-    """Cleaned documents and what cleaning removed from each."""
+    """Cleaned documents and what cleaning removed from each; `openings`: the cleaned first
+    user turns (None when the conversations table has no `opening` column)."""
 
     texts: list[str]
     flags: pd.DataFrame  # code, log, boilerplate (lines removed), truncated, empty (bools)
+    openings: list[str] | None = None
 
     def summary(self) -> pd.DataFrame:
         f = self.flags
@@ -154,7 +163,9 @@ def clean_document(text: str | None, *, max_chars: int = 2000) -> tuple[str, dic
             flags["code"] = True
             continue
         keep.append(s)
-    out = re.sub(r"\s+", " ", "\n".join(keep)).strip()
+    # personal data is never a topic, nor a keyword ("email maria" was one); scrubbed after the
+    # line filters, which need the timestamps a phone-number pattern would eat
+    out = re.sub(r"\s+", " ", _PII_PLACEHOLDER.sub(" ", scrub_pii("\n".join(keep)))).strip()
     if len(out) > max_chars:
         out = out[:max_chars].rsplit(" ", 1)[0]
         flags["truncated"] = True
@@ -162,15 +173,34 @@ def clean_document(text: str | None, *, max_chars: int = 2000) -> tuple[str, dic
     return ("" if flags["empty"] else out), flags
 
 
-def build_documents(texts: Iterable[str | None], *, max_chars: int = 2000) -> Documents:
-    """Clean every conversation document (see `clean_document`)."""
+def build_documents(texts: Iterable[str | None], *, openings: Iterable[str | None] | None = None, max_chars: int = 2000) -> Documents:
+    """Clean every conversation document and, if given, every opening turn (see `clean_document`)."""
     out, rows = [], []
     for t in texts:
         c, f = clean_document(t, max_chars=max_chars)
         out.append(c)
         rows.append(f)
     flags = pd.DataFrame(rows, columns=["code", "log", "boilerplate", "truncated", "empty"]).astype(bool)
-    return Documents(out, flags)
+    opened = None if openings is None else [clean_document(t, max_chars=max_chars)[0] for t in openings]
+    if opened is not None and len(opened) != len(out):
+        raise ValueError(f"{len(opened)} openings for {len(out)} documents")
+    return Documents(out, flags, opened)
+
+
+def document_embeddings(embedder: Embedder, texts: Sequence[str], openings: Sequence[str] | None, weight: float) -> np.ndarray:
+    """Unit vectors for documents: `weight` x opening + (1 - weight) x whole document, renormalized.
+
+    A document without an opening (or `weight` 0) keeps its own embedding. Shared by every engine
+    and by `TopicModel.assign`, so fitted and reloaded models embed alike."""
+    emb = embedder.encode(list(texts))
+    if openings is None or weight <= 0 or not len(texts):
+        return emb
+    has = np.array([bool(o) for o in openings], dtype=bool)
+    if not has.any():
+        return emb
+    mixed = emb.astype(np.float32, copy=True)
+    mixed[has] = (1 - weight) * emb[has] + weight * embedder.encode([o for o, h in zip(openings, has) if h])
+    return (mixed / np.maximum(np.linalg.norm(mixed, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------ quality
@@ -248,6 +278,7 @@ class TopicSettings:
     outlier_strategy: str = "embeddings"  # embeddings | c-tf-idf | distributions | none
     outlier_threshold: float = 0.3  # min cosine similarity to a topic centroid to leave the outlier topic
     knn: int = 5  # documents outside the fit sample take the majority topic of this many nearest clustered ones
+    opening_weight: float = 0.15  # share of the opening turn in a document's embedding (0: the whole user side only)
     seed: int = 20251216
     fit_sample: int = 10000  # UMAP + HDBSCAN run on at most this many documents; the rest are assigned
     max_documents: int | None = None  # a seeded sample of at most this many conversations (None: all)
@@ -268,6 +299,8 @@ class TopicSettings:
             raise ValueError("n_components and n_neighbors must be at least 2")
         if not -1 <= self.outlier_threshold <= 1:
             raise ValueError("outlier_threshold is a cosine similarity in [-1, 1]")
+        if not 0 <= self.opening_weight <= 1:
+            raise ValueError(f"opening_weight is a share in [0, 1], got {self.opening_weight}")
 
     @classmethod
     def from_dict(cls, d: Mapping | None) -> "TopicSettings":
@@ -363,14 +396,21 @@ class TopicModel:
             topic = np.where(s >= self.settings.outlier_threshold, topic, -1)
         return topic.astype(int), s.astype(np.float64)
 
-    def assign(self, documents: Sequence[str], *, clean: bool = True) -> pd.DataFrame:
-        """Topic, label and similarity for raw conversation documents (empty ones go to -1)."""
-        docs = build_documents(documents, max_chars=self.settings.max_chars).texts if clean else [d or "" for d in documents]
+    def assign(self, documents: Sequence[str], *, openings: Sequence[str] | None = None, clean: bool = True) -> pd.DataFrame:
+        """Topic, label and similarity for raw conversation documents (empty ones go to -1);
+        `openings`: their first user turns, blended in as at fit time."""
+        if clean:
+            d = build_documents(documents, openings=openings, max_chars=self.settings.max_chars)
+            docs, opened = d.texts, d.openings
+        else:
+            docs, opened = [x or "" for x in documents], None if openings is None else [x or "" for x in openings]
         nonempty = np.array([bool(d) for d in docs], dtype=bool)
         topic = np.full(len(docs), -1, dtype=int)
         sim = np.zeros(len(docs))
         if nonempty.any():
-            emb = self.embedder.encode([d for d, ok in zip(docs, nonempty) if ok])
+            keep = np.flatnonzero(nonempty)
+            emb = document_embeddings(self.embedder, [docs[i] for i in keep], None if opened is None else [opened[i] for i in keep],
+                                      self.settings.opening_weight)
             topic[nonempty], sim[nonempty] = self.assign_embeddings(emb)
         labels = self.labels()
         return pd.DataFrame({"topic": topic, "topic_label": [labels.get(t, "outliers") for t in topic], "similarity": sim})
@@ -443,7 +483,9 @@ class TopicModel:
 
         path = Path(path)
         meta = json.loads((path / _META).read_text())
-        settings = TopicSettings.from_dict({**meta["settings"], **({"cache_dir": str(cache_dir)} if cache_dir else {})})
+        # a model saved before openings were blended in embedded whole documents only
+        saved = {"opening_weight": 0.0, **meta["settings"]}
+        settings = TopicSettings.from_dict({**saved, **({"cache_dir": str(cache_dir)} if cache_dir else {})})
         embedder = get_embedder(meta["embedding_backend"], settings.cache_dir)
         if embedder.model_id != meta["embedding_model_id"]:
             raise ValueError(
@@ -706,7 +748,8 @@ class TopicModeler:
 
         For another engine (`analysis.engine`): `documents` are the already cleaned documents of
         `conversations` (which then need no `document` column), and `embed_assign(texts, spec)`
-        embeds and assigns the documents outside the fit sample elsewhere, returning
+        embeds and assigns the documents outside the fit sample elsewhere (given their texts and
+        openings, or None for openings), returning
         (topic, similarity, sum of the outliers' embeddings, embedding stats) by `assign_rest`.
         Only the fit sample is then embedded here; results equal the in-process ones."""
         s = self.settings
@@ -721,18 +764,22 @@ class TopicModeler:
         t0 = time.perf_counter()
         if documents is not None and len(documents.texts) != len(conv):
             raise ValueError(f"{len(documents.texts)} documents for {len(conv)} conversations")
-        docs = documents if documents is not None else build_documents(conv["document"], max_chars=s.max_chars)
+        docs = documents if documents is not None else build_documents(
+            conv["document"], openings=conv["opening"] if "opening" in conv else None, max_chars=s.max_chars)
         timings["clean"] = time.perf_counter() - t0
         ok = ~docs.flags["empty"].to_numpy()
         idx = np.flatnonzero(ok)
         texts = [docs.texts[i] for i in idx]
+        openings = None if docs.openings is None else [docs.openings[i] for i in idx]
+        w = s.opening_weight
 
         t0 = time.perf_counter()
         embedder = embedder or get_embedder(s.embedding_backend, s.cache_dir)
         timings["load_embedder"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        emb = embedder.encode(texts) if embed_assign is None else None  # else: the fit sample only, below
-        embed_stats = dict(embedder.stats.history[-1]) if embedder.stats.history and emb is not None else {}
+        n_calls = len(embedder.stats.history)
+        emb = document_embeddings(embedder, texts, openings, w) if embed_assign is None else None  # else: the fit sample only, below
+        embed_stats = _embed_totals(embedder, n_calls) if emb is not None else {}
         timings["embed"] = time.perf_counter() - t0
 
         # ---- fit on a seeded sample
@@ -746,8 +793,9 @@ class TopicModeler:
             fit_emb = emb[fit_pos]
         else:
             t0 = time.perf_counter()
-            fit_emb = embedder.encode(fit_docs)
-            embed_stats = dict(embedder.stats.history[-1])
+            n_calls = len(embedder.stats.history)
+            fit_emb = document_embeddings(embedder, fit_docs, None if openings is None else [openings[i] for i in fit_pos], w)
+            embed_stats = _embed_totals(embedder, n_calls)
             timings["embed"] += time.perf_counter() - t0
         bt = self._bertopic(embedder, len(fit_pos))
         t0 = time.perf_counter()
@@ -792,7 +840,7 @@ class TopicModeler:
             if embed_assign is None:
                 t_rest, bs, out_sum = assign_rest(emb[rest], spec)
             else:
-                t_rest, bs, out_sum, rest_stats = embed_assign([texts[i] for i in rest], spec)
+                t_rest, bs, out_sum, rest_stats = embed_assign([texts[i] for i in rest], None if openings is None else [openings[i] for i in rest], spec)
                 embed_stats = {k: embed_stats.get(k, 0) + rest_stats.get(k, 0) for k in set(embed_stats) | set(rest_stats)}
             final[rest] = t_rest
             how[rest] = np.where(t_rest != -1, "knn", "outlier")
@@ -875,6 +923,15 @@ class TopicModeler:
         keep = [c for c in ("conversation_id", "user_id", "region", "excluded", "started_at") if c in conv]
         model.meta.update({"n_documents": int(n), "n_fit": int(len(fit_pos)), "topics": int(len(topic_ids)), "cluster_sizes": list(s.cluster_sizes(len(fit_pos)))})
         return TopicsResult(assignments, topic_info, quality, model, docs, conv[keep].copy(), timings, s, embed_stats)
+
+
+def _embed_totals(embedder: Embedder, since: int) -> dict:
+    """The embedder's counts summed over its encode calls from number `since` on."""
+    out: dict = {}
+    for h in embedder.stats.history[since:]:
+        for k, v in h.items():
+            out[k] = out.get(k, 0) + v
+    return out
 
 
 def stop_words() -> list[str]:

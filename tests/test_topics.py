@@ -181,12 +181,12 @@ def test_saved_model_reloads_offline_and_assigns_the_same_topics(fitted, corpus,
     assert meta["embedding_backend"] == STATIC
     loaded = TopicModel.load(path, cache_dir=shared_cache)
     conv = corpus[0]
-    again = loaded.assign(conv["document"])
+    again = loaded.assign(conv["document"], openings=conv["opening"])
     a = fitted.assignments
     # every document not clustered by HDBSCAN was placed by the rule the saved model applies
     placed = a["assigned_by"].isin(["knn", "outlier", "empty"]).to_numpy()
     np.testing.assert_array_equal(again["topic"].to_numpy()[placed], a["topic"].to_numpy()[placed])
-    pd.testing.assert_frame_equal(again, fitted.model.assign(conv["document"]))
+    pd.testing.assert_frame_equal(again, fitted.model.assign(conv["document"], openings=conv["opening"]))
     assert loaded.labels() == fitted.model.labels()
     assert no_network == []
 
