@@ -87,3 +87,26 @@ def test_stage_outputs_on_a_small_world(small_world_dir, small_run, tmp_path):
     assert (abs(prev["estimate"] - prev["truth"]) < 0.03).all()
     # published tables suppress small cells
     assert res.prevalence_by_region()["users"].map(lambda v: isinstance(v, str) or v >= 10).all()
+
+
+
+@pytest.mark.slow
+def test_stage01_topics_map_to_the_true_tier1_on_a_mid_sized_world():
+    """The issue's target on stage 01's own clusters, not the simulator's topics: tier-1 accuracy of
+    non-sensitive conversations >= 0.85 against the truth. 10,000 conversations: below that the
+    clusters themselves are too impure (6,000: majority-tier-1 ceiling 0.84; 1,600: 0.70)."""
+    from statsmodels.stats.proportion import proportion_confint
+
+    from analysis.io import build_conversations
+    from analysis.simulate import simulate
+    from analysis.topics import TopicModeler
+
+    w = simulate({"seed": 7, "n_users": 2500, "n_conversations": 10_000, "n_impressions": 1000})
+    conv = build_conversations(w.messages, w.users)
+    res = TopicModeler().fit(conv)
+    m = TopicMapper(backend="minilm").map(res.topic_info, dict(zip(conv["conversation_id"], conv["document"])))
+    a = res.assignments.merge(w.conversation_truth[["conversation_id", "iab_tier1", "art9"]], on="conversation_id")
+    a = a[a["art9"].map(len).eq(0) & a["iab_tier1"].notna()]
+    ok = a["topic"].map(dict(zip(m.table["topic"], m.table["tier1_id"]))).eq(a["iab_tier1"].astype(str))
+    lo, hi = proportion_confint(int(ok.sum()), len(ok), method="wilson")
+    assert len(ok) > 5000 and ok.mean() >= 0.85 and lo > 0.84, (ok.mean(), lo, hi)
