@@ -620,6 +620,8 @@ def load_inputs(
         validated["messages"] = validate("messages", mdf, msg_path, allow_missing_time=allow_missing_time)
         if "users" not in found:
             validated["users"] = validate("users", imp.users.assign(_row=np.arange(1, len(imp.users) + 1)), f"{msg_path} (users)")
+        # a chat export is a corpus without ads: stages 00-02 run on it, leakage and lift need impressions
+        require = tuple(t for t in require if t != "impressions")
     for t in REQUIRED_TABLES + OPTIONAL_TABLES:
         if t in validated:
             continue

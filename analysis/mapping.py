@@ -413,6 +413,33 @@ def _split(ids: pd.Series, share: float, seed: int, *, values: bool = False) -> 
     return h if values else h < share
 
 
+def read_labels(paths: str | Path | Sequence[str | Path]) -> pd.DataFrame:
+    """Labels from one file or several (CSV with conversation_id and ';'-separated art9, or Parquet);
+    a conversation labeled in two files is an error, not a silent choice."""
+    parts = []
+    for p in [paths] if isinstance(paths, (str, Path)) else list(paths):
+        lp = Path(p)
+        if not lp.exists():
+            raise FileNotFoundError(f"labels file {lp} does not exist")
+        lab = pd.read_csv(lp, keep_default_na=False) if lp.suffix == ".csv" else pd.read_parquet(lp)
+        missing = {"conversation_id", "art9"} - set(lab.columns)
+        if missing:
+            raise ValueError(f"{lp}: labels need columns conversation_id and art9 (missing {sorted(missing)})")
+        if lab["art9"].map(lambda v: isinstance(v, str)).all():
+            lab["art9"] = lab["art9"].map(lambda s: [x.strip() for x in s.replace(",", ";").split(";") if x.strip()])
+        bad = sorted({c for v in lab["art9"] for c in v} - set(ART9))
+        if bad:
+            row = int(lab.index[lab["art9"].map(lambda v: bool(set(v) & set(bad)))][0]) + 1
+            raise ValueError(f"{lp}: row {row}, column art9: unknown category {bad[0]!r} (choose from {list(ART9)})")
+        parts.append(lab.assign(labels_file=str(lp)))
+    out = pd.concat(parts, ignore_index=True)
+    dup = out["conversation_id"].duplicated(keep=False)
+    if dup.any():
+        first = out.loc[dup, "conversation_id"].iloc[0]
+        raise ValueError(f"conversation {first!r} is labeled in more than one row/file: {sorted(set(out.loc[out['conversation_id'] == first, 'labels_file']))}")
+    return out
+
+
 def run_stage(run_dir: str | Path, *, input_dir: str | Path | None = None, backend: str = "minilm", detector_backend: str = "minilm",
               mapping_threshold: float = 0.3,
               overrides_file: str | Path | None = None, detector_params: str | Path | None = None, fit_detector: str | bool = "auto",
@@ -468,11 +495,7 @@ def run_stage(run_dir: str | Path, *, input_dir: str | Path | None = None, backe
     # ---- sensitive detection
     labels = None
     if labels_path:
-        lp = Path(labels_path)
-        lab = pd.read_csv(lp, keep_default_na=False) if lp.suffix == ".csv" else pd.read_parquet(lp)
-        if lab["art9"].map(lambda v: isinstance(v, str)).all():
-            lab["art9"] = lab["art9"].map(lambda s: [x for x in s.replace(",", ";").split(";") if x.strip()])
-        labels = lab
+        labels = read_labels(labels_path)
     elif (data / "labels.parquet").exists():
         labels = pd.read_parquet(data / "labels.parquet")
     if labels is not None:

@@ -193,9 +193,10 @@ def run(
 
     cfg = load_config(config, sets)
     params = dict(cfg["params"])
+    resolve = lambda v: str(v) if Path(str(v)).is_absolute() else str((PROJECT_ROOT / str(v)).resolve())  # noqa: E731
     for k in PATH_PARAMS:
-        if params.get(k) and not Path(str(params[k])).is_absolute():
-            params[k] = str((PROJECT_ROOT / str(params[k])).resolve())
+        if params.get(k):
+            params[k] = [resolve(v) for v in params[k]] if isinstance(params[k], (list, tuple)) else resolve(params[k])
     all_notebooks = stage_notebooks(notebook_dir)
     wanted = stages or cfg.get("stages")
     notebooks = all_notebooks

@@ -179,10 +179,19 @@ def test_truncated_sharegpt_file_salvages_every_complete_record(tmp_path):
 
 def test_sharegpt_folder_loads_through_ingest(tmp_path):
     (tmp_path / "sharegpt.json").write_text(json.dumps(sharegpt_records(3) + [{"id": "bad"}]))
-    inp = load_inputs(tmp_path, require=("messages",))
-    assert inp.messages["conversation_id"].nunique() == 3
+    inp = load_inputs(tmp_path)  # a chat export needs no impressions: stages 00-02 run on it
+    assert inp.messages["conversation_id"].nunique() == 3 and inp.impressions is None
     assert inp.imports[0].n_skipped == 1
     assert inp.messages["sent_at"].isna().all() and set(inp.users["region"]) == {"ZZ"}
+    conv = build_conversations(inp.messages, inp.users)
+    assert conv.set_index("conversation_id").loc["conv1_0", "opening"] == "question 1 about hiking"
+
+
+def test_tables_without_impressions_fail_clearly(tmp_path):
+    (tmp_path / "messages.csv").write_text(MESSAGES)
+    (tmp_path / "users.csv").write_text(USERS)
+    with pytest.raises(DataError, match="required table 'impressions' not found"):
+        load_inputs(tmp_path)
 
 
 def test_real_sharegpt_corpus_is_cut_off_and_salvaged():

@@ -110,3 +110,21 @@ def test_stage01_topics_map_to_the_true_tier1_on_a_mid_sized_world():
     ok = a["topic"].map(dict(zip(m.table["topic"], m.table["tier1_id"]))).eq(a["iab_tier1"].astype(str))
     lo, hi = proportion_confint(int(ok.sum()), len(ok), method="wilson")
     assert len(ok) > 5000 and ok.mean() >= 0.85 and lo > 0.84, (ok.mean(), lo, hi)
+
+
+def test_labels_from_several_files_and_their_errors(tmp_path):
+    from analysis.mapping import read_labels
+
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    a.write_text("conversation_id,art9\nc1,health;religion\nc2,\n")
+    b.write_text("conversation_id,art9\nc3,politics\n")
+    lab = read_labels([a, b])
+    assert lab.set_index("conversation_id")["art9"].to_dict() == {"c1": ["health", "religion"], "c2": [], "c3": ["politics"]}
+    b.write_text("conversation_id,art9\nc1,politics\n")
+    with pytest.raises(ValueError, match="conversation 'c1' is labeled in more than one row/file"):
+        read_labels([a, b])
+    b.write_text("conversation_id,art9\nc3,politics\nc4,astrology\n")
+    with pytest.raises(ValueError, match=r"b\.csv: row 2, column art9: unknown category 'astrology'"):
+        read_labels([a, b])
+    with pytest.raises(FileNotFoundError, match="nope.csv does not exist"):
+        read_labels(tmp_path / "nope.csv")
