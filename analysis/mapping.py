@@ -413,6 +413,29 @@ def _split(ids: pd.Series, share: float, seed: int, *, values: bool = False) -> 
     return h if values else h < share
 
 
+def tier1_accuracy(predicted, truth, topic, *, alpha: float = 0.05) -> dict:
+    """Share of conversations whose mapped tier-1 is the true one, with a CI cluster-robust by topic.
+
+    A topic's conversations share one mapping, so errors come in blocks of a topic; a Wilson
+    interval over conversations would treat them as independent and be far too narrow. The CI is
+    statsmodels' cluster-robust OLS of the hit indicator on a constant, t with (topics - 1) df."""
+    import statsmodels.api as sm
+
+    pred = np.asarray(predicted, dtype=object)
+    ok = np.array([isinstance(p, str) and p == t for p, t in zip(pred, np.asarray(truth, dtype=object))], dtype=float)
+    groups = pd.factorize(pd.Series(np.asarray(topic)).astype(str))[0]
+    out = {"accuracy": float(ok.mean()) if len(ok) else np.nan, "n": int(len(ok)), "topics": int(len(set(groups))),
+           "unmapped": float(np.mean([not isinstance(p, str) for p in pred])) if len(pred) else np.nan,
+           "ci_method": "cluster-robust by topic"}
+    if out["topics"] >= 2 and ok.std() > 0:
+        fit = sm.OLS(ok, np.ones((len(ok), 1))).fit(cov_type="cluster", cov_kwds={"groups": groups}, use_t=True)
+        lo, hi = fit.conf_int(alpha)[0]
+        out.update(ci_low=float(max(lo, 0.0)), ci_high=float(min(hi, 1.0)))
+    else:  # one topic, or all right / all wrong: no spread to estimate a cluster variance from
+        out.update(ci_low=np.nan, ci_high=np.nan)
+    return out
+
+
 def read_labels(paths: str | Path | Sequence[str | Path]) -> pd.DataFrame:
     """Labels from one file or several (CSV with conversation_id and ';'-separated art9, or Parquet);
     a conversation labeled in two files is an error, not a silent choice."""
@@ -573,13 +596,8 @@ def run_stage(run_dir: str | Path, *, input_dir: str | Path | None = None, backe
         lv = labels[~tune] if validation is not None else labels
         lv = lv[lv["iab_tier1"].notna() & lv["art9"].map(lambda v: len(v) == 0)]
         if len(lv):
-            pred = cc.set_index("conversation_id").loc[lv["conversation_id"], "tier1_id"].to_numpy()
-            ok = pred == lv["iab_tier1"].astype(str).to_numpy()
-            from statsmodels.stats.proportion import proportion_confint
-
-            lo, hi = proportion_confint(int(ok.sum()), len(ok), method="wilson")
-            tier1 = {"accuracy": float(ok.mean()), "ci_low": float(lo), "ci_high": float(hi), "n": int(len(ok)),
-                     "unmapped": float(pd.isna(pred).mean())}
+            got = cc.set_index("conversation_id").loc[lv["conversation_id"], ["tier1_id", "topic"]]
+            tier1 = tier1_accuracy(got["tier1_id"], lv["iab_tier1"].astype(str), got["topic"])
 
     res = AdMappingResult(mapping.table, cc, mapping, detection, validation, params_source, tier1, conv, notes=notes, min_cell_users=min_cell_users)
     art = {
