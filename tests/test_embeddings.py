@@ -8,7 +8,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from analysis.embeddings import MINILM, STATIC, EmbeddingCache, Embedder, default_cache_dir, distill_static
+from analysis.embeddings import (
+    MINILM, PRECISION_ENV, STATIC, EmbeddingCache, Embedder, default_cache_dir, distill_static, project_cache_dir,
+)
 
 
 @pytest.fixture(scope="session")
@@ -99,5 +101,39 @@ def test_unknown_hub_model_fails_fast_without_network(tmp_path, no_network):
 
 
 def test_cache_dir_is_git_ignored():
-    r = subprocess.run(["git", "check-ignore", "-q", "data/cache/embeddings/x.npz"], cwd=default_cache_dir().parents[1], capture_output=True)
+    r = subprocess.run(["git", "check-ignore", "-q", "data/cache/embeddings/x.npz"], cwd=project_cache_dir().parents[1], capture_output=True)
     assert r.returncode == 0
+
+
+def test_minilm_precisions_agree_and_keep_separate_cache_entries(tmp_path, monkeypatch):
+    """bf16 (where the CPU multiplies it natively) is the same model: cosine ~1 to fp32, own model id."""
+    texts = TEXTS[:3] + ["I was diagnosed with diabetes last month and feel lost", "our union is voting on a strike"]
+    out = {}
+    for prec in ("fp32", "bf16"):
+        monkeypatch.setenv(PRECISION_ENV, prec)
+        e = Embedder(MINILM, cache_dir=tmp_path)
+        out[prec] = (e.model_id, e.encode(texts))
+    (id32, x32), (id16, x16) = out["fp32"], out["bf16"]
+    assert id16 == id32 + "-bf16"
+    assert {p.name for p in (tmp_path / "embeddings").iterdir()} == {id32, id16}
+    cos = (x32 * x16).sum(axis=1)
+    assert cos.min() > 0.999 and not np.array_equal(x32, x16)
+    monkeypatch.setenv(PRECISION_ENV, "fp16")
+    with pytest.raises(ValueError, match="expected auto, fp32 or bf16"):
+        Embedder(MINILM, cache_dir=tmp_path / "x")
+
+
+def test_a_fresh_cache_reuses_the_set_up_static_model(tmp_path, monkeypatch, static_model_dir):
+    """`make setup` distils into the project cache; a run on a fresh $CHAT_AD_AUDIT_CACHE must not distil again."""
+    import analysis.embeddings as emb
+
+    def refuse(*a, **k):
+        raise AssertionError("distilled again")
+
+    monkeypatch.setattr(emb, "project_cache_dir", lambda: static_model_dir)  # where the set-up model is
+    monkeypatch.setattr(emb, "distill_static", refuse)
+    monkeypatch.setenv("CHAT_AD_AUDIT_CACHE", str(tmp_path / "fresh"))
+    e = Embedder(STATIC)
+    assert e.cache_dir == tmp_path / "fresh" and e.encode(TEXTS[:2]).shape[0] == 2
+    assert not (tmp_path / "fresh" / "static").exists()
+    assert e.model_id == Embedder(STATIC, cache_dir=tmp_path / "other", model_dir=static_model_dir).model_id
