@@ -546,18 +546,10 @@ def run_stage(run_dir: str | Path, *, input_dir: str | Path | None = None, backe
         # unlabeled conversations get the detector fitted on all labels
         fold = (_split(labels["conversation_id"], 1.0, seed, values=True) * cv_folds).astype(int)
         lp = pos[labels["conversation_id"]].to_numpy()
-        oof_scores = pd.DataFrame(index=range(len(labels)), columns=det.cats, dtype=float)
-        oof_flags = pd.DataFrame(index=range(len(labels)), columns=det.cats, dtype=bool)
-        for k in range(cv_folds):
-            tr, te = lp[fold != k], lp[fold == k]
-            dk = SensitiveDetector(backend=detector_backend, params=det.params, spec=spec, cache_dir=cache_dir)
-            dk.fit([docs_all[i] for i in tr], labels["art9"][fold != k].reset_index(drop=True), features=feats.iloc[tr].reset_index(drop=True), seed=seed)
-            rk = dk.detect([docs_all[i] for i in te], features=feats.iloc[te].reset_index(drop=True))
-            oof_scores.loc[np.flatnonzero(fold == k)] = rk.scores.to_numpy()
-            oof_flags.loc[np.flatnonzero(fold == k)] = rk.flags.to_numpy()
-        det.fit([docs_all[i] for i in lp], labels["art9"].reset_index(drop=True), features=feats.iloc[lp].reset_index(drop=True),
-                source=f"all {len(labels)} labeled conversations of this run", seed=seed)
-        oof = (lp, oof_scores, oof_flags.astype(bool))
+        cf = det.cross_fit([docs_all[i] for i in lp], labels["art9"].reset_index(drop=True), fold,
+                           features=feats.iloc[lp].reset_index(drop=True), source=f"all {len(labels)} labeled conversations of this run",
+                           seed=seed)
+        oof = (lp, cf.scores, cf.flags)
         params_source = (f"fitted on all {len(labels)} labeled conversations; validated by {cv_folds}-fold cross-fitting "
                          "(labeled conversations carry their out-of-fold scores)")
     elif labels is not None and fit:

@@ -14,8 +14,9 @@ long turns split; pasted code, URLs and markup dropped first):
 `SensitiveDetector` combines both with a logistic model over a few features per category
 (pooled across categories, so it can be fitted on a few hundred labeled conversations) and
 flags a category when its score reaches that category's threshold. Thresholds and weights are
-chosen on labeled data (`fit`) and stored as JSON; `analysis/data/detector_default.json` holds
-those fitted on hand-labeled ShareGPT conversations (data/labels/).
+chosen on labeled data (`fit`, or `cross_fit` for out-of-fold scores of every labeled conversation)
+and stored as JSON; `analysis/data/detector_default.json` holds those fitted on hand-labeled ShareGPT
+conversations (data/labels/).
 
 `validate()` compares flags with labels: per-category precision, recall, F1, sensitivity and
 specificity with their counts (tp, fn, tn, fp) and CIs, micro averages and a confusion table.
@@ -24,10 +25,12 @@ specificity with their counts (tp, fn, tn, fp) and CIs, micro averages and a con
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
+from itertools import combinations
 from pathlib import Path
 from typing import Sequence
 
@@ -335,7 +338,8 @@ class Detection:
         for c in self.flags:
             out[f"flag_{c}"] = self.flags[c].to_numpy()
         out["any_sensitive"] = self.flags.any(axis=1).to_numpy()
-        out["art9"] = [[c for c in self.flags if r[c]] for _, r in self.flags.iterrows()]
+        cats, f = list(self.flags.columns), self.flags.to_numpy(dtype=bool)
+        out["art9"] = [[c for c, on in zip(cats, row) if on] for row in f.tolist()]
         return out
 
     def prevalence(self, min_cell: int | None = None) -> pd.DataFrame:
@@ -390,13 +394,9 @@ class SensitiveDetector:
             T = _tfidf(p.tfidf).transform([clean_text(t) for t in texts]) if p.tfidf and texts is not None else None
             if p.tfidf and texts is None:
                 raise ValueError("these detector params have a text (TF-IDF) part: pass the texts")
+            z = {}
             for c, h in p.heads.items():
-                z = ((H - np.array(h["mean"])) / np.array(h["scale"])) @ np.array(h["coef"]) + h["intercept"]
-                prob = 1 / (1 + np.exp(-z))
-                if T is not None and "tfidf_coef" in h:
-                    zt = T @ np.array(h["tfidf_coef"]) + h["tfidf_intercept"]
-                    prob = (prob + 1 / (1 + np.exp(-zt))) / 2
-                out[c] = prob
+                out[c] = _head_prob(h, H, T, z)
         return out
 
     def detect(self, texts: Sequence[str], conversation_id: Sequence | None = None, *, features: pd.DataFrame | None = None) -> Detection:
@@ -418,10 +418,125 @@ class SensitiveDetector:
         it is not tuned on scores the head was fitted to. Thresholds maximize F-beta (`beta` > 1
         favours recall: a missed sensitive chat is the costlier error for the audit).
         """
-        from sklearn.linear_model import LogisticRegression
-
         feats = self.features(texts) if features is None else features
         y = label_matrix(labels, self.cats)
+        with _one_thread():
+            params, chosen = self._fit_pooled(feats, y, C=C, min_positives=min_positives, beta=beta, source=source)
+            heads = {}
+            if supervised:
+                H = _head_matrix(feats, self.cats)
+                vec = T = None
+                if texts is not None:
+                    vec = _tfidf_vectorizer()
+                    T = vec.fit_transform([clean_text(t) for t in texts])
+                    params.tfidf = _tfidf_spec(vec)
+                for j, c in enumerate(self.cats):
+                    if not _head_support(y[:, j], min_head_positives):
+                        continue
+                    h, oof = _fit_head(H, y[:, j], C=head_C, seed=seed)
+                    if T is not None:  # a word n-gram model beside the embedding model; their probabilities are averaged
+                        ht, oof_t = _fit_text_head(T, y[:, j], seed=seed)
+                        h.update(ht)
+                        oof = (oof + oof_t) / 2
+                    heads[c] = h
+                    params.thresholds[c] = choose_threshold(oof, y[:, j], beta=beta)
+                    chosen[c] = "supervised head (threshold on out-of-fold scores)"
+            params.heads = heads
+        params.notes = {"thresholds": chosen, "positives": {c: int(y[:, j].sum()) for j, c in enumerate(self.cats)}}
+        self.params = params
+        return params
+
+    def cross_fit(self, texts: Sequence[str] | None, labels, folds: Sequence[int], *, features: pd.DataFrame | None = None,
+                  source: str = "", min_positives: int = 5, C: float = 1.0, supervised: bool = True, min_head_positives: int = 40,
+                  head_C: float = 2.0, beta: float = 1.0, seed: int = 0, workers: int | None = None) -> "CrossFit":
+        """Cross-fitting over `folds` (a fold number per labeled text): each text is scored and flagged
+        by a detector fitted as `fit` does on the other folds, then the detector is fitted on all labels
+        (it becomes `self.params`).
+
+        The heads' thresholds come from out-of-fold scores the fits share instead of a nested 5-fold
+        search per fit: the fold-k detector's from models fitted without folds k and j scoring fold j
+        (one model per pair of folds serves two fold detectors), the all-labels detector's from the
+        cross-fitted scores themselves. No threshold is chosen on scores of texts its model was fitted
+        to, nor on the fold it is judged on; K folds cost K(K-1)/2 + K + 1 head fits per category
+        instead of 6(K + 1). A category whose pair or fold models lack a head (too few positives
+        there) falls back to the nested 5-fold search. The fits are independent and run on
+        `workers` threads (default: the usable cores, at most 4); results do not depend on it.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        feats = (self.features(texts) if features is None else features).reset_index(drop=True)
+        y = label_matrix(labels, self.cats)
+        folds = np.asarray(folds)
+        ks = np.unique(folds)
+        if len(folds) != len(y) or len(feats) != len(y):
+            raise ValueError(f"cross_fit: {len(y)} labels, {len(folds)} fold numbers and {len(feats)} feature rows must match")
+        if len(ks) < 2:
+            raise ValueError(f"cross_fit needs at least 2 folds, got {len(ks)}")
+        raw = None if texts is None else ["" if t is None else str(t) for t in texts]
+        clean = None if raw is None else np.array([clean_text(t) for t in raw], dtype=object)
+        H = _head_matrix(feats, self.cats) if supervised else None
+        n, m = y.shape
+        # training rows of every model: without a pair of folds, without one fold, all
+        pairs = list(combinations(ks.tolist(), 2))
+        train = {("pair", a, b): ~np.isin(folds, (a, b)) for a, b in pairs}
+        train.update({("fold", k): folds != k for k in ks.tolist()})
+        train[("all",)] = np.ones(n, dtype=bool)
+        detectors = [key for key in train if key[0] != "pair"]
+
+        def heads_on(key):
+            r = train[key]
+            return self._fit_heads(H[r], y[r], None if clean is None else clean[r], head_C=head_C, min_head_positives=min_head_positives)
+
+        def pooled_on(key):
+            r = train[key]
+            return self._fit_pooled(feats[r], y[r], C=C, min_positives=min_positives, beta=beta, source=source)
+
+        workers = workers or min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+        with _one_thread(), ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            heads_f = {key: pool.submit(heads_on, key) for key in (train if supervised else [])}
+            pooled_f = {key: pool.submit(pooled_on, key) for key in detectors}
+            heads = {key: f.result() for key, f in heads_f.items()}
+            pooled = {key: f.result() for key, f in pooled_f.items()}
+
+            def tfidf(key, rows):
+                vec = heads[key][1]
+                return None if vec is None else vec.transform(list(clean[rows]))
+
+            # head scores of fold j by the model fitted without folds k and j
+            inner = {}
+            for a, b in pairs:
+                for k, j in ((a, b), (b, a)):
+                    te = folds == j
+                    inner[(k, j)] = _head_probs(heads[("pair", a, b)][0], H[te], tfidf(("pair", a, b), te), self.cats)
+            oof_s, oof_f = np.zeros((n, m)), np.zeros((n, m), dtype=bool)
+            had_head = []
+            for k in ks.tolist():
+                tr, te = train[("fold", k)], folds == k
+                sel = np.full((n, m), np.nan)
+                for j in ks[ks != k].tolist():
+                    sel[folds == j] = inner[(k, j)]
+                p = self._with_heads(pooled[("fold", k)], heads.get(("fold", k)), y[tr], sel[tr], H[tr] if supervised else None,
+                                     None if clean is None else clean[tr], head_C=head_C, beta=beta, seed=seed)
+                s = self._score(feats[te].reset_index(drop=True), p, None if raw is None else [raw[i] for i in np.flatnonzero(te)])
+                oof_s[te] = s.to_numpy()
+                oof_f[te] = s.to_numpy() >= np.array([p.thresholds[c] for c in self.cats])
+                had_head.append(set(p.heads))
+            # the all-labels detector: thresholds on the cross-fitted scores where every fold model had that head
+            usable = np.full((n, m), np.nan)
+            for j, c in enumerate(self.cats):
+                if all(c in h for h in had_head):
+                    usable[:, j] = oof_s[:, j]
+            params = self._with_heads(pooled[("all",)], heads.get(("all",)), y, usable, H, clean, head_C=head_C, beta=beta, seed=seed)
+        params.notes["cross_fit"] = {"folds": int(len(ks)), "fold_sizes": {str(k): int((folds == k).sum()) for k in ks}}
+        self.params = params
+        cols = list(self.cats)
+        return CrossFit(pd.DataFrame(oof_s, columns=cols), pd.DataFrame(oof_f, columns=cols), params, folds)
+
+    def _fit_pooled(self, feats: pd.DataFrame, y: np.ndarray, *, C: float, min_positives: int, beta: float,
+                    source: str) -> tuple[DetectorParams, dict]:
+        """The pooled logistic model over FEATURES and its per-category thresholds (in-sample: 5 weights)."""
+        from sklearn.linear_model import LogisticRegression
+
         x = _design(feats, self.cats)
         lr = LogisticRegression(C=C, max_iter=2000, class_weight="balanced")
         lr.fit(x.reshape(-1, x.shape[2]), y.reshape(-1))
@@ -440,31 +555,113 @@ class SensitiveDetector:
             else:
                 params.thresholds[c] = pooled
                 chosen[c] = f"pooled over categories (fewer than {min_positives} positives)"
-        heads = {}
-        if supervised:
-            H = _head_matrix(feats, self.cats)
-            T = None
-            if texts is not None:
-                from sklearn.feature_extraction.text import TfidfVectorizer
+        return params, chosen
 
-                vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True, max_features=30000)
-                T = vec.fit_transform([clean_text(t) for t in texts])
-                params.tfidf = {"vocabulary": {k: int(v) for k, v in vec.vocabulary_.items()}, "idf": vec.idf_.round(6).tolist(), "ngram_range": [1, 2]}
+    def _fit_heads(self, H: np.ndarray, y: np.ndarray, clean: Sequence[str] | None, *, head_C: float,
+                   min_head_positives: int) -> tuple[dict, object]:
+        """Heads (embedding + TF-IDF) on these rows for every category with the support; no thresholds."""
+        vec = T = None
+        if clean is not None:
+            vec = _tfidf_vectorizer()
+            T = vec.fit_transform(list(clean))
+        std = _standardize(H)
+        heads = {}
+        for j, c in enumerate(self.cats):
+            if _head_support(y[:, j], min_head_positives):
+                heads[c] = _fit_head_model(H, y[:, j], C=head_C, std=std)
+                if T is not None:
+                    heads[c].update(_fit_text_model(T, y[:, j]))
+        return heads, vec
+
+    def _with_heads(self, pooled: tuple[DetectorParams, dict], fitted: tuple[dict, object] | None, y: np.ndarray, oof: np.ndarray,
+                    H: np.ndarray | None, clean, *, head_C: float, beta: float, seed: int) -> DetectorParams:
+        """A pooled fit completed with its heads, their thresholds chosen on the given out-of-fold head
+        scores (NaN where none: that category falls back to the nested 5-fold search)."""
+        params, chosen = pooled
+        if fitted is not None:
+            heads, vec = fitted
+            T = None
             for j, c in enumerate(self.cats):
-                if y[:, j].sum() < min_head_positives or (~y[:, j]).sum() < min_head_positives:
+                if c not in heads:
                     continue
-                h, oof = _fit_head(H, y[:, j], C=head_C, seed=seed)
-                if T is not None:  # a word n-gram model beside the embedding model; their probabilities are averaged
-                    ht, oof_t = _fit_text_head(T, y[:, j], seed=seed)
-                    h.update(ht)
-                    oof = (oof + oof_t) / 2
-                heads[c] = h
-                params.thresholds[c] = choose_threshold(oof, y[:, j], beta=beta)
-                chosen[c] = "supervised head (threshold on out-of-fold scores)"
-        params.heads = heads
+                s = oof[:, j]
+                if np.isnan(s).any():
+                    _, s = _fit_head(H, y[:, j], C=head_C, seed=seed)
+                    if vec is not None:
+                        T = vec.transform(list(clean)) if T is None else T
+                        s = (s + _fit_text_head(T, y[:, j], seed=seed)[1]) / 2
+                    chosen[c] = "supervised head (threshold on nested 5-fold out-of-fold scores)"
+                else:
+                    chosen[c] = "supervised head (threshold on cross-fitted out-of-fold scores)"
+                params.thresholds[c] = choose_threshold(s, y[:, j], beta=beta)
+            params.heads = heads
+            if vec is not None:
+                params.tfidf = _tfidf_spec(vec)
         params.notes = {"thresholds": chosen, "positives": {c: int(y[:, j].sum()) for j, c in enumerate(self.cats)}}
-        self.params = params
         return params
+
+
+@dataclass
+class CrossFit:
+    """Out-of-fold scores and flags per labeled text (input order), and the all-labels parameters."""
+
+    scores: pd.DataFrame
+    flags: pd.DataFrame
+    params: DetectorParams
+    folds: np.ndarray
+
+
+def _one_thread():
+    """BLAS and OpenMP at one thread: these fits are many small problems, where 2 threads cost more in
+    hand-offs than they gain (one `fit` on 4,800 labels: 57 s with 2 threads on a busy 2-core
+    machine, 7 s with 1)."""
+    import scipy.optimize  # noqa: F401  (threadpoolctl limits only the libraries loaded when it is entered)
+    import sklearn.linear_model  # noqa: F401
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(1)
+
+
+def _head_support(y: np.ndarray, min_positives: int) -> bool:
+    return bool(y.sum() >= min_positives and (~y).sum() >= min_positives)
+
+
+def _tfidf_vectorizer():
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    return TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True, max_features=30000)
+
+
+def _tfidf_spec(vec) -> dict:
+    return {"vocabulary": {k: int(v) for k, v in vec.vocabulary_.items()}, "idf": vec.idf_.round(6).tolist(), "ngram_range": [1, 2]}
+
+
+def _head_prob(h: dict, H: np.ndarray, T=None, _z: dict | None = None) -> np.ndarray:
+    """A head's probability: the embedding model's, averaged with the TF-IDF model's when it has one.
+    `_z`: a dict that keeps the standardized H between heads with the same mean and scale."""
+    mean, scale = np.array(h["mean"]), np.array(h["scale"])
+    key = (mean.tobytes(), scale.tobytes())
+    Z = None if _z is None else _z.get(key)
+    if Z is None:
+        Z = (H - mean) / scale
+        if _z is not None:
+            _z.clear()
+            _z[key] = Z
+    z = Z @ np.array(h["coef"]) + h["intercept"]
+    prob = 1 / (1 + np.exp(-z))
+    if T is not None and "tfidf_coef" in h:
+        zt = T @ np.array(h["tfidf_coef"]) + h["tfidf_intercept"]
+        prob = (prob + 1 / (1 + np.exp(-zt))) / 2
+    return prob
+
+
+def _head_probs(heads: dict, H: np.ndarray, T, cats: Sequence[str]) -> np.ndarray:
+    """(rows, categories) head probabilities; NaN for a category without a head."""
+    out, z = np.full((len(H), len(cats)), np.nan), {}
+    for j, c in enumerate(cats):
+        if c in heads:
+            out[:, j] = _head_prob(heads[c], H, T, z)
+    return out
 
 
 def _head_matrix(feats: pd.DataFrame, cats: Sequence[str]) -> np.ndarray:
@@ -473,22 +670,35 @@ def _head_matrix(feats: pd.DataFrame, cats: Sequence[str]) -> np.ndarray:
     return np.hstack([feats[emb].to_numpy(dtype=np.float64), x])
 
 
+def _standardize(H: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, scale, standardized H); constant columns keep scale 1."""
+    mean, scale = H.mean(axis=0), H.std(axis=0)
+    scale = np.where(scale > 1e-9, scale, 1.0)
+    return mean, scale, (H - mean) / scale
+
+
+def _fit_head_model(H: np.ndarray, y: np.ndarray, *, C: float, std: tuple | None = None) -> dict:
+    """Standardize (or take `std` = `_standardize(H)`, shared by the categories), fit an L2 logistic
+    regression (class-balanced)."""
+    from sklearn.linear_model import LogisticRegression
+
+    mean, scale, Z = std if std is not None else _standardize(H)
+    m = LogisticRegression(C=C, max_iter=3000, class_weight="balanced").fit(Z, y)
+    return {"mean": mean.tolist(), "scale": scale.tolist(), "coef": m.coef_[0].tolist(), "intercept": float(m.intercept_[0])}
+
+
 def _fit_head(H: np.ndarray, y: np.ndarray, *, C: float, seed: int) -> tuple[dict, np.ndarray]:
-    """Standardize, fit an L2 logistic regression; also return 5-fold out-of-fold probabilities."""
+    """`_fit_head_model`, and 5-fold out-of-fold probabilities (standardized on all rows, as before)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
 
-    mean, scale = H.mean(axis=0), H.std(axis=0)
-    scale = np.where(scale > 1e-9, scale, 1.0)
-    Z = (H - mean) / scale
-    make = lambda: LogisticRegression(C=C, max_iter=3000, class_weight="balanced")  # noqa: E731
+    std = _standardize(H)
+    Z = std[2]
     oof = np.zeros(len(y))
     for tr, te in StratifiedKFold(5, shuffle=True, random_state=seed).split(Z, y):
-        m = make().fit(Z[tr], y[tr])
+        m = LogisticRegression(C=C, max_iter=3000, class_weight="balanced").fit(Z[tr], y[tr])
         oof[te] = m.predict_proba(Z[te])[:, 1]
-    m = make().fit(Z, y)
-    head = {"mean": mean.tolist(), "scale": scale.tolist(), "coef": m.coef_[0].tolist(), "intercept": float(m.intercept_[0])}
-    return head, oof
+    return _fit_head_model(H, y, C=C, std=std), oof
 
 
 def _tfidf(spec: dict):
@@ -499,16 +709,22 @@ def _tfidf(spec: dict):
     return vec
 
 
+def _fit_text_model(T, y: np.ndarray, *, C: float = 10.0) -> dict:
+    from sklearn.linear_model import LogisticRegression
+
+    m = LogisticRegression(C=C, max_iter=3000, class_weight="balanced").fit(T, y)
+    return {"tfidf_coef": m.coef_[0].round(6).tolist(), "tfidf_intercept": float(m.intercept_[0])}
+
+
 def _fit_text_head(T, y: np.ndarray, *, seed: int, C: float = 10.0) -> tuple[dict, np.ndarray]:
+    """`_fit_text_model`, and 5-fold out-of-fold probabilities."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
 
-    make = lambda: LogisticRegression(C=C, max_iter=3000, class_weight="balanced")  # noqa: E731
     oof = np.zeros(len(y))
     for tr, te in StratifiedKFold(5, shuffle=True, random_state=seed).split(np.zeros(len(y)), y):
-        oof[te] = make().fit(T[tr], y[tr]).predict_proba(T[te])[:, 1]
-    m = make().fit(T, y)
-    return {"tfidf_coef": m.coef_[0].round(6).tolist(), "tfidf_intercept": float(m.intercept_[0])}, oof
+        oof[te] = LogisticRegression(C=C, max_iter=3000, class_weight="balanced").fit(T[tr], y[tr]).predict_proba(T[te])[:, 1]
+    return _fit_text_model(T, y, C=C), oof
 
 
 def choose_threshold(score: np.ndarray, y: np.ndarray, *, beta: float = 1.0) -> float:
@@ -521,16 +737,12 @@ def choose_threshold(score: np.ndarray, y: np.ndarray, *, beta: float = 1.0) -> 
     y = np.asarray(y, dtype=bool)
     u = np.unique(s)
     cuts = np.concatenate([[u[0] - 1e-9], (u[:-1] + u[1:]) / 2, [u[-1] + 1e-9]]) if len(u) else np.array([0.5])
-    best, best_cut = -1.0, 0.5
-    f = []
-    for t in cuts:
-        pred = s >= t
-        tp = (pred & y).sum()
-        fp = (pred & ~y).sum()
-        fn = (~pred & y).sum()
-        denom = (1 + beta**2) * tp + beta**2 * fn + fp
-        f.append((1 + beta**2) * tp / denom if denom else 0.0)
-    f = np.array(f)
+    # counts of `s >= t` for every cut at once (sorted scores + binary search), not one pass per cut
+    tp = len(s[y]) - np.searchsorted(np.sort(s[y]), cuts, side="left")
+    fp = len(s[~y]) - np.searchsorted(np.sort(s[~y]), cuts, side="left")
+    fn = int(y.sum()) - tp
+    denom = (1 + beta**2) * tp + beta**2 * fn + fp
+    f = np.where(denom > 0, (1 + beta**2) * tp / np.where(denom > 0, denom, 1), 0.0)
     best = f.max()
     idx = np.flatnonzero(f >= best - 1e-12)
     # the widest contiguous run of optimal cut-offs; take its middle
@@ -622,11 +834,8 @@ def validate(flags: pd.DataFrame, labels, *, alpha: float = 0.05, method: str = 
     micro = pd.DataFrame([row("micro", y, p)])
     # confusion: true category (or none) x flagged category (or none), counting conversations
     true_names = cats + ["none"]
-    conf = pd.DataFrame(0, index=pd.Index(true_names, name="label"), columns=pd.Index(true_names, name="flagged"))
-    for i in range(n):
-        t = [c for j, c in enumerate(cats) if y[i, j]] or ["none"]
-        f = [c for j, c in enumerate(cats) if p[i, j]] or ["none"]
-        for a in t:
-            for b in f:
-                conf.loc[a, b] += 1
+    # every (label, flag) pair of a conversation counts once: indicator matrices with a 'none' column
+    ty = np.hstack([y, ~y.any(axis=1, keepdims=True)]).astype(np.int64)
+    tp_ = np.hstack([p, ~p.any(axis=1, keepdims=True)]).astype(np.int64)
+    conf = pd.DataFrame(ty.T @ tp_, index=pd.Index(true_names, name="label"), columns=pd.Index(true_names, name="flagged"))
     return Validation(per, micro, conf, n, alpha)

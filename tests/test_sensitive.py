@@ -156,31 +156,91 @@ def test_shipped_defaults_load_for_both_backends():
         DetectorParams.load(None, "no-such-backend")
 
 
+# -------------------------------------------------------------------------- cross-fitting
+
+
+@pytest.fixture(scope="module")
+def small_labeled(small_world):
+    """The small world's conversations, all labeled with the simulator's truth, static-backend features."""
+    conv = build_conversations(small_world.messages, small_world.users)
+    truth = small_world.conversation_truth.set_index("conversation_id").loc[conv["conversation_id"], "art9"].reset_index(drop=True)
+    det = SensitiveDetector(backend="static")
+    docs = conv["document"].tolist()
+    return docs, truth, det.features(docs)
+
+
+def test_cross_fit_judges_each_fold_without_its_labels(small_labeled):
+    """Relabeling fold 0 changes nothing about fold 0's out-of-fold scores and flags (its detector and
+    the thresholds it uses never saw fold 0's labels), but it does change the other folds'."""
+    docs, truth, feats = small_labeled
+    folds = np.arange(len(docs)) % 4
+    kw = dict(features=feats, min_head_positives=10, seed=1)
+    a = SensitiveDetector(backend="static").cross_fit(docs, truth, folds, **kw)
+    assert len(a.scores) == len(docs) and set(a.params.heads) == set(ART9)
+    assert all("cross-fitted" in v for v in a.params.notes["thresholds"].values())
+    rng = np.random.default_rng(0)
+    noisy = truth.copy()
+    f0 = np.flatnonzero(folds == 0)
+    noisy.iloc[f0] = [list(rng.choice(list(ART9), 1)) if rng.random() < 0.5 else [] for _ in f0]
+    b = SensitiveDetector(backend="static").cross_fit(docs, noisy, folds, **kw)
+    np.testing.assert_array_equal(a.scores.to_numpy()[f0], b.scores.to_numpy()[f0])
+    np.testing.assert_array_equal(a.flags.to_numpy()[f0], b.flags.to_numpy()[f0])
+    assert not np.array_equal(a.scores.to_numpy()[folds != 0], b.scores.to_numpy()[folds != 0])
+    assert a.params.thresholds != b.params.thresholds
+    # the fits run on threads: the number of them changes nothing
+    c = SensitiveDetector(backend="static").cross_fit(docs, truth, folds, workers=1, **kw)
+    np.testing.assert_array_equal(a.scores.to_numpy(), c.scores.to_numpy())
+    assert a.params.to_dict() == c.params.to_dict()
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        SensitiveDetector(backend="static").cross_fit(docs, truth, np.zeros(len(docs), dtype=int), **kw)
+
+
+def test_cross_fit_falls_back_to_the_nested_search_for_a_rare_category(small_labeled):
+    """A category with heads on all labels but too few positives once two folds are left out gets its
+    thresholds from the nested 5-fold search, and still a head."""
+    docs, truth, feats = small_labeled
+    folds = np.arange(len(docs)) % 3
+    n_tu = int(truth.map(lambda v: "trade_union" in list(v)).sum())
+    # heads need n_tu positives on all labels, so the folds' (2/3) and pairs' (1/3) training rows lack them
+    cf = SensitiveDetector(backend="static").cross_fit(docs, truth, folds, features=feats, min_head_positives=n_tu, seed=1)
+    assert "trade_union" in cf.params.heads
+    assert "nested" in cf.params.notes["thresholds"]["trade_union"]
+
+
 # ------------------------------------------------------------------- the simulated world
 
 
 @pytest.mark.slow
 def test_detector_meets_precision_and_recall_on_a_simulated_world():
-    """Fit on the world's labeled half (as notebook 02 does), judge on the other half against the
-    simulator's truth: precision and recall >= 0.90 for every category and micro-averaged."""
+    """Notebook 02's default, 5-fold cross-fitting, on a world with the default world's 6,000 labels
+    (here every conversation, labeled by the simulator's truth): out-of-fold precision and recall
+    >= 0.90 for every category and micro-averaged. And the cv_folds 1 path (fit on the labeled half,
+    judge the other half) micro-averaged: with ~100 positives a category in a half, its per-category
+    estimates scatter by about +-0.03 from world to world (seeds 8-11 gave lowest categories of
+    0.83-0.92, in fp32 and bf16 alike), too noisy for a per-category bar."""
     w = simulate({"seed": 8, "n_users": 1500, "n_conversations": 6000, "n_impressions": 2000, "label_share": 0.5})
     conv = build_conversations(w.messages, w.users)
     truth = w.conversation_truth.set_index("conversation_id").loc[conv["conversation_id"], "art9"].reset_index(drop=True)
-    tune = conv["conversation_id"].isin(w.labels["conversation_id"]).to_numpy()
     det = SensitiveDetector(backend="minilm")
     docs = conv["document"].tolist()
     feats = det.features(docs)
-    det.fit([d for d, t in zip(docs, tune) if t], truth[tune].reset_index(drop=True), features=feats[tune].reset_index(drop=True))
-    held = [d for d, t in zip(docs, tune) if not t]
-    d = det.detect(held, features=feats[~tune].reset_index(drop=True))
-    v = validate(d.flags, truth[~tune].reset_index(drop=True))
+    cf = det.cross_fit(docs, truth, np.arange(len(docs)) % 5, features=feats)
+    v = validate(cf.flags, truth)
     per = v.per_category.set_index("category")
-    assert (per["positives"] >= 60).all()
+    assert (per["positives"] >= 150).all()
     bad = per[(per["precision"] < 0.9) | (per["recall"] < 0.9)]
     assert bad.empty, bad[["tp", "fp", "fn", "precision", "recall"]]
     m = v.micro.iloc[0]
     assert m.precision >= 0.93 and m.recall >= 0.93 and m.precision_low >= 0.9 and m.recall_low >= 0.9
+    # cv_folds 1: fit on the labeled half, judge the other half
+    tune = conv["conversation_id"].isin(w.labels["conversation_id"]).to_numpy()
+    half = SensitiveDetector(backend="minilm")
+    half.fit([d for d, t in zip(docs, tune) if t], truth[tune].reset_index(drop=True), features=feats[tune].reset_index(drop=True))
+    d = half.detect([d for d, t in zip(docs, tune) if not t], features=feats[~tune].reset_index(drop=True))
+    m1 = validate(d.flags, truth[~tune].reset_index(drop=True)).micro.iloc[0]
+    assert m1.precision >= 0.93 and m1.recall >= 0.93 and m1.precision_low >= 0.9 and m1.recall_low >= 0.9
     # the passing-mention traps of the catalogue stay unflagged
     traps = conv["document"].str.contains("race condition|health check endpoint|god mode|master/slave", case=False).to_numpy()
     clean = traps & np.array([len(t) == 0 for t in truth])
     assert clean.sum() >= 20 and d.flags.to_numpy()[clean[~tune]].any(axis=1).mean() <= 0.05
+    assert cf.flags.to_numpy()[clean].any(axis=1).mean() <= 0.05
