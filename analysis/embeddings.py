@@ -27,6 +27,7 @@ import hashlib
 import os
 import re
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,11 +37,12 @@ import numpy as np
 
 from analysis.storage import atomic_path
 
-# OpenMP threads that spin at barriers collapse when another process holds one of the 2 cores: a
-# batch waits a whole time slice for a descheduled peer (MiniLM measured 3-10x slower with 2
-# threads than with 1 under such load). Passive waiting avoids it; libgomp reads this when torch
-# loads it, so it must be set before the first `import torch` (an explicit setting wins).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP threads that spin long at barriers (libgomp's default: 300,000 turns) burn the core a
+# descheduled peer needs when another process is busy; a short spin keeps most of the speed of
+# spinning on a quiet machine (MiniLM on 2 threads: 3.8 s per 4,000 segments with 10,000 turns,
+# 4.7 s with none, up to 29 s with the default while another process ran). libgomp reads this when
+# torch loads it, so it must be set before the first `import torch` (an explicit setting wins).
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 MINILM = "minilm"
 STATIC = "static"
@@ -165,6 +167,7 @@ class _Model:
         self.backend = backend
         self.batch_size = batch_size
         self.precision = "fp32"
+        self.thread_log: list[tuple[int, int, float]] = []  # (texts, threads chosen next, cores busy elsewhere)
         if backend == STATIC:
             from model2vec import StaticModel
 
@@ -210,14 +213,66 @@ class _Model:
         if self.backend == STATIC:
             # use_multiprocessing off: worker processes make results depend on the machine's core count
             x = self._m2v.encode(texts, batch_size=max(self.batch_size, 1024), use_multiprocessing=False)
-        elif self.precision == "bf16":
+        else:
+            x = self._encode_transformer(texts)
+        return _normalize(np.asarray(x, dtype=np.float32))
+
+    def _st_encode(self, texts: list[str]) -> np.ndarray:
+        if self.precision == "bf16":
             import torch
 
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                x = self._st.encode(texts, batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False)
-        else:
-            x = self._st.encode(texts, batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False)
-        return _normalize(np.asarray(x, dtype=np.float32))
+                return self._st.encode(texts, batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False)
+        return self._st.encode(texts, batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False)
+
+    def _encode_transformer(self, texts: list[str]) -> np.ndarray:
+        """Chunks of `_CHUNK` texts (longest first); each chunk on as many torch threads as the cores
+        other processes left free during the previous one (/proc/stat). Torch's threads meet at a
+        barrier after every operation, and one thread sharing its core with another busy process
+        holds all of them up: MiniLM ran 1.6x slower on 2 threads than on 1 with the other core
+        busy (up to 6x with libgomp's default spinning), and 1.6x faster on a quiet machine. The
+        chunks are the same whatever the thread count; the vectors can differ in the 6th decimal
+        (cosine > 0.99999: a kernel may split a reduction differently on 2 threads), as they already
+        did between machines with different core counts. Cached vectors make reruns identical."""
+        import torch
+
+        top = torch.get_num_threads()
+        adapt = top > 1 and _machine_busy_seconds() is not None
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        threads = 1 if adapt else top  # the first chunk measures what the rest of the machine is doing
+        try:
+            for start in range(0, len(order), _CHUNK):
+                idx = order[start : start + _CHUNK]
+                if not adapt:
+                    out[idx] = self._st_encode([texts[i] for i in idx])
+                    continue
+                torch.set_num_threads(threads)
+                b0, c0, t0 = _machine_busy_seconds(), time.process_time(), time.perf_counter()
+                out[idx] = self._st_encode([texts[i] for i in idx])
+                b1, c1, t1 = _machine_busy_seconds(), time.process_time(), time.perf_counter()
+                others = max(0.0, ((b1 - b0) - (c1 - c0)) / max(t1 - t0, 1e-3))  # cores in use by other processes
+                threads = max(1, min(top, top - int(others + 0.5)))
+                self.thread_log.append((len(idx), threads, round(others, 2)))
+        finally:
+            torch.set_num_threads(top)
+        return out
+
+
+_CHUNK = 512  # texts per thread-count decision (~0.5 s of MiniLM on one core)
+
+
+def _machine_busy_seconds() -> float | None:
+    """CPU seconds the whole machine has been busy (all processes), from /proc/stat; None without it."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    if len(v) < 5:
+        return None
+    # user nice system idle iowait irq softirq steal (guest time is already in user)
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -367,8 +422,6 @@ class Embedder:
         self.stats = EmbedStats()
 
     def encode(self, texts: Sequence[str], *, cache: bool | None = None) -> np.ndarray:
-        import time
-
         t0 = time.perf_counter()
         texts = ["" if t is None else str(t) for t in texts]
         use = self.use_cache if cache is None else (cache and self.cache is not None)
