@@ -37,13 +37,6 @@ import numpy as np
 
 from analysis.storage import atomic_path
 
-# OpenMP threads that spin long at barriers (libgomp's default: 300,000 turns) burn the core a
-# descheduled peer needs when another process is busy; a short spin keeps most of the speed of
-# spinning on a quiet machine (MiniLM on 2 threads: 3.8 s per 4,000 segments with 10,000 turns,
-# 4.7 s with none, up to 29 s with the default while another process ran). libgomp reads this when
-# torch loads it, so it must be set before the first `import torch` (an explicit setting wins).
-os.environ.setdefault("GOMP_SPINCOUNT", "10000")
-
 MINILM = "minilm"
 STATIC = "static"
 STATIC_PCA_DIMS = 256
@@ -167,7 +160,6 @@ class _Model:
         self.backend = backend
         self.batch_size = batch_size
         self.precision = "fp32"
-        self.thread_log: list[tuple[int, int, float]] = []  # (texts, threads chosen next, cores busy elsewhere)
         if backend == STATIC:
             from model2vec import StaticModel
 
@@ -226,53 +218,43 @@ class _Model:
         return self._st.encode(texts, batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False)
 
     def _encode_transformer(self, texts: list[str]) -> np.ndarray:
-        """Chunks of `_CHUNK` texts (longest first); each chunk on as many torch threads as the cores
-        other processes left free during the previous one (/proc/stat). Torch's threads meet at a
-        barrier after every operation, and one thread sharing its core with another busy process
-        holds all of them up: MiniLM ran 1.6x slower on 2 threads than on 1 with the other core
-        busy (up to 6x with libgomp's default spinning), and 1.6x faster on a quiet machine. The
-        chunks are the same whatever the thread count; the vectors can differ in the 6th decimal
-        (cosine > 0.99999: a kernel may split a reduction differently on 2 threads), as they already
-        did between machines with different core counts. Cached vectors make reruns identical."""
+        """Chunks of `_CHUNK` texts (longest first), each encoded on one torch thread, the chunks
+        on a pool of Python threads, as many as torch would use (torch releases the GIL inside its
+        operations). Not torch's own threads: they meet at a barrier after every operation, so one
+        of them sharing its core with another busy process holds all up (6,000 segments: 57 s on 2
+        torch threads beside a busy process, 8.5 s on 1). Independent chunks do not wait for each
+        other: 2 at a time took 4.4 s on a quiet machine (2 torch threads 5.4 s) and 6.6 s beside a
+        busy process. A chunk's vectors do not depend on how many run at once."""
+        from concurrent.futures import ThreadPoolExecutor
+
         import torch
 
-        top = torch.get_num_threads()
-        adapt = top > 1 and _machine_busy_seconds() is not None
         order = np.argsort([-len(t) for t in texts], kind="stable")
+        chunks = [order[i : i + _CHUNK] for i in range(0, len(order), _CHUNK)]
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-        threads = 1 if adapt else top  # the first chunk measures what the rest of the machine is doing
+        top = torch.get_num_threads()
+
+        def run(idx):
+            return self._st_encode([texts[i] for i in idx])
+
+        torch.set_num_threads(1)
         try:
-            for start in range(0, len(order), _CHUNK):
-                idx = order[start : start + _CHUNK]
-                if not adapt:
-                    out[idx] = self._st_encode([texts[i] for i in idx])
-                    continue
-                torch.set_num_threads(threads)
-                b0, c0, t0 = _machine_busy_seconds(), time.process_time(), time.perf_counter()
-                out[idx] = self._st_encode([texts[i] for i in idx])
-                b1, c1, t1 = _machine_busy_seconds(), time.process_time(), time.perf_counter()
-                others = max(0.0, ((b1 - b0) - (c1 - c0)) / max(t1 - t0, 1e-3))  # cores in use by other processes
-                threads = max(1, min(top, top - int(others + 0.5)))
-                self.thread_log.append((len(idx), threads, round(others, 2)))
+            # the first chunk alone: the tokenizer sets its padding/truncation state once, before threads share it
+            out[chunks[0]] = run(chunks[0])
+            rest = chunks[1:]
+            if top > 1 and len(rest) > 1:
+                with ThreadPoolExecutor(min(top, len(rest))) as pool:
+                    for idx, v in zip(rest, pool.map(run, rest)):
+                        out[idx] = v
+            else:
+                for idx in rest:
+                    out[idx] = run(idx)
         finally:
             torch.set_num_threads(top)
         return out
 
 
-_CHUNK = 512  # texts per thread-count decision (~0.5 s of MiniLM on one core)
-
-
-def _machine_busy_seconds() -> float | None:
-    """CPU seconds the whole machine has been busy (all processes), from /proc/stat; None without it."""
-    try:
-        with open("/proc/stat", encoding="ascii") as f:
-            v = [int(x) for x in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    if len(v) < 5:
-        return None
-    # user nice system idle iowait irq softirq steal (guest time is already in user)
-    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+_CHUNK = 512  # texts per task (~0.7 s of MiniLM on one thread)
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:

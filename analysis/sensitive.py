@@ -206,8 +206,10 @@ class EmbeddingDetector:
         if flat:
             n_cls = len(cats) + 1
             best = np.full((len(flat), n_cls), -1.0)
-            for start in range(0, len(flat), 4096):
-                V = embed_texts(flat[start:start + 4096], self.backend, self.cache_dir)
+            # blocks bound the memory of the vectors (16,384 x 384 float32 = 25 MB) while keeping the
+            # embedder's calls (a cache lookup and shard each) few
+            for start in range(0, len(flat), 16384):
+                V = embed_texts(flat[start:start + 16384], self.backend, self.cache_dir)
                 o = owner[start:start + len(V)]
                 np.add.at(pooled[:, : P.shape[1]], o, V)
                 # max-pooling keeps a single sensitive turn visible; owners are sorted, so reduceat works
