@@ -158,6 +158,9 @@ def _mask(v: str) -> str:
     return v[:2] + "…" + v[-2:] if len(v) > 6 else "…"
 
 
+_UUID = re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", re.I)
+
+
 def scan_report(path: str | Path, *, k: int = 10, raw_texts=None, raw_ids=None) -> ScanResult:
     """Check a rendered report for PII patterns, counts of fewer than k people, verbatim
     transcript text (`raw_texts`), raw user ids (`raw_ids`) and resources loaded from the network."""
@@ -174,6 +177,9 @@ def scan_report(path: str | Path, *, k: int = 10, raw_texts=None, raw_ids=None) 
     # joining them would make phone numbers out of neighbouring numeric cells
     pieces = [("text", t) for t in parser.text if t.strip()] + [("figure data", t) for t in strings]
     for where, text in pieces:
+        # element ids (plotly's div ids are UUIDs) are not personal data, but two all-digit groups
+        # of one ("b4955203-a4eb-4184-9477-…") read as a phone number
+        text = _UUID.sub(" ", text)
         for name, pat in PII_PATTERNS:
             for m in pat.finditer(text):
                 if name == "PHONE" and (sum(ch.isdigit() for ch in m.group(0)) < 7 or _DATE.fullmatch(m.group(0))):

@@ -98,6 +98,16 @@ def test_scanner_passes_a_clean_report(tmp_path):
     assert scan_report(p).ok
 
 
+def test_scanner_ignores_element_ids_that_look_like_phone_numbers(tmp_path):
+    """Plotly names each figure's div by a UUID; all-digit groups of one once failed a report."""
+    p = tmp_path / "fig.html"
+    p.write_text('<html><body><div id="b4955203-a4eb-4184-9477-123456789012"></div><script>'
+                 'Plotly.newPlot("b4955203-a4eb-4184-9477-123456789012", [{"x": [1, 2]}]);</script>'
+                 "<p>Call 020 7946 0958 for details.</p></body></html>")
+    res = scan_report(p)
+    assert list(res.to_frame()["kind"]) == ["PHONE"] and res.to_frame()["where"].iloc[0] == "text"
+
+
 def test_report_of_a_world_with_planted_pii_contains_none_of_it(tmp_path):
     world = simulate({"seed": 21, "n_users": 120, "n_conversations": 400, "n_impressions": 8000, "p_pii": 0.5})
     d = world.write(tmp_path / "world")
