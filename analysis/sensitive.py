@@ -423,28 +423,14 @@ class SensitiveDetector:
         feats = self.features(texts) if features is None else features
         y = label_matrix(labels, self.cats)
         with _one_thread():
-            params, chosen = self._fit_pooled(feats, y, C=C, min_positives=min_positives, beta=beta, source=source)
-            heads = {}
+            pooled = self._fit_pooled(feats, y, C=C, min_positives=min_positives, beta=beta, source=source)
+            H = clean = fitted = None
             if supervised:
                 H = _head_matrix(feats, self.cats)
-                vec = T = None
-                if texts is not None:
-                    vec = _tfidf_vectorizer()
-                    T = vec.fit_transform([clean_text(t) for t in texts])
-                    params.tfidf = _tfidf_spec(vec)
-                for j, c in enumerate(self.cats):
-                    if not _head_support(y[:, j], min_head_positives):
-                        continue
-                    h, oof = _fit_head(H, y[:, j], C=head_C, seed=seed)
-                    if T is not None:  # a word n-gram model beside the embedding model; their probabilities are averaged
-                        ht, oof_t = _fit_text_head(T, y[:, j], seed=seed)
-                        h.update(ht)
-                        oof = (oof + oof_t) / 2
-                    heads[c] = h
-                    params.thresholds[c] = choose_threshold(oof, y[:, j], beta=beta)
-                    chosen[c] = "supervised head (threshold on out-of-fold scores)"
-            params.heads = heads
-        params.notes = {"thresholds": chosen, "positives": {c: int(y[:, j].sum()) for j, c in enumerate(self.cats)}}
+                clean = None if texts is None else [clean_text(t) for t in texts]
+                fitted = self._fit_heads(H, y, clean, head_C=head_C, min_head_positives=min_head_positives)
+            # no shared out-of-fold scores here: every head's threshold comes from its nested 5-fold search
+            params = self._with_heads(pooled, fitted, y, np.full(y.shape, np.nan), H, clean, head_C=head_C, beta=beta, seed=seed)
         self.params = params
         return params
 
@@ -588,10 +574,10 @@ class SensitiveDetector:
                     continue
                 s = oof[:, j]
                 if np.isnan(s).any():
-                    _, s = _fit_head(H, y[:, j], C=head_C, seed=seed)
-                    if vec is not None:
+                    s = _oof_head(H, y[:, j], C=head_C, seed=seed)
+                    if vec is not None:  # a word n-gram model beside the embedding model; their probabilities are averaged
                         T = vec.transform(list(clean)) if T is None else T
-                        s = (s + _fit_text_head(T, y[:, j], seed=seed)[1]) / 2
+                        s = (s + _oof_text(T, y[:, j], seed=seed)) / 2
                     chosen[c] = "supervised head (threshold on nested 5-fold out-of-fold scores)"
                 else:
                     chosen[c] = "supervised head (threshold on cross-fitted out-of-fold scores)"
@@ -689,18 +675,17 @@ def _fit_head_model(H: np.ndarray, y: np.ndarray, *, C: float, std: tuple | None
     return {"mean": mean.tolist(), "scale": scale.tolist(), "coef": m.coef_[0].tolist(), "intercept": float(m.intercept_[0])}
 
 
-def _fit_head(H: np.ndarray, y: np.ndarray, *, C: float, seed: int) -> tuple[dict, np.ndarray]:
-    """`_fit_head_model`, and 5-fold out-of-fold probabilities (standardized on all rows, as before)."""
+def _oof_head(H: np.ndarray, y: np.ndarray, *, C: float, seed: int) -> np.ndarray:
+    """5-fold out-of-fold probabilities of `_fit_head_model`'s model (standardized on all rows)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
 
-    std = _standardize(H)
-    Z = std[2]
+    Z = _standardize(H)[2]
     oof = np.zeros(len(y))
     for tr, te in StratifiedKFold(5, shuffle=True, random_state=seed).split(Z, y):
         m = LogisticRegression(C=C, max_iter=3000, class_weight="balanced").fit(Z[tr], y[tr])
         oof[te] = m.predict_proba(Z[te])[:, 1]
-    return _fit_head_model(H, y, C=C, std=std), oof
+    return oof
 
 
 def _tfidf(spec: dict):
@@ -718,15 +703,15 @@ def _fit_text_model(T, y: np.ndarray, *, C: float = 10.0) -> dict:
     return {"tfidf_coef": m.coef_[0].round(6).tolist(), "tfidf_intercept": float(m.intercept_[0])}
 
 
-def _fit_text_head(T, y: np.ndarray, *, seed: int, C: float = 10.0) -> tuple[dict, np.ndarray]:
-    """`_fit_text_model`, and 5-fold out-of-fold probabilities."""
+def _oof_text(T, y: np.ndarray, *, seed: int, C: float = 10.0) -> np.ndarray:
+    """5-fold out-of-fold probabilities of `_fit_text_model`'s model."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
 
     oof = np.zeros(len(y))
     for tr, te in StratifiedKFold(5, shuffle=True, random_state=seed).split(np.zeros(len(y)), y):
         oof[te] = LogisticRegression(C=C, max_iter=3000, class_weight="balanced").fit(T[tr], y[tr]).predict_proba(T[te])[:, 1]
-    return _fit_text_model(T, y, C=C), oof
+    return oof
 
 
 def choose_threshold(score: np.ndarray, y: np.ndarray, *, beta: float = 1.0) -> float:
