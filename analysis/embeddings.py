@@ -10,7 +10,7 @@ Backends (the `backend` argument everywhere):
   ``local_files_only=True``) or a local model folder.
 
 Transformer backends run in bfloat16 (autocast; matrix products in bf16, norms and softmax in
-fp32) on CPUs that multiply bf16 natively (AMX or AVX512-BF16): ~10x faster than fp32 there, with
+fp32) on CPUs that multiply bf16 natively (AMX or AVX512-BF16): ~2.6x faster per thread than fp32 there, with
 cosine 0.9999 to the fp32 vectors. Elsewhere they run in fp32. `$CHAT_AD_AUDIT_EMBED_PRECISION`
 (`auto`, `fp32`, `bf16`) forces one; the precision is part of the model id, so the two never share
 cache entries.
