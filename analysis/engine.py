@@ -237,7 +237,7 @@ def _clean_partition(df: pd.DataFrame, max_chars: int) -> pd.DataFrame:
 
 
 def _embed_assign_partition(items: list, spec: Mapping, backend: str, cache_dir: str, use_cache: bool, opening_weight: float) -> list:
-    from analysis.topics import assign_rest, document_embeddings
+    from analysis.topics import assign_rest, document_embeddings, embed_totals
 
     emb, lock = _worker_embedder(backend, cache_dir, use_cache)
     texts = [t for t, _ in items]
@@ -245,11 +245,7 @@ def _embed_assign_partition(items: list, spec: Mapping, backend: str, cache_dir:
     with lock:
         n_calls = len(emb.stats.history)
         vecs = document_embeddings(emb, texts, openings, opening_weight)
-        stats: dict = {}
-        for h in emb.stats.history[n_calls:]:
-            for k, v in h.items():
-                if isinstance(v, (int, float)):
-                    stats[k] = stats.get(k, 0) + v
+        stats = embed_totals(emb, n_calls)
     t, bs, out_sum = assign_rest(vecs, spec)
     return [(t, bs, out_sum, stats)]
 

@@ -779,7 +779,7 @@ class TopicModeler:
         t0 = time.perf_counter()
         n_calls = len(embedder.stats.history)
         emb = document_embeddings(embedder, texts, openings, w) if embed_assign is None else None  # else: the fit sample only, below
-        embed_stats = _embed_totals(embedder, n_calls) if emb is not None else {}
+        embed_stats = embed_totals(embedder, n_calls) if emb is not None else {}
         timings["embed"] = time.perf_counter() - t0
 
         # ---- fit on a seeded sample
@@ -795,7 +795,7 @@ class TopicModeler:
             t0 = time.perf_counter()
             n_calls = len(embedder.stats.history)
             fit_emb = document_embeddings(embedder, fit_docs, None if openings is None else [openings[i] for i in fit_pos], w)
-            embed_stats = _embed_totals(embedder, n_calls)
+            embed_stats = embed_totals(embedder, n_calls)
             timings["embed"] += time.perf_counter() - t0
         bt = self._bertopic(embedder, len(fit_pos))
         t0 = time.perf_counter()
@@ -925,7 +925,7 @@ class TopicModeler:
         return TopicsResult(assignments, topic_info, quality, model, docs, conv[keep].copy(), timings, s, embed_stats)
 
 
-def _embed_totals(embedder: Embedder, since: int) -> dict:
+def embed_totals(embedder: Embedder, since: int) -> dict:
     """The embedder's counts summed over its encode calls from number `since` on."""
     out: dict = {}
     for h in embedder.stats.history[since:]:
