@@ -175,6 +175,23 @@ def assign_split(drawn: pd.DataFrame) -> pd.DataFrame:
         n_test = int(round(TEST_SHARE * len(g)))
         split[rng.permutation(g.index.to_numpy())[:n_test]] = "test"
     drawn["split"] = split
+    return group_by_chat(drawn)
+
+
+def chat_of(conversation_id: pd.Series) -> pd.Series:
+    """ShareGPT id `eBOaucG_46` is part 46 of chat `eBOaucG`."""
+    return conversation_id.str.rsplit("_", n=1).str[0]
+
+
+def group_by_chat(drawn: pd.DataFrame) -> pd.DataFrame:
+    """Every part of one ShareGPT chat in one split: the split of most of its drawn parts (a tie
+    goes to the split of its lowest conversation id). Parts of a chat share a user and a subject,
+    so a chat across both splits would leak into the test figures."""
+    chat = chat_of(drawn["conversation_id"])
+    share_test = (drawn["split"] == "test").groupby(chat).mean()
+    first = drawn.sort_values("conversation_id").groupby(chat)["split"].first()
+    to_test = (share_test > 0.5) | ((share_test == 0.5) & (first == "test"))
+    drawn["split"] = np.where(chat.map(to_test), "test", "train")
     return drawn
 
 
