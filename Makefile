@@ -8,7 +8,7 @@ KERNEL := chat-ad-audit
 WORLD := data/world/default
 STAMP := $(VENV)/.installed
 
-.PHONY: setup report test lab world bench clean browser sharegpt
+.PHONY: setup report test test-fast lint notebook-params lab world bench clean browser sharegpt
 
 setup: $(STAMP)
 
@@ -33,8 +33,21 @@ world: $(WORLD)/ground_truth.json
 report: $(STAMP) $(WORLD)/ground_truth.json
 	$(PY) -m analysis run --config configs/default.yaml
 
+# the three test tiers (docs/architecture.md): unit (< 2 min), integration (papermill, pipeline, engines),
+# validation (simulation studies); CI runs all of them
 test: $(STAMP) browser
-	$(PY) -m pytest
+	$(PY) -m pytest tests/unit tests/integration tests/validation
+
+test-fast: $(STAMP)
+	$(PY) -m pytest tests/unit
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+# regenerate the notebooks' `parameters` cells from analysis/contract/settings.py
+notebook-params: $(STAMP)
+	$(PY) -c 'from analysis.pipeline import write_parameters_cells; print("\n".join(map(str, write_parameters_cells())) or "up to date")'
 
 # Debian's chromium for the report's browser test (installed when absent and we may; else that test skips)
 browser:

@@ -18,9 +18,9 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from analysis.metrics import read_metrics
 from analysis.pipeline import PROJECT_ROOT, fingerprint_inputs, load_config, run
-from analysis.storage import write_parquet, write_text
+from analysis.util.metrics import read_metrics
+from analysis.util.storage import write_parquet, write_text
 
 
 @dataclass
@@ -70,7 +70,10 @@ class BatchResult:
     def n_failed(self) -> int:
         return int((self.runs["status"] != "completed").sum())
 
-    def summary(self) -> str:
+    def summary(self) -> pd.DataFrame:
+        return self.runs.copy()
+
+    def to_markdown(self) -> str:
         n = len(self.runs)
         ex = int(self.runs["executed"].sum())
         return f"batch {self.grid.name}: {n} runs, {ex} executed, {n - ex} already complete, {self.n_failed} failed -> {self.grid.batch_dir / 'index.html'}"

@@ -5,6 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
+
+from analysis.batch import run_batch
+from analysis.contract.schemas import DataError
+from analysis.pipeline import StageFailed, _split_set, run, scan_run_report
+from analysis.simulate import simulate_to
+from analysis.util.privacy import scan_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,9 +42,6 @@ def main(argv: list[str] | None = None) -> int:
 
     a = p.parse_args(argv)
     if a.command == "simulate":
-        from analysis.pipeline import _split_set
-        from analysis.simulate import simulate_to
-
         t0 = time.perf_counter()
         world = simulate_to(a.config, a.out, dict(_split_set(x) for x in a.set))
         c = world.ground_truth["counts"]
@@ -48,9 +52,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     if a.command == "run":
-        from analysis.io import DataError
-        from analysis.pipeline import StageFailed, run
-
         try:
             res = run(a.config, a.set, stages=a.stages, run_id=a.run_id, reports_dir=a.reports_dir, progress=not a.no_progress)
         except (ValueError, StageFailed, DataError) as e:
@@ -63,21 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run {res.run_id} completed; report: {res.run_dir / final if final else res.run_dir} (also reports/latest/)")
         return 0
     if a.command == "batch":
-        from analysis.batch import run_batch
-
         res = run_batch(a.grid, workers=a.workers)
-        print(res.summary())
+        print(res.to_markdown())
         return 1 if res.n_failed else 0
     if a.command == "scan-report":
-        from pathlib import Path
-
-        from analysis.pipeline import scan_run_report
-        from analysis.privacy import scan_report
-
         bad = 0
         for path in a.path:
             res = scan_run_report(Path(path), Path(a.run_dir), k=a.k) if a.run_dir else scan_report(path, k=a.k)
-            print(res.summary())
+            print(res.to_markdown())
             bad += not res.ok
         return 1 if bad else 0
     return 2

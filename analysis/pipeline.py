@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import html
+import inspect
 import json
 import os
 import platform
@@ -17,14 +18,17 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+import pandas as pd
 import yaml
 
-from analysis.storage import write_json, write_text
+from analysis.contract.settings import STAGE_SETTINGS
+from analysis.util.privacy import scan_report
+from analysis.util.storage import write_json, write_text
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
@@ -76,6 +80,37 @@ def _split_set(s: str) -> tuple[str, object]:
         raise ValueError(f"--set expects key=value, got {s!r}")
     k, v = s.split("=", 1)
     return k.strip(), yaml.safe_load(v)
+
+
+def parameters_cell(stage: str) -> str:
+    """The `parameters` cell of a stage notebook, generated from the stage's settings dataclass
+    (defaults and the comments beside each field in analysis/contract/settings.py)."""
+    cls = STAGE_SETTINGS[stage]
+    src = inspect.getsource(cls)
+    comments = dict(re.findall(r"^    (\w+): [^=\n]+= [^#\n]*?#\s*(.+)$", src, re.M))
+    lines = [f"# Parameters of stage {stage}: generated from analysis.contract.settings.{cls.__name__} by",
+             "# `make notebook-params` (defaults there; papermill overrides them; see configs/default.yaml).",
+             'run_dir = "reports/dev"']
+    for f in fields(cls):
+        v = json.dumps(f.default) if isinstance(f.default, str) else repr(f.default)
+        lines.append(f"{f.name} = {v}" + (f"  # {comments[f.name]}" if f.name in comments else ""))
+    return "\n".join(lines)
+
+
+def write_parameters_cells(notebook_dir: Path = NOTEBOOK_DIR) -> list[Path]:
+    """Regenerate every stage notebook's `parameters` cell from the settings dataclasses."""
+    import nbformat
+
+    changed = []
+    for nb_path in stage_notebooks(notebook_dir):
+        nb = nbformat.read(str(nb_path), as_version=4)
+        cell = next(c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", []))
+        new = parameters_cell(nb_path.stem)
+        if cell.source != new:
+            cell.source = new
+            nbformat.write(nb, str(nb_path))
+            changed.append(nb_path)
+    return changed
 
 
 def declared_parameters(notebook: Path) -> dict:
@@ -258,7 +293,7 @@ def run(
                     blocked.parent.mkdir(exist_ok=True)
                     os.replace(html_path, blocked)
                     rec["status"] = "failed"
-                    rec["error"] = f"privacy scan failed, report moved to blocked/: {scan.summary()}"
+                    rec["error"] = f"privacy scan failed, report moved to blocked/: {scan.to_markdown()}"
             except Exception as e:
                 rec.setdefault("error", f"HTML rendering failed: {_one_line(e)}")
                 rec["status"] = "failed"
@@ -282,9 +317,6 @@ def run(
 
 def scan_run_report(html_path: Path, run_dir: Path, *, k: int = 10):
     """Privacy scan of one report against the run's own transcripts and user ids."""
-    import pandas as pd
-
-    from analysis.privacy import scan_report
 
     data = run_dir / "data"
     raw_texts = raw_ids = None

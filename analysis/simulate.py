@@ -26,19 +26,10 @@ import pyarrow.parquet as pq
 import yaml
 from scipy.stats import norm
 
-from analysis.regions import DEFAULT_EXCLUDED, DEFAULT_POLICY_DATE
-from analysis.storage import atomic_path, write_json, write_parquet
-from analysis.taxonomy import load_taxonomy
-
-ART9 = (
-    "health",
-    "religion",
-    "politics",
-    "sexual_orientation",
-    "ethnicity",
-    "philosophical_beliefs",
-    "trade_union",
-)
+from analysis.contract.art9 import ART9
+from analysis.util.regions import DEFAULT_EXCLUDED, DEFAULT_POLICY_DATE
+from analysis.util.storage import atomic_path, write_json, write_parquet
+from analysis.util.taxonomy import load_taxonomy
 
 INCLUDED_REGIONS = {"US": 30, "IN": 15, "BR": 12, "MX": 8, "ID": 8, "PH": 7, "CA": 7, "AU": 7, "NG": 6}
 EXCLUDED_REGIONS = {"DE": 18, "FR": 15, "GB": 12, "IT": 12, "ES": 10, "PL": 8, "NL": 7, "KR": 6, "SE": 5, "IE": 4, "NO": 3}
@@ -551,7 +542,6 @@ def _ground_truth(cfg, catalog, users, conv, sens, blocked, p_pass, imp, itruth,
 
     inc_post = (~excl_i) & post
     ct = itruth["chat_targeted"].to_numpy()
-    node_arr = np.array(sorted(node_idx, key=node_idx.get), dtype=object)
     lift = {
         "estimand_note": (
             "Impression-weighted expected CTR with the policy vs. the same impressions without it "

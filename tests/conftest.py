@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 
+from analysis.contract.settings import IngestSettings
+from analysis.ingest.conversations import build_conversations
 from analysis.simulate import simulate
+from analysis.stages import ingest
+from analysis.util.embeddings import default_cache_dir, distill_static
 
 SMALL = {"seed": 7, "n_users": 400, "n_conversations": 1600, "n_impressions": 80_000}
 
@@ -24,3 +29,45 @@ def small_world_dir(small_world, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_world_dir(tmp_path_factory) -> Path:
     return simulate({"seed": 11, "n_users": 60, "n_conversations": 200, "n_impressions": 5000}).write(tmp_path_factory.mktemp("world_tiny"))
+
+
+@pytest.fixture(scope="module")
+def small_run(small_world_dir, tmp_path_factory):
+    """A run folder with stage 00 done on the small world (one per test module)."""
+    rd = tmp_path_factory.mktemp("run02")
+    ingest.run(rd, IngestSettings(input_dir=str(small_world_dir)))
+    return rd
+
+
+@pytest.fixture(scope="session")
+def static_model_dir():
+    """The project cache holding the distilled static model (distilled once per machine, ~20 s;
+    later sessions reuse data/cache/static)."""
+    distill_static(default_cache_dir())
+    return default_cache_dir()
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every attempt to open a network connection is recorded and refused."""
+    attempts: list = []
+
+    def refuse(self, address, *a, **k):
+        attempts.append(address)
+        raise OSError(f"network blocked in this test: connect to {address!r}")
+
+    def refuse_create(address, *a, **k):
+        attempts.append(address)
+        raise OSError(f"network blocked in this test: connect to {address!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse_create)
+    return attempts
+
+
+@pytest.fixture(scope="session")
+def corpus(small_world):
+    """The small world's conversations and their true topics."""
+    conv = build_conversations(small_world.messages, small_world.users)
+    return conv, small_world.conversation_truth[["conversation_id", "topic"]]

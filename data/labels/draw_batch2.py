@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.io import import_sharegpt
-from analysis.sensitive import SensitiveDetector, clean_text
+from analysis.detector.model import SensitiveDetector
+from analysis.detector.text import clean_text
+from analysis.ingest.importers import import_sharegpt
 
 SEED = 20261129
 N_RANDOM = 160

@@ -18,9 +18,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.io import import_sharegpt
-from analysis.mapping import read_labels
-from analysis.sensitive import DetectorParams, SensitiveDetector, default_params_path, validate
+from analysis.detector.evaluation import evaluate_detector
+from analysis.detector.model import DetectorParams, FitOptions, SensitiveDetector, default_params_path
+from analysis.ingest.importers import import_sharegpt
+from analysis.mapping.labels import read_labels
+from analysis.util.storage import write_json
 
 HERE = Path(__file__).parent
 FILES = ("sharegpt_art9_sample.csv", "sharegpt_art9_batch2.csv")
@@ -58,12 +60,11 @@ def cross_validate(det: SensitiveDetector, texts: list[str], labels: pd.Series, 
     y_any = labels.map(bool).to_numpy()
     flags = pd.DataFrame(False, index=range(len(texts)), columns=det.cats)
     for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(texts)), y_any):
-        d = SensitiveDetector(backend=det.backend, params=det.params, spec=det.spec)
-        d.fit([texts[i] for i in tr], labels.iloc[tr].reset_index(drop=True), features=feats.iloc[tr].reset_index(drop=True),
-              supervised=supervised, seed=seed)
+        d = SensitiveDetector(backend=det.backend, params=det.params, spec=det.spec, fitting=FitOptions(supervised=supervised, seed=seed))
+        d.fit([texts[i] for i in tr], labels.iloc[tr].reset_index(drop=True), features=feats.iloc[tr].reset_index(drop=True))
         r = d.detect([texts[i] for i in te], features=feats.iloc[te].reset_index(drop=True))
         flags.iloc[te] = r.flags.to_numpy()
-    return validate(flags, labels.reset_index(drop=True))
+    return evaluate_detector(flags, labels.reset_index(drop=True))
 
 
 def main() -> None:
@@ -84,20 +85,21 @@ def main() -> None:
         det = SensitiveDetector(backend=backend)
         feats = det.features(texts)
         held = det.detect([t for t, b in zip(texts, batch2) if b], features=feats[batch2].reset_index(drop=True))
-        v = validate(held.flags, lab.loc[batch2, "art9"].reset_index(drop=True))
+        v = evaluate_detector(held.flags, lab.loc[batch2, "art9"].reset_index(drop=True))
         seen = FILES[1] in det.params.fitted_on  # after a refit the shipped defaults have seen batch 2
         print(f"\n== {backend}: current shipped defaults on batch 2 ({'IN-SAMPLE: fitted on it' if seen else 'never fitted on it'})"
-              f"\n{v.summary()}\n{table(v).to_string()}")
+              f"\n{v.to_markdown()}\n{table(v).to_string()}")
         results = {}
         for sup in (False, True):
             v = cross_validate(det, texts, lab["art9"], feats, supervised=sup)
             results[sup] = v
-            print(f"\n== {backend}: 5-fold CV on all labels, supervised heads {'on' if sup else 'off'}\n{v.summary()}\n{table(v).to_string()}")
+            print(f"\n== {backend}: 5-fold CV on all labels, supervised heads {'on' if sup else 'off'}\n{v.to_markdown()}\n{table(v).to_string()}")
         sup = {"yes": True, "no": False}.get(a.supervised)
         if sup is None:
             sup = bool(results[True].micro.iloc[0].f1 > results[False].micro.iloc[0].f1)
         if a.write:
-            det.fit(texts, lab["art9"], features=feats, supervised=sup,
+            det.fitting = FitOptions(supervised=sup)
+            det.fit(texts, lab["art9"], features=feats,
                     source=f"{len(lab)} hand-labeled ShareGPT conversations (data/labels/{', '.join(FILES)})")
             m = results[sup].micro.iloc[0]
             det.params.notes["cv_5fold"] = {"micro_precision": round(float(m.precision), 3), "micro_recall": round(float(m.recall), 3),
@@ -106,8 +108,6 @@ def main() -> None:
             print(f"{backend}: fitted on all labels (heads {'on' if sup else 'off'}: {sorted(det.params.heads)})")
     if a.write:
         DetectorParams.from_dict(stored[a.backends[0]])  # still readable
-        from analysis.storage import write_json
-
         write_json(stored, default_params_path())
         print(f"wrote {default_params_path()}")
 

@@ -1,0 +1,512 @@
+"""The sensitive-topic detector: a logistic combiner over lexicon and embedding features with per-category thresholds."""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import resources
+from itertools import combinations
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.optimize  # noqa: F401  (threadpoolctl limits only the libraries loaded when it is entered)
+from threadpoolctl import threadpool_limits
+
+from analysis.contract.art9 import label_matrix
+from analysis.detector.features import EmbeddingDetector, LexiconDetector
+from analysis.detector.text import clean_text
+from analysis.util.privacy import suppress_small_cells
+from analysis.util.storage import write_json
+from analysis.util.taxonomy import Art9Spec, load_art9
+
+FEATURES = ("pos", "margin", "share", "strong", "weak")
+
+# ----------------------------------------------------------------------------- the combiner
+
+
+def default_params_path() -> Path:
+    return Path(str(resources.files("analysis") / "data" / "detector_default.json"))
+
+
+@dataclass
+class DetectorParams:
+    """Logistic weights over FEATURES (pooled over categories) and one threshold per category."""
+    coef: dict[str, float]
+    intercept: float
+    thresholds: dict[str, float]
+    backend: str = "minilm"
+    fitted_on: str = ""
+    n_train: int | None = None
+    notes: dict = field(default_factory=dict)
+    # per-category supervised heads (logistic regression on pooled embeddings + the features above),
+    # fitted only where labels have enough positives: {category: {"mean", "scale", "coef", "intercept"}}
+    heads: dict = field(default_factory=dict)
+    # the word n-gram TF-IDF vocabulary the heads' text part uses: {"vocabulary", "idf", "ngram_range"}
+    tfidf: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "backend": self.backend, "coef": self.coef, "intercept": self.intercept, "thresholds": self.thresholds,
+            "fitted_on": self.fitted_on, "n_train": self.n_train, "features": list(FEATURES), "notes": self.notes,
+            "heads": self.heads, "tfidf": self.tfidf,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DetectorParams":
+        return cls(coef={k: float(v) for k, v in d["coef"].items()}, intercept=float(d["intercept"]),
+                   thresholds={k: float(v) for k, v in d["thresholds"].items()}, backend=d.get("backend", "minilm"),
+                   fitted_on=d.get("fitted_on", ""), n_train=d.get("n_train"), notes=d.get("notes") or {},
+                   heads=d.get("heads") or {}, tfidf=d.get("tfidf") or {})
+
+    def save(self, path: str | Path) -> Path:
+
+        return write_json(self.to_dict(), path)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, backend: str | None = None) -> "DetectorParams":
+        """Stored params; the default file holds one set per embedding backend."""
+        raw = json.loads(Path(path or default_params_path()).read_text())
+        if "coef" not in raw:  # {backend: params}
+            if backend not in raw:
+                raise KeyError(f"no default detector params for backend {backend!r} (have {sorted(raw)}); fit on labels")
+            raw = raw[backend]
+        return cls.from_dict(raw)
+
+
+def _design(feats: pd.DataFrame, cats: Sequence[str]) -> np.ndarray:
+    """(n_texts, n_categories, n_features) in FEATURES order; counts enter as log1p."""
+    x = np.stack([np.stack([feats[f"{c}__{f}"].to_numpy(dtype=float) for f in FEATURES], axis=1) for c in cats], axis=1)
+    x[:, :, 3:] = np.log1p(x[:, :, 3:])
+    return x
+
+@dataclass
+class Detection:
+    """Scores (0-1) and flags per category for each conversation."""
+    conversation_id: pd.Series
+    scores: pd.DataFrame
+    flags: pd.DataFrame
+    features: pd.DataFrame
+    params: DetectorParams
+
+    def to_frame(self) -> pd.DataFrame:
+        out = pd.DataFrame({"conversation_id": self.conversation_id.to_numpy()})
+        for c in self.scores:
+            out[f"score_{c}"] = self.scores[c].to_numpy()
+        for c in self.flags:
+            out[f"flag_{c}"] = self.flags[c].to_numpy()
+        out["any_sensitive"] = self.flags.any(axis=1).to_numpy()
+        cats, f = list(self.flags.columns), self.flags.to_numpy(dtype=bool)
+        out["art9"] = [[c for c, on in zip(cats, row) if on] for row in f.tolist()]
+        return out
+
+    def prevalence(self, min_cell: int | None = None) -> pd.DataFrame:
+        """Flagged conversations and share per category; with `min_cell`, counts below it (and
+        their shares, which would reveal them) are suppressed for publication."""
+        n = len(self.flags)
+        rows = [{"category": c, "conversations": int(self.flags[c].sum()), "n": n, "share": float(self.flags[c].mean()) if n else np.nan} for c in self.flags]
+        rows.append({"category": "any", "conversations": int(self.flags.any(axis=1).sum()), "n": n,
+                     "share": float(self.flags.any(axis=1).mean()) if n else np.nan})
+        out = pd.DataFrame(rows)
+        if min_cell:
+            out = suppress_small_cells(out, ["conversations"], k=min_cell)
+            out["share"] = out["share"].astype(object).where(out["conversations"] != f"<{min_cell}", None)
+        return out
+
+    def summary(self) -> pd.DataFrame:
+        return self.prevalence()
+
+    def to_markdown(self) -> str:
+        p = self.prevalence()
+        return "; ".join(f"{r.category} {r.share:.1%}" for r in p.itertuples()) + f" (n={len(self.flags)})"
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """How `fit` and `cross_fit` fit: pooled model, per-category heads and thresholds."""
+    min_positives: int = 5  # fewer labeled positives: the category takes the threshold pooled over categories
+    C: float = 1.0  # inverse regularization of the pooled logistic model
+    supervised: bool = True  # fit per-category heads (segment embeddings + TF-IDF) where the support allows
+    min_head_positives: int = 40
+    head_C: float = 2.0
+    beta: float = 1.0  # thresholds maximize F-beta (> 1 favours recall)
+    seed: int = 0  # the heads' out-of-fold splits
+
+
+class SensitiveDetector:
+    """Lexicon + embedding evidence combined by a pooled logistic model; per-category thresholds.
+
+    `params=None` loads the shipped defaults for the backend (fitted on hand-labeled ShareGPT);
+    `fit(texts, labels)` refits weights and thresholds on labeled conversations.
+    """
+
+    def __init__(self, *, backend: str = "minilm", params: DetectorParams | str | Path | None = None,
+                 spec: Art9Spec | None = None, cache_dir: str | Path | None = None, max_segments: int = 24,
+                 fitting: FitOptions | None = None):
+        self.fitting = fitting or FitOptions()
+        self.spec = spec or load_art9()
+        self.cats = list(self.spec.categories)
+        self.backend = backend
+        self.lexicon = LexiconDetector(self.spec)
+        self.embedding = EmbeddingDetector(self.spec, backend=backend, cache_dir=cache_dir, max_segments=max_segments)
+        if params is None or isinstance(params, (str, Path)):
+            params = DetectorParams.load(params, backend)
+        self.params = params
+
+    def features(self, texts: Sequence[str]) -> pd.DataFrame:
+        texts = ["" if t is None else str(t) for t in texts]
+        return pd.concat([self.embedding.features(texts), self.lexicon.counts(texts)], axis=1)
+
+    def _score(self, feats: pd.DataFrame, params: DetectorParams | None = None, texts: Sequence[str] | None = None) -> pd.DataFrame:
+        p = params or self.params
+        x = _design(feats, self.cats)
+        w = np.array([p.coef[f] for f in FEATURES])
+        out = pd.DataFrame(1 / (1 + np.exp(-(x @ w + p.intercept))), columns=self.cats)
+        if p.heads:
+            H = _head_matrix(feats, self.cats)
+            T = _tfidf(p.tfidf).transform([clean_text(t) for t in texts]) if p.tfidf and texts is not None else None
+            if p.tfidf and texts is None:
+                raise ValueError("these detector params have a text (TF-IDF) part: pass the texts")
+            z = {}
+            for c, h in p.heads.items():
+                out[c] = _head_prob(h, H, T, z)
+        return out
+
+    def detect(self, texts: Sequence[str], conversation_id: Sequence | None = None, *, features: pd.DataFrame | None = None) -> Detection:
+        feats = self.features(texts) if features is None else features
+        scores = self._score(feats, texts=texts)
+        flags = pd.DataFrame({c: scores[c].to_numpy() >= self.params.thresholds[c] for c in self.cats})
+        ids = pd.Series(conversation_id if conversation_id is not None else np.arange(len(feats)))
+        return Detection(ids.reset_index(drop=True), scores, flags, feats, self.params)
+
+    def fit(self, texts: Sequence[str] | None, labels, *, features: pd.DataFrame | None = None, source: str = "") -> DetectorParams:
+        """Fit the pooled logistic weights and per-category thresholds (max F1) on labeled data.
+
+        A category with fewer than `min_positives` labeled positives gets the threshold pooled over
+        categories. With `supervised` and at least `min_head_positives` positives (and negatives),
+        a category also gets its own logistic head on the pooled segment embeddings plus the
+        prototype and lexicon features; its threshold is chosen on 5-fold out-of-fold scores, so
+        it is not tuned on scores the head was fitted to. Thresholds maximize F-beta (`beta` > 1
+        favours recall: a missed sensitive chat is the costlier error for the audit). The knobs are
+        the constructor's `fitting` (`FitOptions`).
+        """
+        o = self.fitting
+        min_positives, C, supervised, min_head_positives, head_C, beta, seed = (
+            o.min_positives, o.C, o.supervised, o.min_head_positives, o.head_C, o.beta, o.seed)
+        feats = self.features(texts) if features is None else features
+        y = label_matrix(labels, self.cats)
+        with _one_thread():
+            pooled = self._fit_pooled(feats, y, C=C, min_positives=min_positives, beta=beta, source=source)
+            H = clean = fitted = None
+            if supervised:
+                H = _head_matrix(feats, self.cats)
+                clean = None if texts is None else [clean_text(t) for t in texts]
+                fitted = self._fit_heads(H, y, clean, head_C=head_C, min_head_positives=min_head_positives)
+            # no shared out-of-fold scores here: every head's threshold comes from its nested 5-fold search
+            params = self._with_heads(pooled, fitted, y, np.full(y.shape, np.nan), H, clean, head_C=head_C, beta=beta, seed=seed)
+        self.params = params
+        return params
+
+    def cross_fit(self, texts: Sequence[str] | None, labels, folds: Sequence[int], *, features: pd.DataFrame | None = None,
+                  source: str = "", workers: int | None = None) -> "CrossFit":
+        """Cross-fitting over `folds` (a fold number per labeled text): each text is scored and flagged
+        by a detector fitted as `fit` does on the other folds, then the detector is fitted on all labels
+        (it becomes `self.params`).
+
+        The heads' thresholds come from out-of-fold scores the fits share instead of a nested 5-fold
+        search per fit: the fold-k detector's from models fitted without folds k and j scoring fold j
+        (one model per pair of folds serves two fold detectors), the all-labels detector's from the
+        cross-fitted scores themselves. No threshold is chosen on scores of texts its model was fitted
+        to, nor on the fold it is judged on; K folds cost K(K-1)/2 + K + 1 head fits per category
+        instead of 6(K + 1). A category whose pair or fold models lack a head (too few positives
+        there) falls back to the nested 5-fold search. The fits are independent and run on
+        `workers` threads (default: the usable cores, at most 4); results do not depend on it.
+        """
+        o = self.fitting
+        min_positives, C, supervised, min_head_positives, head_C, beta, seed = (
+            o.min_positives, o.C, o.supervised, o.min_head_positives, o.head_C, o.beta, o.seed)
+        feats = (self.features(texts) if features is None else features).reset_index(drop=True)
+        y = label_matrix(labels, self.cats)
+        folds = np.asarray(folds)
+        ks = np.unique(folds)
+        if len(folds) != len(y) or len(feats) != len(y):
+            raise ValueError(f"cross_fit: {len(y)} labels, {len(folds)} fold numbers and {len(feats)} feature rows must match")
+        if len(ks) < 2:
+            raise ValueError(f"cross_fit needs at least 2 folds, got {len(ks)}")
+        raw = None if texts is None else ["" if t is None else str(t) for t in texts]
+        clean = None if raw is None else np.array([clean_text(t) for t in raw], dtype=object)
+        H = _head_matrix(feats, self.cats) if supervised else None
+        n, m = y.shape
+        # training rows of every model: without a pair of folds, without one fold, all
+        pairs = list(combinations(ks.tolist(), 2))
+        train = {("pair", a, b): ~np.isin(folds, (a, b)) for a, b in pairs}
+        train.update({("fold", k): folds != k for k in ks.tolist()})
+        train[("all",)] = np.ones(n, dtype=bool)
+        detectors = [key for key in train if key[0] != "pair"]
+
+        def heads_on(key):
+            r = train[key]
+            return self._fit_heads(H[r], y[r], None if clean is None else clean[r], head_C=head_C, min_head_positives=min_head_positives)
+
+        def pooled_on(key):
+            r = train[key]
+            return self._fit_pooled(feats[r], y[r], C=C, min_positives=min_positives, beta=beta, source=source)
+
+        workers = workers or min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+        with _one_thread(), ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            heads_f = {key: pool.submit(heads_on, key) for key in (train if supervised else [])}
+            pooled_f = {key: pool.submit(pooled_on, key) for key in detectors}
+            heads = {key: f.result() for key, f in heads_f.items()}
+            pooled = {key: f.result() for key, f in pooled_f.items()}
+
+            def tfidf(key, rows):
+                vec = heads[key][1]
+                return None if vec is None else vec.transform(list(clean[rows]))
+
+            # head scores of fold j by the model fitted without folds k and j
+            inner = {}
+            for a, b in pairs:
+                for k, j in ((a, b), (b, a)):
+                    te = folds == j
+                    inner[(k, j)] = _head_probs(heads[("pair", a, b)][0], H[te], tfidf(("pair", a, b), te), self.cats)
+            oof_s, oof_f = np.zeros((n, m)), np.zeros((n, m), dtype=bool)
+            had_head = []
+            for k in ks.tolist():
+                tr, te = train[("fold", k)], folds == k
+                sel = np.full((n, m), np.nan)
+                for j in ks[ks != k].tolist():
+                    sel[folds == j] = inner[(k, j)]
+                p = self._with_heads(pooled[("fold", k)], heads.get(("fold", k)), y[tr], sel[tr], H[tr] if supervised else None,
+                                     None if clean is None else clean[tr], head_C=head_C, beta=beta, seed=seed)
+                s = self._score(feats[te].reset_index(drop=True), p, None if raw is None else [raw[i] for i in np.flatnonzero(te)])
+                oof_s[te] = s.to_numpy()
+                oof_f[te] = s.to_numpy() >= np.array([p.thresholds[c] for c in self.cats])
+                had_head.append(set(p.heads))
+            # the all-labels detector: thresholds on the cross-fitted scores where every fold model had that head
+            usable = np.full((n, m), np.nan)
+            for j, c in enumerate(self.cats):
+                if all(c in h for h in had_head):
+                    usable[:, j] = oof_s[:, j]
+            params = self._with_heads(pooled[("all",)], heads.get(("all",)), y, usable, H, clean, head_C=head_C, beta=beta, seed=seed)
+        params.notes["cross_fit"] = {"folds": int(len(ks)), "fold_sizes": {str(k): int((folds == k).sum()) for k in ks}}
+        self.params = params
+        cols = list(self.cats)
+        return CrossFit(pd.DataFrame(oof_s, columns=cols), pd.DataFrame(oof_f, columns=cols), params, folds)
+
+    def _fit_pooled(self, feats: pd.DataFrame, y: np.ndarray, *, C: float, min_positives: int, beta: float,
+                    source: str) -> tuple[DetectorParams, dict]:
+        """The pooled logistic model over FEATURES and its per-category thresholds (in-sample: 5 weights)."""
+        from sklearn.linear_model import LogisticRegression
+
+        x = _design(feats, self.cats)
+        lr = LogisticRegression(C=C, max_iter=2000, class_weight="balanced")
+        lr.fit(x.reshape(-1, x.shape[2]), y.reshape(-1))
+        params = DetectorParams(
+            coef={f: float(v) for f, v in zip(FEATURES, lr.coef_[0])}, intercept=float(lr.intercept_[0]),
+            thresholds=dict(self.params.thresholds), backend=self.backend, fitted_on=source, n_train=int(len(y)),
+        )
+        scores = self._score(feats, params)
+        # one threshold for all categories pooled: the fallback for a category with few positives
+        pooled = choose_threshold(scores.to_numpy().reshape(-1), y.reshape(-1))
+        chosen = {}
+        for j, c in enumerate(self.cats):
+            if y[:, j].sum() >= min_positives:
+                params.thresholds[c] = choose_threshold(scores[c].to_numpy(), y[:, j], beta=beta)
+                chosen[c] = "fitted"
+            else:
+                params.thresholds[c] = pooled
+                chosen[c] = f"pooled over categories (fewer than {min_positives} positives)"
+        return params, chosen
+
+    def _fit_heads(self, H: np.ndarray, y: np.ndarray, clean: Sequence[str] | None, *, head_C: float,
+                   min_head_positives: int) -> tuple[dict, object]:
+        """Heads (embedding + TF-IDF) on these rows for every category with the support; no thresholds."""
+        vec = T = None
+        if clean is not None:
+            vec = _tfidf_vectorizer()
+            T = vec.fit_transform(list(clean))
+        std = _standardize(H)
+        heads = {}
+        for j, c in enumerate(self.cats):
+            if _head_support(y[:, j], min_head_positives):
+                heads[c] = _fit_head_model(H, y[:, j], C=head_C, std=std)
+                if T is not None:
+                    heads[c].update(_fit_text_model(T, y[:, j]))
+        return heads, vec
+
+    def _with_heads(self, pooled: tuple[DetectorParams, dict], fitted: tuple[dict, object] | None, y: np.ndarray, oof: np.ndarray,
+                    H: np.ndarray | None, clean, *, head_C: float, beta: float, seed: int) -> DetectorParams:
+        """A pooled fit completed with its heads, their thresholds chosen on the given out-of-fold head
+        scores (NaN where none: that category falls back to the nested 5-fold search)."""
+        params, chosen = pooled
+        if fitted is not None:
+            heads, vec = fitted
+            T = None
+            for j, c in enumerate(self.cats):
+                if c not in heads:
+                    continue
+                s = oof[:, j]
+                if np.isnan(s).any():
+                    s = _oof_head(H, y[:, j], C=head_C, seed=seed)
+                    if vec is not None:  # a word n-gram model beside the embedding model; their probabilities are averaged
+                        T = vec.transform(list(clean)) if T is None else T
+                        s = (s + _oof_text(T, y[:, j], seed=seed)) / 2
+                    chosen[c] = "supervised head (threshold on nested 5-fold out-of-fold scores)"
+                else:
+                    chosen[c] = "supervised head (threshold on cross-fitted out-of-fold scores)"
+                params.thresholds[c] = choose_threshold(s, y[:, j], beta=beta)
+            params.heads = heads
+            if vec is not None:
+                params.tfidf = _tfidf_spec(vec)
+        params.notes = {"thresholds": chosen, "positives": {c: int(y[:, j].sum()) for j, c in enumerate(self.cats)}}
+        return params
+
+
+@dataclass
+class CrossFit:
+    """Out-of-fold scores and flags per labeled text (input order), and the all-labels parameters."""
+    scores: pd.DataFrame
+    flags: pd.DataFrame
+    params: DetectorParams
+    folds: np.ndarray
+
+
+def _one_thread():
+    """BLAS and OpenMP at one thread: these fits are many small problems, where 2 threads cost more in
+    hand-offs than they gain (one `fit` on 4,800 labels: 57 s with 2 threads on a busy 2-core
+    machine, 7 s with 1)."""
+    import sklearn.linear_model  # noqa: F401
+
+    return threadpool_limits(1)
+
+
+def _head_support(y: np.ndarray, min_positives: int) -> bool:
+    return bool(y.sum() >= min_positives and (~y).sum() >= min_positives)
+
+
+def _tfidf_vectorizer():
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    return TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True, max_features=30000)
+
+
+def _tfidf_spec(vec) -> dict:
+    return {"vocabulary": {k: int(v) for k, v in vec.vocabulary_.items()}, "idf": vec.idf_.round(6).tolist(), "ngram_range": [1, 2]}
+
+
+def _head_prob(h: dict, H: np.ndarray, T=None, _z: dict | None = None) -> np.ndarray:
+    """A head's probability: the embedding model's, averaged with the TF-IDF model's when it has one.
+    `_z`: a dict that keeps the standardized H between heads with the same mean and scale."""
+    mean, scale = np.array(h["mean"]), np.array(h["scale"])
+    key = (mean.tobytes(), scale.tobytes())
+    Z = None if _z is None else _z.get(key)
+    if Z is None:
+        Z = (H - mean) / scale
+        if _z is not None:
+            _z.clear()
+            _z[key] = Z
+    z = Z @ np.array(h["coef"]) + h["intercept"]
+    prob = 1 / (1 + np.exp(-z))
+    if T is not None and "tfidf_coef" in h:
+        zt = T @ np.array(h["tfidf_coef"]) + h["tfidf_intercept"]
+        prob = (prob + 1 / (1 + np.exp(-zt))) / 2
+    return prob
+
+
+def _head_probs(heads: dict, H: np.ndarray, T, cats: Sequence[str]) -> np.ndarray:
+    """(rows, categories) head probabilities; NaN for a category without a head."""
+    out, z = np.full((len(H), len(cats)), np.nan), {}
+    for j, c in enumerate(cats):
+        if c in heads:
+            out[:, j] = _head_prob(heads[c], H, T, z)
+    return out
+
+
+def _head_matrix(feats: pd.DataFrame, cats: Sequence[str]) -> np.ndarray:
+    emb = [c for c in feats.columns if c.startswith("emb__")]
+    x = _design(feats, cats).reshape(len(feats), -1)
+    return np.hstack([feats[emb].to_numpy(dtype=np.float64), x])
+
+
+def _standardize(H: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, scale, standardized H); constant columns keep scale 1."""
+    mean, scale = H.mean(axis=0), H.std(axis=0)
+    scale = np.where(scale > 1e-9, scale, 1.0)
+    return mean, scale, (H - mean) / scale
+
+
+def _fit_head_model(H: np.ndarray, y: np.ndarray, *, C: float, std: tuple | None = None) -> dict:
+    """Standardize (or take `std` = `_standardize(H)`, shared by the categories), fit an L2 logistic
+    regression (class-balanced)."""
+    from sklearn.linear_model import LogisticRegression
+
+    mean, scale, Z = std if std is not None else _standardize(H)
+    m = LogisticRegression(C=C, max_iter=3000, class_weight="balanced").fit(Z, y)
+    return {"mean": mean.tolist(), "scale": scale.tolist(), "coef": m.coef_[0].tolist(), "intercept": float(m.intercept_[0])}
+
+
+def _oof_head(H: np.ndarray, y: np.ndarray, *, C: float, seed: int) -> np.ndarray:
+    """5-fold out-of-fold probabilities of `_fit_head_model`'s model (standardized on all rows)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    Z = _standardize(H)[2]
+    oof = np.zeros(len(y))
+    for tr, te in StratifiedKFold(5, shuffle=True, random_state=seed).split(Z, y):
+        m = LogisticRegression(C=C, max_iter=3000, class_weight="balanced").fit(Z[tr], y[tr])
+        oof[te] = m.predict_proba(Z[te])[:, 1]
+    return oof
+
+
+def _tfidf(spec: dict):
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    vec = TfidfVectorizer(ngram_range=tuple(spec.get("ngram_range", (1, 2))), sublinear_tf=True, vocabulary=spec["vocabulary"])
+    vec.idf_ = np.asarray(spec["idf"], dtype=np.float64)
+    return vec
+
+
+def _fit_text_model(T, y: np.ndarray, *, C: float = 10.0) -> dict:
+    from sklearn.linear_model import LogisticRegression
+
+    m = LogisticRegression(C=C, max_iter=3000, class_weight="balanced").fit(T, y)
+    return {"tfidf_coef": m.coef_[0].round(6).tolist(), "tfidf_intercept": float(m.intercept_[0])}
+
+
+def _oof_text(T, y: np.ndarray, *, seed: int, C: float = 10.0) -> np.ndarray:
+    """5-fold out-of-fold probabilities of `_fit_text_model`'s model."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    oof = np.zeros(len(y))
+    for tr, te in StratifiedKFold(5, shuffle=True, random_state=seed).split(np.zeros(len(y)), y):
+        oof[te] = LogisticRegression(C=C, max_iter=3000, class_weight="balanced").fit(T[tr], y[tr]).predict_proba(T[te])[:, 1]
+    return oof
+
+
+def choose_threshold(score: np.ndarray, y: np.ndarray, *, beta: float = 1.0) -> float:
+    """The threshold maximizing F-beta; ties go to the midpoint of the widest run of best cut-offs.
+
+    Placing the cut midway between the scores of neighbouring conversations (not on a score)
+    keeps it from hugging the tuning sample.
+    """
+    s = np.asarray(score, dtype=float)
+    y = np.asarray(y, dtype=bool)
+    u = np.unique(s)
+    cuts = np.concatenate([[u[0] - 1e-9], (u[:-1] + u[1:]) / 2, [u[-1] + 1e-9]]) if len(u) else np.array([0.5])
+    # counts of `s >= t` for every cut at once (sorted scores + binary search), not one pass per cut
+    tp = len(s[y]) - np.searchsorted(np.sort(s[y]), cuts, side="left")
+    fp = len(s[~y]) - np.searchsorted(np.sort(s[~y]), cuts, side="left")
+    fn = int(y.sum()) - tp
+    denom = (1 + beta**2) * tp + beta**2 * fn + fp
+    f = np.where(denom > 0, (1 + beta**2) * tp / np.where(denom > 0, denom, 1), 0.0)
+    best = f.max()
+    idx = np.flatnonzero(f >= best - 1e-12)
+    # the widest contiguous run of optimal cut-offs; take its middle
+    runs = np.split(idx, np.flatnonzero(np.diff(idx) > 1) + 1)
+    run = max(runs, key=len)
+    best_cut = float(np.median(cuts[run]))
+    return float(np.clip(best_cut, 1e-6, 1 - 1e-6))

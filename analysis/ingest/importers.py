@@ -1,0 +1,194 @@
+"""Importers for chat exports: ShareGPT-style JSON (salvaging a truncated file) and the OpenAI ChatGPT export."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from analysis.contract.schemas import DataError
+from analysis.ingest.readers import decode_utf8
+from analysis.util.privacy import pseudonymize
+
+# ----------------------------------------------------------------------------- importers
+
+
+@dataclass
+class ImportResult:
+    """Contract tables built from a chat export, with what could not be salvaged."""
+
+    messages: pd.DataFrame
+    users: pd.DataFrame
+    source: str
+    n_records: int
+    n_skipped: int = 0
+    bytes_lost: int = 0
+    truncated: bool = False
+    problems: list[dict] = field(default_factory=list)
+
+    def summary(self) -> pd.DataFrame:
+        return pd.DataFrame({"source": [self.source], "conversations": [self.n_records], "skipped": [self.n_skipped],
+                             "truncated": [self.truncated], "bytes_lost": [self.bytes_lost]})
+
+    def to_markdown(self) -> str:
+        s = f"{self.source}: {self.n_records} conversations imported, {self.n_skipped} skipped"
+        if self.truncated:
+            s += f"; file cut off: {self.bytes_lost} trailing bytes (one partial record) lost"
+        return s
+
+
+def iter_json_array(text: str, path: str | Path):
+    """Yield (index, record, end_offset) from a top-level JSON array, stopping cleanly at a truncation."""
+    dec = json.JSONDecoder()
+    i = text.find("[")
+    if i < 0:
+        raise DataError(path, "not a JSON array (no '[' found)")
+    i += 1
+    k = 0
+    ws = re.compile(r"[\s,]*")
+    while True:
+        i = ws.match(text, i).end()
+        if i >= len(text) or text[i] == "]":
+            return
+        try:
+            obj, end = dec.raw_decode(text, i)
+        except json.JSONDecodeError:
+            return  # the rest is an incomplete record: the caller reports the bytes lost
+        k += 1
+        yield k, obj, end
+        i = end
+
+
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "assistant": "assistant", "bing": "assistant", "bard": "assistant"}
+
+def import_sharegpt(path: str | Path, *, region: str = "ZZ", max_records: int | None = None) -> ImportResult:
+    """ShareGPT-style JSON ([{id, conversations: [{from, value}]}]); tolerant of a file cut off mid-way.
+
+    ShareGPT splits long chats into parts `<id>_0`, `<id>_1`, ...: parts of one chat share a
+    pseudonymous user. There are no timestamps (sent_at is missing) and no region (ZZ).
+    """
+    path = Path(path)
+    text = decode_utf8(path)
+    rows, problems = [], []
+    n = skipped = 0
+    last_end = text.find("[") + 1
+    for k, rec, end in iter_json_array(text, path):
+        last_end = end
+        if max_records is not None and n >= max_records:
+            break
+        turns = rec.get("conversations") if isinstance(rec, dict) else None
+        if not isinstance(turns, list) or not rec.get("id"):
+            skipped += 1
+            problems.append({"row": k, "reason": "record without 'id' or 'conversations' list"})
+            continue
+        cid = str(rec["id"])
+        user = cid.rsplit("_", 1)[0]  # pseudonymized below, once per distinct user
+        t_i = 0
+        for t in turns:
+            role = _SHAREGPT_ROLES.get(str(t.get("from", "")).lower()) if isinstance(t, dict) else None
+            value = t.get("value") if isinstance(t, dict) else None
+            if role is None or not isinstance(value, str):
+                problems.append({"row": k, "reason": f"turn with unknown role {t.get('from') if isinstance(t, dict) else t!r}"})
+                continue
+            rows.append((cid, user, t_i, role, value))
+            t_i += 1
+        if t_i == 0:
+            skipped += 1
+            problems.append({"row": k, "reason": "conversation with no usable turns"})
+            continue
+        n += 1
+    tail = text[last_end:].strip().lstrip(",").strip()
+    truncated = max_records is None and bool(tail) and tail != "]"
+    messages = pd.DataFrame(rows, columns=["conversation_id", "user_id", "turn_index", "role", "text"])
+    messages["sent_at"] = pd.Series(pd.NaT, index=messages.index, dtype="datetime64[ns, UTC]")
+    messages["modality"] = "text"
+    messages["user_id"] = pseudonymize(messages["user_id"])
+    users = pd.DataFrame({"user_id": messages["user_id"].unique(), "region": region})
+    return ImportResult(
+        messages, users, f"ShareGPT JSON {path}", n, skipped,
+        bytes_lost=len(text[last_end:].encode()) if truncated else 0, truncated=truncated, problems=problems,
+    )
+
+
+def import_chatgpt_export(path: str | Path, *, user_id: str = "export_user", region: str = "ZZ") -> ImportResult:
+    """The OpenAI ChatGPT data export (`conversations.json`): follow each message tree from
+    `current_node` back to the root, keeping user and assistant turns of the active branch."""
+    path = Path(path)
+    text = decode_utf8(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(path, f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+    if not isinstance(data, list):
+        raise DataError(path, "expected a JSON list of conversations")
+    uid = pseudonymize(pd.Series([user_id])).iloc[0]
+    rows, problems = [], []
+    n = skipped = 0
+    for k, conv in enumerate(data, start=1):
+        mapping = conv.get("mapping") if isinstance(conv, dict) else None
+        if not isinstance(mapping, dict):
+            skipped += 1
+            problems.append({"row": k, "reason": "conversation without a 'mapping' tree"})
+            continue
+        cid = str(conv.get("conversation_id") or conv.get("id") or f"chatgpt_{k}")
+        node = conv.get("current_node") or _deepest_leaf(mapping)
+        chain, seen = [], set()
+        while node and node in mapping and node not in seen:
+            seen.add(node)
+            chain.append(mapping[node])
+            node = mapping[node].get("parent")
+        t_i = 0
+        for item in reversed(chain):
+            msg = item.get("message") or {}
+            role = (msg.get("author") or {}).get("role")
+            if role not in ("user", "assistant"):
+                continue
+            content = msg.get("content") or {}
+            text_parts, voice = [], content.get("content_type") == "audio_transcription"
+            for p in content.get("parts") or []:
+                if isinstance(p, str):
+                    text_parts.append(p)
+                elif isinstance(p, dict) and isinstance(p.get("text"), str):
+                    text_parts.append(p["text"])
+                    voice = voice or p.get("content_type") == "audio_transcription"
+            body = "\n".join(x for x in text_parts if x.strip())
+            if not body:
+                continue
+            ts = msg.get("create_time") or conv.get("create_time")
+            sent = pd.Timestamp(ts, unit="s", tz="UTC") if isinstance(ts, (int, float)) else pd.NaT
+            rows.append((cid, uid, t_i, role, body, sent, "voice" if voice else "text"))
+            t_i += 1
+        if t_i == 0:
+            skipped += 1
+            problems.append({"row": k, "reason": "conversation with no user or assistant text"})
+            continue
+        n += 1
+    messages = pd.DataFrame(rows, columns=["conversation_id", "user_id", "turn_index", "role", "text", "sent_at", "modality"])
+    messages["sent_at"] = pd.to_datetime(messages["sent_at"], utc=True)
+    users = pd.DataFrame({"user_id": [uid], "region": region})
+    return ImportResult(messages, users, f"ChatGPT export {path}", n, skipped, problems=problems)
+
+
+def _deepest_leaf(mapping: dict) -> str | None:
+    leaves = [k for k, v in mapping.items() if not v.get("children")]
+    return leaves[-1] if leaves else None
+
+
+def detect_json_format(path: str | Path) -> str:
+    """'sharegpt' or 'chatgpt_export', from the first record of a JSON array."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        head = f.read(200_000)
+    for _, rec, _ in iter_json_array(head, path):
+        if isinstance(rec, dict) and "mapping" in rec:
+            return "chatgpt_export"
+        if isinstance(rec, dict) and "conversations" in rec:
+            return "sharegpt"
+        break
+    if '"mapping"' in head:
+        return "chatgpt_export"
+    if '"conversations"' in head:
+        return "sharegpt"
+    raise DataError(path, "unrecognized JSON: expected a ShareGPT array ({id, conversations}) or a ChatGPT export ({mapping})")

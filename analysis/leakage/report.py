@@ -1,0 +1,192 @@
+"""Every leakage estimator on one run's inputs: the stage's report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from analysis.contract.art9 import ART9, label_matrix
+from analysis.contract.settings import LeakageSettings
+from analysis.leakage.corrected import CorrectedLeakage, CorrectedResult
+from analysis.leakage.curves import detector_threshold_curve, filter_threshold_curve
+from analysis.leakage.data import (
+    DEFAULT_CONTROLS,
+    ExposureData,
+    LeakageInputs,
+    flag_matrix,
+    iab_matrix,
+    primary_nodes,
+    validation_counts,
+)
+from analysis.leakage.exposure import (
+    ExposureResult,
+    ExposureTest,
+    regional_exposure,
+    violations,
+)
+from analysis.leakage.whitebox import LeakRateResult, WhiteBoxLeakage
+from analysis.util.privacy import suppress_small_cells
+from analysis.util.regions import DEFAULT_EXCLUDED, is_excluded
+from analysis.util.taxonomy import category_ad_nodes
+
+
+@dataclass
+class LeakageReport:
+    """Everything stage 03 estimates."""
+    whitebox: LeakRateResult | None  # primary basis: labels when present, else detector flags
+    whitebox_detector: LeakRateResult | None  # detector flags, uncorrected
+    corrected: CorrectedResult | None
+    by_region: pd.DataFrame | None
+    exposure: ExposureResult | None
+    violations: pd.DataFrame | None
+    filter_curve: pd.DataFrame | None
+    detector_curve: pd.DataFrame | None
+    differential: pd.DataFrame | None  # detector error by filter stratum (non-differential check)
+    settings: LeakageSettings = field(default_factory=LeakageSettings)
+    notes: list[str] = field(default_factory=list)
+    ground_truth: dict | None = None  # a simulated world's truth, attached by the stage after estimation
+
+    def side_by_side(self, group: str = "all") -> pd.DataFrame:
+        """Labels-based, raw detector and corrected leak rates with CIs (and truth) per category."""
+        parts = []
+        if self.whitebox is not None:
+            w = self.whitebox.table
+            w = w[w["region_group"] == group].set_index("category")
+            parts.append(w[["n", "leak_rate", "wilson_low", "wilson_high", "cp_low", "cp_high"]].rename(columns=lambda c: f"{self.whitebox.basis}_{c}"))
+        if self.corrected is not None:
+            c = self.corrected.table[self.corrected.table["region_group"] == group].set_index("category")
+            parts.append(c[["raw_rate", "raw_low", "raw_high"]].rename(columns=lambda x: "detector_" + x))
+            parts.append(c[["leak_rate", "ci_low", "ci_high"]].rename(columns=lambda x: "corrected_" + x))
+        out = pd.concat(parts, axis=1) if parts else pd.DataFrame()
+        if self.whitebox is not None and "truth" in self.whitebox.table:
+            w = self.whitebox.table
+            out["truth"] = w[w["region_group"] == group].set_index("category")["truth"]
+        out = out.reset_index()
+        ncol = f"{self.whitebox.basis}_n" if self.whitebox is not None else None
+        if ncol in out:
+            k = self.settings.min_cell_users
+            out = suppress_small_cells(out, [ncol], k=k, complementary=False)
+        return out
+
+    def summary(self) -> pd.DataFrame:
+        return self.side_by_side()
+
+    def forest(self, group: str = "all", ax=None):
+        """Forest plot of the primary white-box estimate with the raw and corrected detector-based ones beside."""
+        if self.whitebox is None:
+            return None
+        others = {}
+        if self.corrected is not None:
+            raw = self.corrected.table.drop(columns=["leak_rate", "ci_low", "ci_high"]).rename(
+                columns={"raw_rate": "leak_rate", "raw_low": "ci_low", "raw_high": "ci_high"})
+            others["detector flags, uncorrected (Wilson)"] = raw[["category", "region_group", "leak_rate", "ci_low", "ci_high"]]
+            others["detector flags, corrected"] = self.corrected.table
+        return self.whitebox.plot(ax=ax, group=group, others=others)
+
+    def to_frame(self) -> pd.DataFrame:
+        return self.whitebox.to_frame() if self.whitebox is not None else pd.DataFrame()
+
+
+def analyse(inputs: LeakageInputs, settings: LeakageSettings | None = None, *, ad_nodes: dict | None = None) -> LeakageReport:
+    """Every estimator of the stage; parts the inputs cannot support are skipped with a note."""
+    s = settings or LeakageSettings()
+    alpha, tolerance, min_cell_users, n_boot, seed = s.alpha, s.leak_tolerance, s.min_cell_users, s.n_boot, s.seed
+    policy_date, excluded_regions, control_topics = s.policy_date, s.excluded_regions, s.control_topics
+    exposure_window_days, n_permutations = s.exposure_window_days, s.exposure_permutations
+    notes = []
+    excluded_regions = tuple(excluded_regions) if excluded_regions else DEFAULT_EXCLUDED
+    controls = dict(DEFAULT_CONTROLS if control_topics is None else control_topics)
+    conv = inputs.conversations.assign(conversation_id=inputs.conversations["conversation_id"].astype(str)).set_index("conversation_id", drop=False)
+    group = pd.Series(np.where(is_excluded(conv["region"], excluded_regions), "excluded", "included"), index=conv.index)
+    flags = flag_matrix(inputs.categories).reindex(conv.index).fillna(False).astype(bool)
+    labels = inputs.labels
+    lab_member = None
+    if labels is not None and len(labels):
+        labels = labels.assign(conversation_id=labels["conversation_id"].astype(str))
+        labels = labels[labels["conversation_id"].isin(conv.index)].drop_duplicates("conversation_id")
+        lab_member = pd.DataFrame(label_matrix(labels["art9"], ART9), index=pd.Index(labels["conversation_id"], name="conversation_id"), columns=list(ART9))
+    else:
+        notes.append("no labeled sample: the white-box leak rate rests on detector flags alone (biased by its errors, uncorrected)")
+
+    wb = wb_det = corr = by_region = fcurve = dcurve = diff = None
+    fd = inputs.filter_decisions
+    if fd is not None and len(fd):
+        fd = fd.assign(conversation_id=fd["conversation_id"].astype(str)).drop_duplicates("conversation_id").set_index("conversation_id")
+        passed = (~fd["blocked"].astype(bool)).reindex(conv.index)
+        est = WhiteBoxLeakage(alpha, tolerance, min_cell_users)
+        wb_det = est.fit(passed, flags, group, basis="detector")
+        if lab_member is not None:
+            wb = est.fit(passed, lab_member, group, basis="labels")
+            by_region = est.by_region(passed, lab_member, conv["region"])
+        else:
+            wb = wb_det
+            by_region = est.by_region(passed, flags, conv["region"])
+        # stage 02's validation is out of sample (labels it did not tune on); recompute from the labels
+        # only when it is missing. Either way every labeled conversation is left out of the corrected
+        # counts, so the counts and the detector's error rates rest on disjoint conversations.
+        val = inputs.validation
+        if val is None and lab_member is not None:
+            val = validation_counts(flags, labels)
+            notes.append("no detector_validation.parquet: detector error rates computed on labels.parquet "
+                         "(optimistic if the detector was tuned on those labels)")
+        if lab_member is not None:
+            stratum = pd.Series(np.where(passed, "passed", "blocked"), index=conv.index)
+            diff = _differential_check(validation_counts(flags, labels, stratum))
+        if val is not None:
+            corr = CorrectedLeakage(alpha, n_boot, seed, min_cell_users).fit(
+                passed, flags, val, group, exclude=pd.Index(labels["conversation_id"]) if labels is not None else None)
+        else:
+            notes.append("no detector validation counts and no labels: misclassification correction skipped")
+        if "score" in fd and fd["score"].notna().any():
+            fcurve = filter_threshold_curve(fd["score"].reindex(conv.index), lab_member if lab_member is not None else flags, alpha=alpha)
+        score_cols = [f"score_{c}" for c in ART9]
+        if lab_member is not None and all(c in inputs.categories for c in score_cols):
+            sc = inputs.categories.assign(conversation_id=inputs.categories["conversation_id"].astype(str)).set_index("conversation_id")[score_cols]
+            sc.columns = list(ART9)
+            dcurve = detector_threshold_curve(passed, sc.reindex(conv.index), labels, group, alpha=alpha, n_boot=min(n_boot, 1000), seed=seed)
+    else:
+        notes.append("no filter decisions: white-box leak rates skipped (black-box exposure test only)")
+
+    exp = viol = None
+    if inputs.impressions is not None and len(inputs.impressions):
+        data = ExposureData.build(inputs.impressions, inputs.users, excluded_regions=excluded_regions, policy_date=policy_date)
+        nodes = category_ad_nodes(ad_nodes)
+        member = pd.concat([flags, iab_matrix(inputs.categories, controls).reindex(conv.index).fillna(False).astype(bool)], axis=1)
+        if member.shape[1] == len(ART9):
+            notes.append("conversation categories carry no iab_ids: positive controls skipped")
+        kinds = {**{c: "sensitive" for c in ART9}, **{c: "control" for c in controls}}
+        exp = ExposureTest(exposure_window_days, n_permutations, alpha, max(20, min_cell_users), seed).fit(
+            data, conv.reset_index(drop=True), member, {**nodes, **controls}, kinds)
+        regional = regional_exposure(data, conv.reset_index(drop=True), primary_nodes(inputs.categories),
+                                     window_days=exposure_window_days, n_permutations=n_permutations, alpha=alpha,
+                                     min_users=max(20, min_cell_users), seed=seed)
+        exp.table = pd.concat([exp.table, regional], ignore_index=True)
+        viol = violations(data, exp, min_cell=min_cell_users, alpha=alpha)
+    else:
+        notes.append("no impressions: black-box exposure test and violation check skipped")
+    return LeakageReport(wb, wb_det, corr, by_region, exp, viol, fcurve, dcurve, diff, s, notes)
+
+
+def _differential_check(v: pd.DataFrame) -> pd.DataFrame:
+    """Detector sensitivity and false-positive rate in the passed vs blocked strata, with Fisher exact
+    p-values: Rogan–Gladen assumes they are equal (non-differential error)."""
+    rows = []
+    for c, g in v.groupby("category", sort=False):
+        g = g.set_index("stratum")
+        if not {"passed", "blocked"} <= set(g.index):
+            continue
+        p, b = g.loc["passed"], g.loc["blocked"]
+        fpr_p = p.fp / (p.fp + p.tn) if p.fp + p.tn else np.nan
+        fpr_b = b.fp / (b.fp + b.tn) if b.fp + b.tn else np.nan
+        rows.append({
+            "category": c,
+            "sensitivity_passed": p.tp / (p.tp + p.fn) if p.tp + p.fn else np.nan,
+            "sensitivity_blocked": b.tp / (b.tp + b.fn) if b.tp + b.fn else np.nan,
+            "fpr_passed": fpr_p, "fpr_blocked": fpr_b,
+            "p_sensitivity_differs": stats.fisher_exact([[p.tp, p.fn], [b.tp, b.fn]])[1],
+            "p_fpr_differs": stats.fisher_exact([[p.fp, p.tn], [b.fp, b.tn]])[1],
+        })
+    return pd.DataFrame(rows)

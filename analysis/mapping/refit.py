@@ -1,0 +1,79 @@
+"""The detector-refit policy of stage 02: when labels exist, refit the sensitive-topic detector on
+them and validate it out of sample, then score every conversation.
+
+- no labels: the shipped (or given) parameters score everything; no validation;
+- labels, refit off (or fewer than `min_labels_to_fit` with "auto"): validation uses all labels;
+- refit with `cv_folds` > 1: cross-fitting. Every labeled conversation is scored by a detector
+  fitted on the other folds, so the validation (and the flags the leakage stage re-checks) are
+  out of sample; unlabeled conversations get the detector fitted on all labels;
+- refit with `cv_folds` <= 1: fit on a `tune_share` part of the labels (id-hash split), validate
+  on the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from analysis.contract.settings import MappingSettings
+from analysis.detector.evaluation import Validation, evaluate_detector
+from analysis.detector.model import Detection, SensitiveDetector
+from analysis.mapping.labels import id_hash
+
+
+@dataclass
+class DetectorRun:
+    """The detection of every conversation and, with labels, its validation."""
+
+    detection: Detection
+    validation: Validation | None
+    params_source: str
+    held_out: pd.DataFrame | None  # the labels the validation used (None: no labels)
+    notes: list[str] = field(default_factory=list)
+
+
+def detect_with_refit(det: SensitiveDetector, conv: pd.DataFrame, labels: pd.DataFrame | None, settings: MappingSettings,
+                      *, params_source: str) -> DetectorRun:
+    """Score `conv` (conversation_id, document) with `det`, refitting it on `labels` per the policy above."""
+    s = settings
+    notes: list[str] = []
+    feats = det.features(conv["document"].tolist())
+    pos = pd.Series(np.arange(len(conv)), index=conv["conversation_id"])
+    docs_all = conv["document"].tolist()
+    fit = False
+    tune = np.zeros(0 if labels is None else len(labels), dtype=bool)
+    if labels is not None:
+        fit = s.fit_detector is True or (s.fit_detector == "auto" and len(labels) >= s.min_labels_to_fit)
+        if not fit:
+            notes.append(f"detector not refitted ({len(labels)} labels < min_labels_to_fit={s.min_labels_to_fit} or fit_detector off): "
+                         "validation uses all labels" + (" — in-sample if these labels tuned the defaults" if s.labels_path else ""))
+    oof = None
+    if labels is not None and fit and s.cv_folds and s.cv_folds > 1:
+        fold = (id_hash(labels["conversation_id"], s.seed) * s.cv_folds).astype(int)
+        lp = pos[labels["conversation_id"]].to_numpy()
+        cf = det.cross_fit([docs_all[i] for i in lp], labels["art9"].reset_index(drop=True), fold,
+                           features=feats.iloc[lp].reset_index(drop=True), source=f"all {len(labels)} labeled conversations of this run")
+        oof = (lp, cf.scores, cf.flags)
+        params_source = (f"fitted on all {len(labels)} labeled conversations; validated by {s.cv_folds}-fold cross-fitting "
+                         "(labeled conversations carry their out-of-fold scores)")
+    elif labels is not None and fit:
+        tune = id_hash(labels["conversation_id"], s.seed) < s.tune_share
+        lt = labels[tune]
+        det.fit([docs_all[i] for i in pos[lt["conversation_id"]].to_numpy()], lt["art9"].reset_index(drop=True),
+                features=feats.iloc[pos[lt["conversation_id"]].to_numpy()].reset_index(drop=True),
+                source=f"{int(tune.sum())} labeled conversations of this run (tuning part)")
+        params_source = f"fitted on {int(tune.sum())} labeled conversations; validated on the other {int((~tune).sum())}"
+    detection = det.detect(docs_all, conv["conversation_id"], features=feats)
+    if oof is not None:
+        lp, osc, ofl = oof
+        for c in det.cats:
+            detection.scores.loc[lp, c] = osc[c].to_numpy(dtype=float)
+            detection.flags.loc[lp, c] = ofl[c].to_numpy(dtype=bool)
+    validation = held_out = None
+    if labels is not None:
+        held_out = labels[~tune]
+        validation = evaluate_detector(detection.flags.iloc[pos[held_out["conversation_id"]].to_numpy()].reset_index(drop=True),
+                                       held_out["art9"].reset_index(drop=True))
+    return DetectorRun(detection, validation, params_source, held_out, notes)

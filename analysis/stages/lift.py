@@ -1,0 +1,74 @@
+"""Stage 04, engagement lift: does chat-based personalization lift engagement (CTR)?
+
+Reduces stage 00's impression log to sufficient statistics on the engine, runs every estimator of
+`analysis.lift`, attaches a simulated world's true lifts and writes `metrics/04_engagement_lift.json`.
+A run without an impression log (a chat export) records that and returns None.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from analysis.contract import metric_names as M
+from analysis.contract.rundir import RunDir
+from analysis.contract.settings import LiftSettings
+from analysis.contract.stages import LIFT
+from analysis.engines import Engine, make_engine
+from analysis.lift.report import LiftReport, analyse
+from analysis.util.metrics import MetricsRecorder
+from analysis.validation.truth import GroundTruth, evaluate_lift
+
+
+def run(run_dir: RunDir | str, settings: LiftSettings | None = None, engine: Engine | None = None) -> LiftReport | None:
+    rd, s = RunDir.of(run_dir), settings or LiftSettings()
+    if not rd.exists("impressions"):
+        # a chat-only corpus (e.g. a ChatGPT export): nothing to estimate, and the run goes on
+        m = MetricsRecorder(rd, LIFT)
+        m.add(M.IMPRESSIONS, 0)
+        m.write()
+        return None
+    engine = engine or make_engine(s.engine, s.dask_scheduler)
+    users = pd.read_parquet(rd.require("users"), columns=["user_id", "region"])
+    data = engine.aggregate(rd.impressions, users, policy_date=s.policy_date, excluded_regions=s.excluded_regions)
+    report = analyse(data, s)
+    truth = GroundTruth.read(rd)
+    world = truth.world if truth is not None else None
+    evaluate_lift(report, world)
+    report.ground_truth = world
+    record_metrics(report, rd, world)
+    return report
+
+
+def record_metrics(report, run_dir: RunDir | str, ground_truth: dict | None = None) -> MetricsRecorder:
+    """metrics/04_engagement_lift.json: the headline estimates with their CIs, and the truth of a simulated world."""
+    m = MetricsRecorder(run_dir, LIFT)
+    nd = report.did.n_users if report.did is not None else None
+    for r in report.to_frame(ground_truth).itertuples():
+        n = report.ab.plain.n_treated + report.ab.plain.n_control if r.metric.startswith("ab_") and report.ab else nd
+        m.add(r.metric, r.estimate, ci=(r.ci_low, r.ci_high), truth=r.truth, n=n, group={"estimand": r.estimand})
+    m.add("impressions", report.data.n_impressions)
+    if report.did is not None:
+        m.add("did_p_value", report.did.p_value, n=nd)
+    if report.cuped is not None:
+        m.add("cuped_variance_reduction", report.cuped.variance_reduction, n=report.cuped.n_treated + report.cuped.n_control)
+    if report.event_study is not None:
+        m.add("pretrend_p_value", report.event_study.pretrend_p)
+    if report.randomization is not None:
+        m.add("randomization_p_value", report.randomization.p_value, n=report.randomization.n_regions)
+    if report.ab is not None:
+        m.add("ab_srm_p_value", report.ab.srm_p, n=sum(report.ab.n_users.values()))
+        m.add("ab_srm_flag", report.ab.srm_flag)
+        m.add("ab_permutation_p_value", report.ab.permutation_p, n=sum(report.ab.n_users.values()))
+        m.add("ab_cuped_variance_reduction", report.ab.cuped.variance_reduction)
+        m.add("ab_mde_rel", report.ab.power["mde_rel_plain"])
+        m.add("ab_cuped_mde_rel", report.ab.power["mde_rel_cuped"])
+    if report.categories is not None:
+        for r in report.categories.table[report.categories.table["tested"]].itertuples():
+            m.add("category_rel_lift", r.rel_lift, group={"ad_category": r.ad_category, "design": "observational"},
+                  ci=(r.rel_ci_low, r.rel_ci_high), truth=None if pd.isna(r.truth) else r.truth,
+                  n=r.users_chat + r.users_other)
+        m.add("categories_significant_bh", int(report.categories.table["significant_bh"].sum()))
+    m.write()
+    return m
+
+

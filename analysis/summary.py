@@ -1,0 +1,300 @@
+"""Stage 05: the stakeholder summary, and figure helpers shared by the stage notebooks.
+
+Every number in the summary's prose is read from the stage outputs of the run (`metrics/*.json`
+and `data/*.parquet`), never typed by hand. A question whose stage did not run is reported as
+not assessed, not guessed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from analysis.contract import metric_names as M
+from analysis.contract.art9 import SUMMARY_NAMES
+from analysis.contract.rundir import RunDir
+from analysis.contract.settings import SummarySettings
+from analysis.contract.stages import LEAKAGE, LIFT
+from analysis.util.metrics import read_metrics
+from analysis.util.taxonomy import load_taxonomy
+
+QUESTIONS = {
+    "topics": "What do people talk about with the AI?",
+    "ad_categories": "Which ad categories do those topics feed?",
+    "leakage": "Do sensitive conversations leak past the filter into ad targeting?",
+    "lift": "Does chat-based personalization lift engagement?",
+}
+
+
+def pct(x: float | None, digits: int = 1) -> str:
+    return "n/a" if x is None or pd.isna(x) else f"{100 * x:.{digits}f}%"
+
+
+def ci_text(lo, hi, digits: int = 1) -> str:
+    if lo is None or hi is None or pd.isna(lo) or pd.isna(hi):
+        return "CI not available"
+    return f"95% CI {100 * lo:.{digits}f}–{100 * hi:.{digits}f}%"
+
+
+@dataclass
+class Answer:
+    key: str
+    question: str
+    sentence: str
+    assessed: bool
+    source: str  # the stage output the numbers come from
+
+
+class AuditSummary:
+    """The four audit questions answered from one run's stage outputs."""
+
+    def __init__(self, run_dir: str | Path | RunDir, settings: SummarySettings | None = None):
+        self.rd = RunDir.of(run_dir)
+        self.run_dir = self.rd.root
+        self.settings = settings or SummarySettings()
+        self.tolerance = self.settings.leak_tolerance
+        self.k = self.settings.min_cell_users
+        self.metrics = read_metrics(self.rd)
+
+    # -------------------------------------------------------------------- helpers
+    def _m(self, stage: str, metric: str, **group) -> pd.DataFrame:
+        m = self.metrics
+        if not len(m):
+            return m
+        sel = m[(m["stage"] == stage) & (m["metric"] == metric)]
+        for k, v in group.items():
+            sel = sel[sel["group"].map(lambda g: (g or {}).get(k) == v)]
+        return sel
+
+    def stages_run(self) -> list[str]:
+        return sorted(self.metrics["stage"].unique()) if len(self.metrics) else []
+
+    # -------------------------------------------------------------------- answers
+    def answer_topics(self) -> Answer:
+        q, src = QUESTIONS["topics"], "01_topics: data/topic_info.parquet"
+        p = self.rd.topic_info
+        if not p.exists():
+            return _not_run("topics", q, "topics", "01", src)
+        t = pd.read_parquet(p)
+        real = t[t["topic"] != -1].sort_values("size", ascending=False)
+        n = int(t["size"].sum())
+        top = real[real["size"] >= self.k].head(3)
+        parts = [f"{r.label} ({pct(r.share)})" for r in top.itertuples()]
+        outl = t.loc[t["topic"] == -1, "share"].sum()
+        s = (
+            f"Across {n:,} conversations the analysis found {len(real)} topics; the most common were "
+            + _join(parts)
+            + (f", and {pct(outl)} of conversations fit no topic." if outl > 0 else ".")
+        )
+        return Answer("topics", q, s, True, src)
+
+    def answer_ad_categories(self) -> Answer:
+        q, src = QUESTIONS["ad_categories"], "02_ad_mapping: data/conversation_categories.parquet"
+        p = self.rd.conversation_categories
+        if not p.exists():
+            return _not_run("ad_categories", q, "ad-mapping", "02", src)
+        c = pd.read_parquet(p)
+        tier1 = c["tier1_id"] if "tier1_id" in c else pd.Series(dtype="object")
+        names = load_taxonomy().set_index("id")["label"]
+        shares = tier1.map(names).fillna("no ad category").value_counts(normalize=True)
+        counts = tier1.map(names).fillna("no ad category").value_counts()
+        mapped = shares.drop("no ad category", errors="ignore")
+        mapped = mapped[counts.reindex(mapped.index) >= self.k]
+        parts = [f"{name} ({pct(v)})" for name, v in mapped.head(3).items()]
+        s = "Chat topics feed mostly the IAB categories " + _join(parts)
+        s += f"; {pct(shares.get('no ad category', 0.0))} of conversations map to no ad category." if "no ad category" in shares else "."
+        return Answer("ad_categories", q, s, True, src)
+
+    def answer_leakage(self) -> Answer:
+        q, src = QUESTIONS["leakage"], "03_leakage: metrics/03_leakage.json (leak_rate)"
+        lr = self._m(LEAKAGE, M.LEAK_RATE)
+        if not len(lr):
+            return _not_run("leakage", q, "leakage", "03", src)
+        lr = lr[lr["group"].map(lambda g: g.get("region_group", "all") in ("all", "included"))]
+        lr = lr.assign(category=lr["group"].map(lambda g: g.get("category"))).drop_duplicates("category")
+        worst = lr.sort_values("estimate", ascending=False).iloc[0]
+        name = SUMMARY_NAMES.get(worst["category"], worst["category"])
+        s = (
+            f"{name} conversations passed the filter {pct(worst['estimate'])} of the time "
+            f"({ci_text(worst['ci_low'], worst['ci_high'])}), the highest of the seven sensitive categories; "
+        )
+        holm = self._m(LEAKAGE, M.TOLERANCE_P_HOLM, region_group="all")
+        if len(holm):  # the stage's one-sided exact tests against the tolerance, Holm-adjusted across categories
+            holm = holm.assign(category=holm["group"].map(lambda g: g.get("category"))).drop_duplicates("category")
+            s += (
+                f"{int((holm['estimate'] < 0.05).sum())} of {len(holm)} categories leak significantly more than the "
+                f"{pct(self.tolerance, 0)} tolerance (one-sided exact test, Holm-adjusted, α = 0.05)."
+            )
+        else:
+            above = lr[lr["ci_low"] > self.tolerance]
+            s += f"{len(above)} of {len(lr)} categories leak more than the {pct(self.tolerance, 0)} tolerance (95% CI above it)."
+        viol = self._m(LEAKAGE, M.VIOLATION_IMPRESSIONS)
+        if len(viol):
+            total = int(np.nansum(viol["estimate"].astype(float)))
+            s += (
+                f" In the excluded regions (EU/EEA, UK, South Korea), {total:,} impressions carried a chat-derived signal: a violation of the promise."
+                if total > 0
+                else " No chat-derived ad signal was found in the excluded regions."
+            )
+        return Answer("leakage", q, s, True, src)
+
+    def answer_lift(self) -> Answer:
+        q, src = QUESTIONS["lift"], "04_engagement_lift: metrics/04_engagement_lift.json"
+        did = self._m(LIFT, M.DID_REL)
+        if not len(did):
+            return _not_run("lift", q, "engagement-lift", "04", src)
+        d = did.iloc[0]
+        sig = d["ci_low"] > 0 or d["ci_high"] < 0
+        s = (
+            f"After the policy date, click-through in included regions changed by {_signed_pct(d['estimate'])} "
+            f"({ci_text(d['ci_low'], d['ci_high'])}) relative to excluded regions (difference-in-differences, observational)"
+        )
+        s += ", a statistically significant lift." if sig and d["estimate"] > 0 else (", a significant drop." if sig else ", not distinguishable from no effect.")
+        ab = self._m(LIFT, M.AB_CUPED_REL)
+        ab = ab if len(ab) else self._m(LIFT, M.AB_REL)
+        if len(ab):
+            a = ab.iloc[0]
+            how = "CUPED-adjusted for pre-period click-through" if a["metric"].startswith("ab_cuped") else "unadjusted"
+            s += f" The randomized holdout comparison gives {_signed_pct(a['estimate'])} ({ci_text(a['ci_low'], a['ci_high'])}; {how})."
+        return Answer("lift", q, s, True, src)
+
+    def answers(self) -> list[Answer]:
+        return [self.answer_topics(), self.answer_ad_categories(), self.answer_leakage(), self.answer_lift()]
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([a.__dict__ for a in self.answers()])
+
+    def summary(self) -> pd.DataFrame:
+        """One row per question: the answer sentence, whether it was assessed, its source."""
+        return self.to_frame()
+
+    def to_markdown(self) -> str:
+        """Markdown: each question in bold, then its one-sentence answer."""
+        return "\n\n".join(f"**{i}. {a.question}**<br>\n<span class=\"audit-answer\">{a.sentence}</span>" for i, a in enumerate(self.answers(), 1))
+
+    # ------------------------------------------------------------------ evidence
+    def estimates_vs_truth(self, *, headline: bool = True) -> pd.DataFrame:
+        """Estimates that have a known truth (simulated worlds), with coverage. `headline` keeps the
+        all-region, all-category figures (per-region and per-ad-category rows are in the stage reports)."""
+        m = self.metrics
+        if not len(m):
+            return m
+        t = m[m["truth"].notna() & m["ci_low"].notna()].copy()
+        if headline:
+            keep = t["group"].map(lambda g: not ({"region", "ad_category"} & set(g or {})) and (g or {}).get("region_group", "all") == "all")
+            t = t[keep]
+        t["group"] = t["group"].map(lambda g: ", ".join(f"{k}={v}" for k, v in (g or {}).items()))
+        t["covers_truth"] = (t["ci_low"] <= t["truth"]) & (t["truth"] <= t["ci_high"])
+        return t[["stage", "metric", "group", "estimate", "ci_low", "ci_high", "truth", "covers_truth"]].reset_index(drop=True)
+
+    def caveats(self) -> list[str]:
+        out = []
+        if len(self._m(LIFT, M.DID_REL)):
+            out.append(
+                "The difference-in-differences and per-category lift estimates are observational: they assume "
+                "included and excluded regions would have trended alike without the policy (pre-trend tests shown in stage 04)."
+            )
+        if len(self._m(LIFT, M.AB_REL)):
+            out.append("The holdout comparison is randomized (users assigned to arms), and is the stronger evidence on lift.")
+        ri = self._m(LIFT, M.RANDOMIZATION_P)
+        if len(ri):
+            n = ri.iloc[0]["n"]
+            out.append(
+                f"Randomization inference over regions uses {int(n) if pd.notna(n) else 'few'} region clusters: with so few clusters "
+                "its p-value is coarse, and user-clustered standard errors may understate region-level uncertainty."
+            )
+        if len(self._m(LEAKAGE, M.LEAK_RATE_CORRECTED)):
+            out.append(
+                "Where sensitivity is detected by our classifier rather than labeled, leak rates are corrected for the "
+                "detector's measured error (Rogan–Gladen); the corrected CIs carry both uncertainties."
+            )
+        out.append(f"Counts describing fewer than {self.k} users are suppressed; no transcript text or user id appears in this report.")
+        if self.rd.exists("ground_truth"):
+            out.append("This run audits a simulated world: estimates are shown beside the simulator's ground truth.")
+        return out
+
+    # ------------------------------------------------------------------- figures
+    def fig_estimates(self, stage: str, metrics: list[str], *, label_key: str | None = None, title: str = "", **group):
+        """Forest plot of a stage's estimates with their 95% CIs (and truths when known)."""
+        m = self.metrics
+        sel = m[(m["stage"] == stage) & m["metric"].isin(metrics) & m["ci_low"].notna()] if len(m) else m
+        for k, v in group.items():
+            sel = sel[sel["group"].map(lambda g: (g or {}).get(k) == v)]
+        if not len(sel):
+            return None
+        labels = [
+            (g or {}).get(label_key, met) if label_key else met for met, g in zip(sel["metric"], sel["group"])
+        ]
+        fig, ax = plt.subplots(figsize=(8, 0.4 * len(sel) + 1.2))
+        y = np.arange(len(sel))[::-1]
+        est, lo, hi = (sel[c].astype(float).to_numpy() for c in ("estimate", "ci_low", "ci_high"))
+        # an estimate can sit outside its interval (a clipped or Fieller interval): draw the interval as is
+        ax.hlines(y, lo, hi, color="C0")
+        ax.plot(est, y, "o", color="C0", label="estimate, 95% CI")
+        if sel["truth"].notna().any():
+            ax.scatter(sel["truth"], y, marker="x", color="crimson", zorder=3, label="truth (simulated world)")
+        ax.set_yticks(y, labels)
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.set_title(title)
+        ax.legend(frameon=False, loc="best")
+        fig.tight_layout()
+        return fig
+
+    def fig_topics(self, top: int = 15):
+        """Interactive bar chart of the largest topics (plotly, inlined)."""
+        p = self.rd.topic_info
+        if not p.exists():
+            return None
+        import plotly.express as px
+
+        t = pd.read_parquet(p)
+        t = t[(t["topic"] != -1) & (t["size"] >= self.k)].sort_values("share", ascending=False).head(top)
+        fig = px.bar(t.iloc[::-1], x="share", y="label", orientation="h", labels={"share": "share of conversations", "label": ""}, title="Largest topics")
+        fig.update_layout(height=max(300, 26 * len(t) + 120), margin=dict(l=10, r=10, t=40, b=10), xaxis_tickformat=".1%")
+        return fig
+
+
+def _not_run(key: str, question: str, stage_name: str, stage: str, source: str) -> Answer:
+    return Answer(key, question, f"Not assessed in this run: the {stage_name} stage ({stage}) did not run.", False, source)
+
+
+def _join(parts: list[str]) -> str:
+    if not parts:
+        return "none above the small-cell threshold"
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _signed_pct(x) -> str:
+    return "n/a" if x is None or pd.isna(x) else f"{100 * x:+.1f}%"
+
+
+_PLOTLY_LOADED = False
+
+
+def show(fig) -> None:
+    """Show a figure in a notebook: matplotlib as an embedded PNG, plotly inlined; a note if absent."""
+    from IPython.display import Markdown, display
+
+    if fig is None:
+        display(Markdown("*Not available in this run (its stage did not run).*"))
+    elif hasattr(fig, "to_plotly_json"):
+        show_plotly(fig)
+    else:
+        display(fig)
+        plt.close(fig)
+
+
+def show_plotly(fig):
+    """Display a plotly figure as HTML with plotly.js inlined once per notebook, so the exported
+    report is self-contained (no CDN) and interactive."""
+    from IPython.display import HTML, display
+
+    global _PLOTLY_LOADED
+    if fig is None:
+        return
+    display(HTML(fig.to_html(full_html=False, include_plotlyjs=not _PLOTLY_LOADED, config={"displaylogo": False})))
+    _PLOTLY_LOADED = True

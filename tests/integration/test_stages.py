@@ -1,0 +1,39 @@
+"""Stage runners on a small world: the artifacts later stages read, metrics, overrides."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from analysis.contract.settings import MappingSettings
+from analysis.stages import mapping as mapping_stage
+
+
+@pytest.mark.slow
+def test_stage_outputs_on_a_small_world(small_world_dir, small_run, tmp_path):
+    """The whole stage with truth topics: the tables the leakage stage reads, metrics, overrides."""
+    ov = tmp_path / "ov.yaml"
+    ov.write_text("topics:\n  hiking: '159'\n")
+    res = mapping_stage.run(small_run, MappingSettings(use_truth_topics=True, overrides_file=str(ov), detector_backend="static",
+                                                       min_labels_to_fit=100, seed=0))
+    d = small_run / "data"
+    cc = pd.read_parquet(d / "conversation_categories.parquet")
+    assert {"conversation_id", "iab_id", "tier1_id", "iab_ids", "any_sensitive"} <= set(cc.columns)
+    assert all(f"flag_{c}" in cc and f"score_{c}" in cc for c in res.detection.flags.columns)
+    assert len(cc) == 1600 and cc["conversation_id"].is_unique
+    tc = pd.read_parquet(d / "topic_categories.parquet")
+    assert tc.set_index("topic").loc["hiking", "source"] == "override"
+    dv = pd.read_parquet(d / "detector_validation.parquet")
+    assert list(dv.columns[:5]) == ["category", "tp", "fn", "tn", "fp"] and (dv[["tp", "fn", "tn", "fp"]].sum(axis=1) == dv["n"]).all()
+    applied = json.loads((d / "mapping_overrides_applied.json").read_text())
+    assert applied["topics"][0]["to"] == "159" and applied["ad_nodes_in_use"]["trade_union"] == ["123", "383"]
+    metrics = pd.DataFrame(json.loads((small_run / "metrics" / "02_ad_mapping.json").read_text()))
+    assert {"precision", "recall", "prevalence_flagged", "tier1_accuracy_nonsensitive", "override_applied"} <= set(metrics["metric"])
+    assert res.tier1_accuracy["accuracy"] >= 0.85
+    # the simulator's prevalence sits near what the detector flags
+    prev = metrics[metrics["metric"] == "prevalence_flagged"].dropna(subset=["truth"])
+    assert (abs(prev["estimate"] - prev["truth"]) < 0.03).all()
+    # published tables suppress small cells
+    assert res.prevalence_by_region()["users"].map(lambda v: isinstance(v, str) or v >= 10).all()

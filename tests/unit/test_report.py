@@ -1,0 +1,51 @@
+"""The stakeholder summary: its sentences carry the numbers of the stage outputs."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from analysis.contract.settings import SummarySettings
+from analysis.summary import AuditSummary
+from analysis.util.storage import write_json, write_parquet
+
+
+def _metrics(run_dir, stage, records):
+    write_json([{"group": {}, "ci_low": None, "ci_high": None, "truth": None, "n": None, **r} for r in records], run_dir / "metrics" / f"{stage}.json")
+
+
+@pytest.fixture
+def fake_run(tmp_path):
+    _metrics(tmp_path, "03_leakage", [
+        {"metric": "leak_rate", "group": {"category": "health", "region_group": "all"}, "estimate": 0.021, "ci_low": 0.016, "ci_high": 0.027},
+        {"metric": "leak_rate", "group": {"category": "trade_union", "region_group": "all"}, "estimate": 0.122, "ci_low": 0.101, "ci_high": 0.145, "truth": 0.09},
+        {"metric": "leak_rate", "group": {"category": "religion", "region_group": "all"}, "estimate": 0.009, "ci_low": 0.004, "ci_high": 0.018},
+        {"metric": "violation_impressions", "group": {"region": "DE"}, "estimate": 1234},
+        {"metric": "tolerance_p_value_holm", "group": {"category": "health", "region_group": "all"}, "estimate": 0.02},
+        {"metric": "tolerance_p_value_holm", "group": {"category": "trade_union", "region_group": "all"}, "estimate": 0.0001},
+        {"metric": "tolerance_p_value_holm", "group": {"category": "religion", "region_group": "all"}, "estimate": 0.7},
+    ])
+    _metrics(tmp_path, "04_engagement_lift", [
+        {"metric": "did_rel_lift", "group": {"estimand": "included_post"}, "estimate": 0.045, "ci_low": 0.021, "ci_high": 0.069, "truth": 0.0451},
+        {"metric": "ab_rel_lift", "group": {"estimand": "treatment_arm"}, "estimate": 0.05, "ci_low": -0.01, "ci_high": 0.11},
+        {"metric": "ab_cuped_rel_lift", "group": {"estimand": "treatment_arm"}, "estimate": 0.052, "ci_low": 0.004, "ci_high": 0.1},
+    ])
+    write_parquet(pd.DataFrame({"topic": [-1, 0, 1, 2, 3], "label": ["outliers", "hiking boots", "sourdough baking", "job search", "tiny"],
+                                "size": [50, 400, 300, 200, 4], "share": [50 / 954, 400 / 954, 300 / 954, 200 / 954, 4 / 954]}), tmp_path / "data" / "topic_info.parquet")
+    return tmp_path
+
+
+def test_sentences_carry_the_numbers_of_the_stage_outputs(fake_run):
+    a = {x.key: x for x in AuditSummary(fake_run, SummarySettings(leak_tolerance=0.01)).answers()}
+    assert a["topics"].sentence.startswith("Across 954 conversations the analysis found 4 topics; the most common were hiking boots (41.9%), sourdough baking (31.4%) and job search (21.0%)")
+    assert "tiny" not in a["topics"].sentence  # a topic of fewer than k conversations is not named
+    assert a["leakage"].sentence.startswith("Trade-union conversations passed the filter 12.2% of the time (95% CI 10.1–14.5%), the highest")
+    assert "2 of 3 categories leak significantly more than the 1% tolerance (one-sided exact test, Holm-adjusted" in a["leakage"].sentence
+    assert "1,234 impressions carried a chat-derived signal" in a["leakage"].sentence
+    assert "changed by +4.5% (95% CI 2.1–6.9%)" in a["lift"].sentence and "statistically significant lift" in a["lift"].sentence
+    assert "randomized holdout comparison gives +5.2% (95% CI 0.4–10.0%; CUPED-adjusted" in a["lift"].sentence
+    assert not a["ad_categories"].assessed and "did not run" in a["ad_categories"].sentence
+    t = AuditSummary(fake_run).estimates_vs_truth().set_index("metric")
+    assert bool(t.loc["did_rel_lift", "covers_truth"]) and not bool(t.loc["leak_rate", "covers_truth"])
+
+

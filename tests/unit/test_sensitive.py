@@ -1,0 +1,214 @@
+"""The sensitive-topic detector: lexicon false alarms, text handling, validation statistics, and the
+done-criterion on a simulated world (precision and recall >= 0.90 for every category)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from statsmodels.stats.proportion import proportion_confint
+
+from analysis.contract.art9 import ART9, label_matrix
+from analysis.detector.evaluation import evaluate_detector
+from analysis.detector.features import LexiconDetector
+from analysis.detector.model import DetectorParams, FitOptions, SensitiveDetector, choose_threshold
+from analysis.detector.text import clean_text, segments
+from analysis.ingest.conversations import build_conversations
+
+
+@pytest.fixture(scope="module")
+def lex():
+    return LexiconDetector()
+
+
+# Everyday text that keyword filters classically flag: none of it may produce a strong hit.
+FALSE_ALARMS = [
+    "I think I have a race condition between two threads, how do I debug it",
+    "write a SQL UNION query that combines customers and suppliers",
+    "SELECT id FROM a UNION ALL SELECT id FROM b",
+    "how do I add a health check endpoint to my flask app",
+    "the /healthz liveness probe keeps failing in kubernetes",
+    "I added god mode in my game engine for testing, how do I disable it in release builds",
+    "how do I set up master/slave replication in postgres",
+    "how do I kill the child process when the parent exits",
+    "plan a birthday party for my 8 year old with party games",
+    "we want a Christmas trip to Vienna, any Christmas market tips",
+    "write an essay on the Great Depression and the New Deal economy",
+    "explain a bipolar junction transistor amplifier",
+    "the library is platform agnostic and operating system agnostic",
+    "what is the union of two sets in python? use set.union",
+    "explain unions and anonymous unions in C++",
+    "compare a credit union and a bank for my savings",
+    "summarize the European Union customs rules for cars",
+    "the Union army won at Gettysburg",
+    "oh my god this bug is driving me crazy, thank god for git",
+    "diagnose the error in this network connection",
+    "the symptoms of a bad database design",
+    "my horoscope says Cancer season is lucky",
+    "at the consumer's election the award may be doubled",
+    "our party size is 6 for the restaurant booking, third party cookies too",
+    "the button is disabled until the form is valid",
+    "this is the holy grail of productivity apps",
+    "play devil's advocate on my startup idea",
+    "what is sin(x) and cos(x) for x = pi",
+]
+
+# Clear statements that the lexicon must catch (category, text).
+TRUE_HITS = [
+    ("health", "I was diagnosed with type 2 diabetes last month"),
+    ("health", "my therapist thinks I have ADHD"),
+    ("health", "I'm 8 weeks pregnant and nauseous"),
+    ("religion", "I pray five times a day and fast during Ramadan"),
+    ("religion", "what does the Bible say about forgiveness"),
+    ("politics", "who should I vote for in the presidential election"),
+    ("politics", "write a speech against abortion restrictions"),
+    ("sexual_orientation", "I'm gay and want to come out to my parents"),
+    ("sexual_orientation", "we are a same-sex couple looking to adopt"),
+    ("ethnicity", "a coworker made a racist joke about me"),
+    ("ethnicity", "I'm biracial and feel caught between cultures"),
+    ("philosophical_beliefs", "I'm an atheist and my family doesn't know"),
+    ("philosophical_beliefs", "I'm a pacifist applying as a conscientious objector"),
+    ("trade_union", "our union is voting on a strike next week"),
+    ("trade_union", "I'm a shop steward handling a grievance, how does collective bargaining work"),
+]
+
+
+@pytest.mark.parametrize("text", FALSE_ALARMS)
+def test_lexicon_does_not_fire_on_classic_false_alarms(lex, text):
+    hits = lex.hits(text)
+    assert not any(hits.strong.values()), {c: v for c, v in hits.strong.items() if v}
+
+
+@pytest.mark.parametrize("category, text", TRUE_HITS)
+def test_lexicon_catches_clear_statements(lex, category, text):
+    hits = lex.hits(text)
+    assert hits.strong[category], hits.strong
+    assert [c for c, v in hits.strong.items() if v] == [category]
+
+
+def test_a_false_alarm_phrase_does_not_hide_a_real_mention(lex):
+    h = lex.hits("fix the race condition in my code. also, I was diagnosed with cancer and I'm scared")
+    assert h.strong["health"] and not h.strong["ethnicity"]
+
+
+def test_code_and_urls_are_dropped_before_detection():
+    text = "why does this fail?\n```python\nimport os\nprint('pray for me')\n```\nsee https://example.com/god\nx = foo(bar); y = {1: 2}"
+    c = clean_text(text)
+    assert "import" not in c and "example.com" not in c and "foo(bar)" not in c and "why does this fail?" in c
+    long = " ".join(["This is a sentence about nothing much at all."] * 40)
+    segs = segments(long, max_words=60)
+    assert all(len(s.split()) <= 60 for s in segs) and len(segs) >= 5
+    assert len(segments("\n".join(f"line number {i} says hello" for i in range(100)), max_segments=10)) == 10
+
+
+# ------------------------------------------------------------------------------- statistics
+
+
+def test_validation_counts_and_confidence_intervals_match_statsmodels():
+    rng = np.random.default_rng(3)
+    n = 400
+    y = rng.random((n, len(ART9))) < 0.15
+    p = np.where(y, rng.random(y.shape) < 0.8, rng.random(y.shape) < 0.05)
+    labels = [[c for j, c in enumerate(ART9) if y[i, j]] for i in range(n)]
+    v = evaluate_detector(pd.DataFrame(p, columns=list(ART9)), labels)
+    r = v.per_category.set_index("category").loc["health"]
+    j = ART9.index("health")
+    tp, fp = int((y[:, j] & p[:, j]).sum()), int((~y[:, j] & p[:, j]).sum())
+    fn, tn = int((y[:, j] & ~p[:, j]).sum()), int((~y[:, j] & ~p[:, j]).sum())
+    assert (r.tp, r.fp, r.fn, r.tn) == (tp, fp, fn, tn)
+    assert r.precision == pytest.approx(tp / (tp + fp)) and r.recall == pytest.approx(tp / (tp + fn))
+    assert (r.recall_low, r.recall_high) == pytest.approx(proportion_confint(tp, tp + fn, method="wilson"))
+    assert (r.specificity_low, r.specificity_high) == pytest.approx(proportion_confint(tn, tn + fp, method="wilson"))
+    assert r.f1_low < r.f1 < r.f1_high
+    m = v.micro.iloc[0]
+    assert m.tp == int((y & p).sum()) and m.fp == int((~y & p).sum())
+    dv = v.detector_validation()
+    assert list(dv.columns[:5]) == ["category", "tp", "fn", "tn", "fp"] and len(dv) == len(ART9)
+    # confusion: the 'none' row counts unlabeled conversations by what was flagged
+    none_none = int(((~y).all(axis=1) & (~p).all(axis=1)).sum())
+    assert v.confusion.loc["none", "none"] == none_none
+
+
+def test_recall_ci_covers_the_true_sensitivity_about_95_percent_of_the_time():
+    rng = np.random.default_rng(11)
+    cover = 0
+    for _ in range(300):
+        y = rng.random((150, 1)) < 0.3
+        p = np.where(y, rng.random(y.shape) < 0.85, rng.random(y.shape) < 0.02)
+        v = evaluate_detector(pd.DataFrame(p, columns=["health"]), [["health"] if t else [] for t in y[:, 0]], n_boot=1)
+        r = v.per_category.iloc[0]
+        cover += r.recall_low <= 0.85 <= r.recall_high
+    assert 0.91 <= cover / 300 <= 0.99
+
+
+def test_threshold_choice_separates_and_sits_between_scores():
+    s = np.array([0.1, 0.2, 0.35, 0.6, 0.7, 0.9])
+    y = np.array([0, 0, 0, 1, 1, 1], dtype=bool)
+    t = choose_threshold(s, y)
+    assert 0.35 < t <= 0.6
+    assert label_matrix([["health"], [], ["trade_union", "health"]]).sum() == 3
+
+
+def test_shipped_defaults_load_for_both_backends():
+    for b in ("minilm", "static"):
+        p = DetectorParams.load(None, b)
+        assert set(p.thresholds) == set(ART9) and p.fitted_on
+    with pytest.raises(KeyError):
+        DetectorParams.load(None, "no-such-backend")
+
+
+# -------------------------------------------------------------------------- cross-fitting
+
+
+@pytest.fixture(scope="module")
+def small_labeled(small_world):
+    """The small world's conversations, all labeled with the simulator's truth, static-backend features."""
+    conv = build_conversations(small_world.messages, small_world.users)
+    truth = small_world.conversation_truth.set_index("conversation_id").loc[conv["conversation_id"], "art9"].reset_index(drop=True)
+    det = SensitiveDetector(backend="static")
+    docs = conv["document"].tolist()
+    return docs, truth, det.features(docs)
+
+
+def test_cross_fit_judges_each_fold_without_its_labels(small_labeled):
+    """Relabeling fold 0 changes nothing about fold 0's out-of-fold scores and flags (its detector and
+    the thresholds it uses never saw fold 0's labels), but it does change the other folds'."""
+    docs, truth, feats = small_labeled
+    folds = np.arange(len(docs)) % 4
+    kw = dict(features=feats)
+    fitting = FitOptions(min_head_positives=10, seed=1)
+    a = SensitiveDetector(backend="static", fitting=fitting).cross_fit(docs, truth, folds, **kw)
+    assert len(a.scores) == len(docs) and set(a.params.heads) == set(ART9)
+    assert all("cross-fitted" in v for v in a.params.notes["thresholds"].values())
+    rng = np.random.default_rng(0)
+    noisy = truth.copy()
+    f0 = np.flatnonzero(folds == 0)
+    noisy.iloc[f0] = [list(rng.choice(list(ART9), 1)) if rng.random() < 0.5 else [] for _ in f0]
+    b = SensitiveDetector(backend="static", fitting=fitting).cross_fit(docs, noisy, folds, **kw)
+    np.testing.assert_array_equal(a.scores.to_numpy()[f0], b.scores.to_numpy()[f0])
+    np.testing.assert_array_equal(a.flags.to_numpy()[f0], b.flags.to_numpy()[f0])
+    assert not np.array_equal(a.scores.to_numpy()[folds != 0], b.scores.to_numpy()[folds != 0])
+    assert a.params.thresholds != b.params.thresholds
+    # the fits run on threads: the number of them changes nothing
+    c = SensitiveDetector(backend="static", fitting=fitting).cross_fit(docs, truth, folds, workers=1, **kw)
+    np.testing.assert_array_equal(a.scores.to_numpy(), c.scores.to_numpy())
+    assert a.params.to_dict() == c.params.to_dict()
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        SensitiveDetector(backend="static", fitting=fitting).cross_fit(docs, truth, np.zeros(len(docs), dtype=int), **kw)
+
+
+def test_cross_fit_falls_back_to_the_nested_search_for_a_rare_category(small_labeled):
+    """A category with heads on all labels but too few positives once two folds are left out gets its
+    thresholds from the nested 5-fold search, and still a head."""
+    docs, truth, feats = small_labeled
+    folds = np.arange(len(docs)) % 3
+    n_tu = int(truth.map(lambda v: "trade_union" in list(v)).sum())
+    # heads need n_tu positives on all labels, so the folds' (2/3) and pairs' (1/3) training rows lack them
+    cf = SensitiveDetector(backend="static", fitting=FitOptions(min_head_positives=n_tu, seed=1)).cross_fit(docs, truth, folds, features=feats)
+    assert "trade_union" in cf.params.heads
+    assert "nested" in cf.params.notes["thresholds"]["trade_union"]
+
+
+# ------------------------------------------------------------------- the simulated world
+
+

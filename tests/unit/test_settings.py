@@ -1,0 +1,70 @@
+"""One source of parameters: the settings dataclasses hold the defaults; notebook parameter cells are
+generated from them; configs/default.yaml sets exactly those defaults; names mean one thing."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import nbformat
+import pytest
+import yaml
+
+from analysis.contract.settings import STAGE_SETTINGS, LeakageSettings, MappingSettings, TopicSettings
+from analysis.pipeline import NOTEBOOK_DIR, PROJECT_ROOT, parameters_cell, stage_notebooks
+
+
+def _parameters_cell(nb_path):
+    nb = nbformat.read(str(nb_path), as_version=4)
+    return next(c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])), nb
+
+
+def test_every_stage_notebook_has_settings_and_a_generated_parameters_cell():
+    nbs = stage_notebooks(NOTEBOOK_DIR)
+    assert [p.stem for p in nbs] == list(STAGE_SETTINGS)
+    for p in nbs:
+        cell, nb = _parameters_cell(p)
+        assert cell.source == parameters_cell(p.stem), f"{p.name}: run `make notebook-params` (the cell differs from {STAGE_SETTINGS[p.stem].__name__})"
+        code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+        assert f"{STAGE_SETTINGS[p.stem].__name__}.from_namespace(globals())" in code, p.name
+
+
+def test_default_config_sets_the_dataclass_defaults():
+    params = yaml.safe_load((PROJECT_ROOT / "configs" / "default.yaml").read_text())["params"]
+    declared = {}
+    for stage, cls in STAGE_SETTINGS.items():
+        for f in fields(cls):
+            declared.setdefault(f.name, []).append((stage, f.default))
+    unknown = set(params) - set(declared)
+    assert not unknown, f"configs/default.yaml sets parameters no stage declares: {sorted(unknown)}"
+    for k, v in params.items():
+        for stage, default in declared[k]:
+            assert v == default, f"configs/default.yaml {k}: {v!r}, but {STAGE_SETTINGS[stage].__name__}.{k} defaults to {default!r}"
+
+
+def test_a_name_shared_by_stages_has_one_default_and_type():
+    seen = {}
+    for cls in STAGE_SETTINGS.values():
+        for f in fields(cls):
+            if f.name in seen:
+                assert (f.default, str(f.type)) == seen[f.name][1:], f"{f.name}: {cls.__name__} disagrees with {seen[f.name][0]}"
+            else:
+                seen[f.name] = (cls.__name__, f.default, str(f.type))
+    # the permutation counts of stages 03 and 04 mean different things and so have different names
+    assert "n_permutations" not in seen and {"exposure_permutations", "lift_permutations"} <= set(seen)
+
+
+def test_settings_refuse_unknown_keys_and_take_none_as_the_default():
+    with pytest.raises(ValueError, match=r"unknown leakage setting\(s\): \['tolerance'\]"):
+        LeakageSettings.from_dict({"tolerance": 0.02})
+    s = TopicSettings.from_dict({"embedding_backend": None, "min_topic_size": None, "topic_seed": 5})
+    assert s.embedding_backend == "static" and s.min_topic_size is None and s.topic_seed == 5
+    m = MappingSettings.from_dict({"labels_path": ["a.csv", "b.csv"]})
+    assert m.labels_path == ("a.csv", "b.csv")  # YAML lists become tuples: settings are frozen values
+    with pytest.raises(AttributeError):
+        m.seed = 1  # frozen
+
+
+def test_from_namespace_reads_a_notebooks_globals():
+    ns = {"run_dir": "x", "leak_tolerance": 0.02, "exposure_permutations": 99, "plt": object()}
+    s = LeakageSettings.from_namespace(ns)
+    assert (s.leak_tolerance, s.exposure_permutations, s.alpha) == (0.02, 99, 0.05)
