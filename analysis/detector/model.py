@@ -63,7 +63,6 @@ class DetectorParams:
                    heads=d.get("heads") or {}, tfidf=d.get("tfidf") or {})
 
     def save(self, path: str | Path) -> Path:
-
         return write_json(self.to_dict(), path)
 
     @classmethod
@@ -181,6 +180,19 @@ class SensitiveDetector:
         flags = pd.DataFrame({c: scores[c].to_numpy() >= self.params.thresholds[c] for c in self.cats})
         ids = pd.Series(conversation_id if conversation_id is not None else np.arange(len(feats)))
         return Detection(ids.reset_index(drop=True), scores, flags, feats, self.params)
+
+    def predict_proba(self, texts: Sequence[str], *, features: pd.DataFrame | None = None) -> pd.DataFrame:
+        """Scores in [0, 1] per category (columns) for each text: what `detect` thresholds."""
+        return self.detect(texts, features=features).scores
+
+    def save(self, path: str | Path) -> Path:
+        """The fitted parameters as JSON (`load` restores a detector that scores identically)."""
+        return self.params.save(path)
+
+    @classmethod
+    def load(cls, path: str | Path, *, backend: str | None = None, **kw) -> "SensitiveDetector":
+        params = DetectorParams.load(path, backend)
+        return cls(backend=backend or params.backend, params=params, **kw)
 
     def fit(self, texts: Sequence[str] | None, labels, *, features: pd.DataFrame | None = None, source: str = "") -> DetectorParams:
         """Fit the pooled logistic weights and per-category thresholds (max F1) on labeled data.

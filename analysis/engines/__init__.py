@@ -11,7 +11,7 @@ Both give the same results on the same input and seed (tests/integration/test_en
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Protocol, runtime_checkable
 
 import pandas as pd
 
@@ -26,6 +26,7 @@ from analysis.util.embeddings import Embedder
 EmbedAssign = Callable[[list, "list | None", dict], tuple]
 
 
+@runtime_checkable
 class Engine(Protocol):
     name: str
 

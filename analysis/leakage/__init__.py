@@ -1,0 +1,1 @@
+"""Leakage estimators (stage 03). Each estimator is a class constructed with its settings whose `fit(...)` returns a result with `summary()` / `to_frame()` (WhiteBoxLeakage, CorrectedLeakage, ExposureTest): a new leak-rate estimator follows that shape and is wired in `report.analyse`."""

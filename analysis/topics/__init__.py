@@ -1,0 +1,1 @@
+"""Topic modelling (stage 01): documents, the modeler, the fitted model, quality, the result."""

@@ -83,19 +83,23 @@ class TopicModel:
         return te / np.where(n > 0, n, 1)
 
     def assign_embeddings(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(topic, cosine similarity to that topic's centroid) for unit-norm document embeddings."""
+        """(topic, cosine similarity to that topic's centroid) for unit-norm document embeddings.
+        With the kNN index this is `assign_rest`, the very computation the fit used for documents
+        outside its sample (the same float32 dot products: a document at the threshold lands alike)."""
         if len(emb) == 0:
             return np.zeros(0, dtype=int), np.zeros(0)
-        sim = emb @ self.centroids().T
+        threshold = self.settings.outlier_threshold if self.settings.outlier_strategy != "none" else None
         if self.index is not None:
-            topic = knn_vote(emb, self.index[0], self.index[1], self.settings.knn)
-            pos = np.searchsorted(self.topic_ids, topic)
-        else:
-            pos = np.argmax(sim, axis=1)
-            topic = self.topic_ids[pos]
+            spec = {"index": self.index[0], "index_topics": self.index[1], "centroids": self.centroids(),
+                    "topic_ids": self.topic_ids, "knn": self.settings.knn, "threshold": threshold}
+            topic, s, _ = assign_rest(emb, spec)
+            return topic, s
+        sim = emb @ self.centroids().T
+        pos = np.argmax(sim, axis=1)
+        topic = self.topic_ids[pos]
         s = sim[np.arange(len(emb)), pos]
-        if self.settings.outlier_strategy != "none":
-            topic = np.where(s >= self.settings.outlier_threshold, topic, -1)
+        if threshold is not None:
+            topic = np.where(s >= threshold, topic, -1)
         return topic.astype(int), s.astype(np.float64)
 
     def assign(self, documents: Sequence[str], *, openings: Sequence[str] | None = None, clean: bool = True) -> pd.DataFrame:

@@ -43,3 +43,11 @@ def test_metric_names_are_registered_per_stage(tmp_path):
     assert read_metrics(RunDir(tmp_path))["metric"].tolist() == ["conversations"]
     with pytest.raises(ValueError, match="unknown stage"):
         RunDir(tmp_path).metrics_file("07_nothing")
+
+
+def test_both_engines_implement_the_protocol():
+    from analysis.engines import Engine, make_engine
+
+    for name in ("pandas", "dask"):
+        e = make_engine(name, "tcp://127.0.0.1:1")  # a Dask engine connects on first use only
+        assert isinstance(e, Engine) and e.name == name

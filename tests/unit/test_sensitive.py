@@ -212,3 +212,10 @@ def test_cross_fit_falls_back_to_the_nested_search_for_a_rare_category(small_lab
 # ------------------------------------------------------------------- the simulated world
 
 
+
+
+def test_detector_saves_and_loads_its_parameters(tmp_path):
+    det = SensitiveDetector(backend="static")
+    path = det.save(tmp_path / "params.json")
+    again = SensitiveDetector.load(path)
+    assert again.backend == "static" and again.params.to_dict() == det.params.to_dict()
