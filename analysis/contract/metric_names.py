@@ -21,7 +21,8 @@ TOPIC_QUALITY = (
 )
 # stage 02
 PREVALENCE_FLAGGED = "prevalence_flagged"
-DETECTOR = ("precision", "recall", "f1", "specificity")
+PRECISION, RECALL, F1, SPECIFICITY = "precision", "recall", "f1", "specificity"
+DETECTOR = (PRECISION, RECALL, F1, SPECIFICITY)
 TIER1_ACCURACY = "tier1_accuracy_nonsensitive"
 TOPICS_BY_SOURCE = "topics_by_source"
 OVERRIDE_APPLIED = "override_applied"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from analysis.contract import metric_names as M
 from analysis.contract.rundir import RunDir
 from analysis.contract.settings import LeakageSettings
 from analysis.contract.stages import LEAKAGE
@@ -56,30 +57,30 @@ def record_metrics(report, run_dir: RunDir | str, ground_truth: dict | None = No
             truth = getattr(r, "truth", None)
             truth = None if truth is None or pd.isna(truth) else truth
             # headline CI: Wilson (coverage ~0.95 by simulation); Clopper-Pearson (exact, >= 0.95) beside
-            m.add("leak_rate", r.leak_rate, group=grp, ci=(r.wilson_low, r.wilson_high), truth=truth, n=r.n)
-            m.add("leak_rate_cp", r.leak_rate, group=grp, ci=(r.cp_low, r.cp_high), truth=truth, n=r.n)
-            m.add("tolerance_p_value", r.p_tolerance, group=grp, n=r.n)
-            m.add("tolerance_p_value_holm", r.p_holm, group=grp, n=r.n)
-            m.add("tolerance_p_value_bh", r.p_bh, group=grp, n=r.n)
+            m.add(M.LEAK_RATE, r.leak_rate, group=grp, ci=(r.wilson_low, r.wilson_high), truth=truth, n=r.n)
+            m.add(M.LEAK_RATE_CP, r.leak_rate, group=grp, ci=(r.cp_low, r.cp_high), truth=truth, n=r.n)
+            m.add(M.TOLERANCE_P, r.p_tolerance, group=grp, n=r.n)
+            m.add(M.TOLERANCE_P_HOLM, r.p_holm, group=grp, n=r.n)
+            m.add(M.TOLERANCE_P_BH, r.p_bh, group=grp, n=r.n)
     if report.corrected is not None:
         for r in report.corrected.table.itertuples():
             truth = getattr(r, "truth", None)
             truth = None if truth is None or pd.isna(truth) else truth
             grp = {"category": r.category, "region_group": r.region_group}
-            m.add("leak_rate_detector_raw", r.raw_rate, group=grp, ci=(r.raw_low, r.raw_high), truth=truth, n=r.flagged)
-            m.add("leak_rate_corrected", r.leak_rate, group=grp, ci=(r.ci_low, r.ci_high), truth=truth, n=r.n)
+            m.add(M.LEAK_RATE_DETECTOR_RAW, r.raw_rate, group=grp, ci=(r.raw_low, r.raw_high), truth=truth, n=r.flagged)
+            m.add(M.LEAK_RATE_CORRECTED, r.leak_rate, group=grp, ci=(r.ci_low, r.ci_high), truth=truth, n=r.n)
     if report.exposure is not None:
         for r in report.exposure.table.itertuples():
             grp = {"category": r.category, "kind": r.kind, "design": r.design, "region_group": r.region_group}
-            m.add("exposure_effect", r.effect, group=grp, ci=(r.ci_low, r.ci_high), n=r.n_treated)
-            m.add("exposure_p_value", r.p_permutation, group=grp, n=r.n_treated)
-            m.add("exposure_p_value_glm", r.p_glm, group=grp, n=r.n_treated)
+            m.add(M.EXPOSURE_EFFECT, r.effect, group=grp, ci=(r.ci_low, r.ci_high), n=r.n_treated)
+            m.add(M.EXPOSURE_P, r.p_permutation, group=grp, n=r.n_treated)
+            m.add(M.EXPOSURE_P_GLM, r.p_glm, group=grp, n=r.n_treated)
     if report.violations is not None:
         byr = ((ground_truth or {}).get("violations") or {}).get("by_region") or {}
         for r in report.violations.itertuples():
             truth = sum(byr.values()) if r.region == "ALL excluded" else byr.get(r.region, 0)
-            m.add("violation_impressions", r.chat_impressions, group={"region": r.region}, truth=truth if ground_truth else None)
-            m.add("violation_flag", bool(r.flagged), group={"region": r.region})
+            m.add(M.VIOLATION_IMPRESSIONS, r.chat_impressions, group={"region": r.region}, truth=truth if ground_truth else None)
+            m.add(M.VIOLATION_FLAG, bool(r.flagged), group={"region": r.region})
     m.write()
     return m
 

@@ -46,28 +46,28 @@ def record_metrics(report, run_dir: RunDir | str, ground_truth: dict | None = No
     for r in report.to_frame(ground_truth).itertuples():
         n = report.ab.plain.n_treated + report.ab.plain.n_control if r.metric.startswith("ab_") and report.ab else nd
         m.add(r.metric, r.estimate, ci=(r.ci_low, r.ci_high), truth=r.truth, n=n, group={"estimand": r.estimand})
-    m.add("impressions", report.data.n_impressions)
+    m.add(M.IMPRESSIONS, report.data.n_impressions)
     if report.did is not None:
-        m.add("did_p_value", report.did.p_value, n=nd)
+        m.add(M.DID_P, report.did.p_value, n=nd)
     if report.cuped is not None:
-        m.add("cuped_variance_reduction", report.cuped.variance_reduction, n=report.cuped.n_treated + report.cuped.n_control)
+        m.add(M.CUPED_VARIANCE_REDUCTION, report.cuped.variance_reduction, n=report.cuped.n_treated + report.cuped.n_control)
     if report.event_study is not None:
-        m.add("pretrend_p_value", report.event_study.pretrend_p)
+        m.add(M.PRETREND_P, report.event_study.pretrend_p)
     if report.randomization is not None:
-        m.add("randomization_p_value", report.randomization.p_value, n=report.randomization.n_regions)
+        m.add(M.RANDOMIZATION_P, report.randomization.p_value, n=report.randomization.n_regions)
     if report.ab is not None:
-        m.add("ab_srm_p_value", report.ab.srm_p, n=sum(report.ab.n_users.values()))
-        m.add("ab_srm_flag", report.ab.srm_flag)
-        m.add("ab_permutation_p_value", report.ab.permutation_p, n=sum(report.ab.n_users.values()))
-        m.add("ab_cuped_variance_reduction", report.ab.cuped.variance_reduction)
-        m.add("ab_mde_rel", report.ab.power["mde_rel_plain"])
-        m.add("ab_cuped_mde_rel", report.ab.power["mde_rel_cuped"])
+        m.add(M.AB_SRM_P, report.ab.srm_p, n=sum(report.ab.n_users.values()))
+        m.add(M.AB_SRM_FLAG, report.ab.srm_flag)
+        m.add(M.AB_PERMUTATION_P, report.ab.permutation_p, n=sum(report.ab.n_users.values()))
+        m.add(M.AB_CUPED_VARIANCE_REDUCTION, report.ab.cuped.variance_reduction)
+        m.add(M.AB_MDE_REL, report.ab.power["mde_rel_plain"])
+        m.add(M.AB_CUPED_MDE_REL, report.ab.power["mde_rel_cuped"])
     if report.categories is not None:
         for r in report.categories.table[report.categories.table["tested"]].itertuples():
-            m.add("category_rel_lift", r.rel_lift, group={"ad_category": r.ad_category, "design": "observational"},
+            m.add(M.CATEGORY_REL_LIFT, r.rel_lift, group={"ad_category": r.ad_category, "design": "observational"},
                   ci=(r.rel_ci_low, r.rel_ci_high), truth=None if pd.isna(r.truth) else r.truth,
                   n=r.users_chat + r.users_other)
-        m.add("categories_significant_bh", int(report.categories.table["significant_bh"].sum()))
+        m.add(M.CATEGORIES_SIGNIFICANT_BH, int(report.categories.table["significant_bh"].sum()))
     m.write()
     return m
 

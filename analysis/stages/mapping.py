@@ -131,10 +131,10 @@ def record_metrics(res: AdMappingResult, rd: RunDir, truth: GroundTruth | None) 
     if res.validation is not None:
         for r in res.validation.to_frame().itertuples():
             g = {"category": r.category}
-            m.add("precision", r.precision, group=g, ci=(r.precision_low, r.precision_high), n=r.flagged)
-            m.add("recall", r.recall, group=g, ci=(r.recall_low, r.recall_high), n=r.positives)
-            m.add("f1", r.f1, group=g, ci=(r.f1_low, r.f1_high), n=r.n)
-            m.add("specificity", r.specificity, group=g, ci=(r.specificity_low, r.specificity_high), n=r.tn + r.fp)
+            m.add(M.PRECISION, r.precision, group=g, ci=(r.precision_low, r.precision_high), n=r.flagged)
+            m.add(M.RECALL, r.recall, group=g, ci=(r.recall_low, r.recall_high), n=r.positives)
+            m.add(M.F1, r.f1, group=g, ci=(r.f1_low, r.f1_high), n=r.n)
+            m.add(M.SPECIFICITY, r.specificity, group=g, ci=(r.specificity_low, r.specificity_high), n=r.tn + r.fp)
     if res.tier1_accuracy:
         t = res.tier1_accuracy
         m.add(M.TIER1_ACCURACY, t["accuracy"], ci=(t["ci_low"], t["ci_high"]), n=t["n"])
