@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	# the kernel every notebook names, inside the venv, so papermill and JupyterLab use this interpreter
 	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (chat-ad-audit)"
 	# the static embedding model is distilled from MiniLM once, here (~20 s), not by the first report
-	$(PY) -c 'from analysis.embeddings import distill_static, project_cache_dir; print("static model:", distill_static(project_cache_dir()))'
+	$(PY) -c 'from analysis.util.embeddings import distill_static, project_cache_dir; print("static model:", distill_static(project_cache_dir()))'
 	touch $(STAMP)
 
 $(WORLD)/ground_truth.json: | $(STAMP)
