@@ -21,7 +21,7 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class Column:
     name: str
-    kind: str  # id | int | text | str | timestamp | bool | enum | region | unit_float | art9_list | str_list
+    kind: str  # id | int | text | str | timestamp | bool | enum | region | unit_float | art9_list | str_list | iab_id | iab_tier1
     required: bool = True  # the column must be present
     nullable: bool = False
     values: tuple[str, ...] = ()
@@ -47,7 +47,7 @@ SCHEMAS = {
             Column("role", "enum", values=("user", "assistant")),
             Column("text", "text"),
             Column("sent_at", "timestamp"),
-            Column("modality", "enum", values=("text", "voice")),
+            Column("modality", "enum", required=False, nullable=True, values=("text", "voice")),
         ),
         key=("conversation_id", "turn_index"),
     ),
@@ -67,7 +67,7 @@ SCHEMAS = {
             Column("impression_id", "id"),
             Column("user_id", "id"),
             Column("shown_at", "timestamp"),
-            Column("ad_category", "id"),
+            Column("ad_category", "iab_id"),
             Column("clicked", "bool"),
             Column("placement", "str", required=False, nullable=True),
             Column("targeting_sources", "str_list", required=False, nullable=True),
@@ -82,8 +82,14 @@ SCHEMAS = {
     ),
     "labels": Schema(
         "labels",
-        (Column("conversation_id", "id"), Column("art9", "art9_list"), Column("iab_tier1", "str", required=False, nullable=True)),
+        (Column("conversation_id", "id"), Column("art9", "art9_list"), Column("iab_tier1", "iab_tier1", required=False, nullable=True)),
         key=("conversation_id",),
+    ),
+    # data donations: one row per participant's export (analysis.ingest.donations)
+    "participants": Schema(
+        "participants",
+        (Column("participant_id", "id"), Column("region", "region"), Column("consent_date", "timestamp", required=False, nullable=True)),
+        key=("participant_id",),
     ),
 }
 REQUIRED_TABLES = ("messages", "users", "impressions")

@@ -13,6 +13,7 @@ import pandas as pd
 from analysis.contract.art9 import ART9
 from analysis.contract.schemas import QUARANTINE_COLUMNS, SCHEMAS, Column, DataError
 from analysis.util.regions import ISO_ALPHA2
+from analysis.util.taxonomy import is_node, load_taxonomy, resolve_tier1
 
 _TEXTLIKE = {"text"}  # values of these columns never enter the quarantine table (privacy)
 
@@ -40,6 +41,8 @@ def quarantine_rows(table, file, rows, column, reason, values=None) -> pd.DataFr
 
 
 def _is_missing(s: pd.Series, kind: str) -> np.ndarray:
+    if kind == "art9_list":  # an empty cell is the label "none of the categories", not a missing value
+        return np.zeros(len(s), dtype=bool)
     miss = s.isna().to_numpy().copy()
     if kind not in ("art9_list", "str_list") and _all_strings(s):
         miss |= s.astype("string").str.strip().eq("").fillna(False).to_numpy()
@@ -69,7 +72,10 @@ def _parse(col: Column, s: pd.Series) -> tuple[pd.Series, pd.Series, str]:
         if pd.api.types.is_datetime64_any_dtype(s):
             ts = s.dt.tz_localize("UTC") if s.dt.tz is None else s.dt.tz_convert("UTC")
         else:
-            ts = pd.to_datetime(s.astype("string"), utc=True, errors="coerce", format="ISO8601")
+            text = s.astype("string").str.strip()
+            ts = pd.to_datetime(text, utc=True, errors="coerce", format="ISO8601")
+            if text.str.fullmatch(r"\d{9,13}(\.\d*)?").fillna(False).mean() > 0.5:  # read as years by ISO 8601
+                return ts, pd.Series(True, index=s.index), "looks like a Unix epoch number, not an ISO 8601 timestamp (its unit is ambiguous: convert to ISO 8601 UTC)"
         return ts, ts.isna(), "cannot parse as an ISO 8601 UTC timestamp"
     if k == "bool":
         if pd.api.types.is_bool_dtype(s):
@@ -86,11 +92,19 @@ def _parse(col: Column, s: pd.Series) -> tuple[pd.Series, pd.Series, str]:
     if k == "unit_float":
         num = pd.to_numeric(s, errors="coerce")
         return num, num.isna() | (num < 0) | (num > 1), "expected a number in [0, 1]"
+    if k == "iab_id":
+        ids = s.astype("string").str.strip()
+        return ids, ~pd.Series(is_node(ids, load_taxonomy()), index=s.index), "not an IAB 3.0 id (IAB Content Taxonomy 3.0 unique ids, e.g. 596)"
+    if k == "iab_tier1":
+        ids, bad = resolve_tier1(s, load_taxonomy())
+        return ids, pd.Series(bad, index=s.index), "not an IAB 3.0 tier-1 id or name (e.g. 210 or 'Food & Drink'; 'none' for no tier-1)"
     if k in ("art9_list", "str_list"):
         is_seq = s.map(type).isin([list, tuple, np.ndarray])
         if k == "str_list" and (is_seq | s.isna()).all():
             return s, none_bad, ""  # a Parquet list<string> column: already a list per row
         parsed = s.map(_as_list)
+        if k == "art9_list":
+            parsed = parsed.where(s.notna(), pd.Series([[] for _ in range(len(s))], index=s.index))
         bad = parsed.isna()
         reason = "expected a list of strings (JSON list or ';'-separated)"
         if k == "art9_list":
@@ -152,7 +166,7 @@ def check_table(table: str, df: pd.DataFrame, file: str | Path, *, allow_missing
         if c.kind == "timestamp" and allow_missing_time:
             miss = np.zeros(n, dtype=bool)  # imported corpora without times keep NaT
         if not c.nullable and miss.any() and not (c.kind == "timestamp" and allow_missing_time):
-            qs.append(quarantine_rows(table, file, rows[miss], c.name, "missing value"))
+            qs.append(quarantine_rows(table, file, rows[miss], c.name, "empty message text" if c.kind == "text" else "missing value"))
             bad_any |= miss
         if bad.any():
             qs.append(quarantine_rows(table, file, rows[bad], c.name, reason, s[bad].tolist()))
@@ -175,4 +189,5 @@ def check_table(table: str, df: pd.DataFrame, file: str | Path, *, allow_missing
         qs.append(q)
         good = good[~dup]
     quarantine = pd.concat(qs, ignore_index=True) if qs else pd.DataFrame(columns=QUARANTINE_COLUMNS)
-    return Checked(table, file, good.reset_index(drop=True), quarantine, n)
+    # lines that never became a row (unparsable JSON, records cut off) were read too: the gate counts them
+    return Checked(table, file, good.reset_index(drop=True), quarantine, n + len(df.attrs.get("bad_lines", [])))

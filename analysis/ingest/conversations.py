@@ -31,7 +31,9 @@ def build_conversations(
             "ended_at": g["sent_at"].max(),
             "n_turns": g.size(),
             "n_user_turns": user_side.groupby("conversation_id").size(),
-            "voice": (m["modality"] == "voice").groupby(m["conversation_id"], sort=False).any(),
+            # modality is optional: without it, whether a conversation was spoken is unknown (NA), not "no"
+            "voice": (m["modality"] == "voice").groupby(m["conversation_id"], sort=False).any().astype("boolean")
+            .where(m["modality"].notna().groupby(m["conversation_id"], sort=False).any(), pd.NA),
         }
     )
     conv["n_user_turns"] = conv["n_user_turns"].fillna(0).astype("int64")

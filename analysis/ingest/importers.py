@@ -28,6 +28,7 @@ class ImportResult:
     bytes_lost: int = 0
     truncated: bool = False
     problems: list[dict] = field(default_factory=list)
+    dropped: list[dict] = field(default_factory=list)  # rows read but not turns (row, reason): quarantined, counted
 
     def summary(self) -> pd.DataFrame:
         return pd.DataFrame({"source": [self.source], "conversations": [self.n_records], "skipped": [self.n_skipped],
@@ -68,11 +69,14 @@ def import_sharegpt(path: str | Path, *, region: str = "ZZ", max_records: int | 
     """ShareGPT-style JSON ([{id, conversations: [{from, value}]}]); tolerant of a file cut off mid-way.
 
     ShareGPT splits long chats into parts `<id>_0`, `<id>_1`, ...: parts of one chat share a
-    pseudonymous user. There are no timestamps (sent_at is missing) and no region (ZZ).
+    pseudonymous user. There are no timestamps (sent_at is missing) and no region (ZZ). Every turn
+    read becomes a row, its role mapped (human -> user, gpt -> assistant) or kept as written, so
+    that ingest's check quarantines and counts system turns, unknown roles and empty turns; records
+    that are not conversations and a record cut off at the end are counted as dropped rows.
     """
     path = Path(path)
     text = decode_utf8(path)
-    rows, problems = [], []
+    rows, problems, dropped = [], [], []
     n = skipped = 0
     last_end = text.find("[") + 1
     for k, rec, end in iter_json_array(text, path):
@@ -83,55 +87,79 @@ def import_sharegpt(path: str | Path, *, region: str = "ZZ", max_records: int | 
         if not isinstance(turns, list) or not rec.get("id"):
             skipped += 1
             problems.append({"row": k, "reason": "record without 'id' or 'conversations' list"})
+            dropped.append({"row": len(rows) + len(dropped) + 1, "reason": f"record {k}: no 'id' or 'conversations' list"})
             continue
         cid = str(rec["id"])
         user = cid.rsplit("_", 1)[0]  # pseudonymized below, once per distinct user
-        t_i = 0
-        for t in turns:
-            role = _SHAREGPT_ROLES.get(str(t.get("from", "")).lower()) if isinstance(t, dict) else None
+        usable = 0
+        for t_i, t in enumerate(turns):
+            who = t.get("from") if isinstance(t, dict) else None
             value = t.get("value") if isinstance(t, dict) else None
-            if role is None or not isinstance(value, str):
-                problems.append({"row": k, "reason": f"turn with unknown role {t.get('from') if isinstance(t, dict) else t!r}"})
-                continue
-            rows.append((cid, user, t_i, role, value))
-            t_i += 1
-        if t_i == 0:
+            role = _SHAREGPT_ROLES.get(str(who).lower(), None if who is None else str(who))
+            text_ = value if isinstance(value, str) else None
+            rows.append((cid, user, t_i, role, text_))
+            usable += role in ("user", "assistant") and bool(text_ and text_.strip())
+        if not usable:
             skipped += 1
             problems.append({"row": k, "reason": "conversation with no usable turns"})
             continue
         n += 1
     tail = text[last_end:].strip().lstrip(",").strip()
     truncated = max_records is None and bool(tail) and tail != "]"
+    bytes_lost = len(text[last_end:].encode()) if truncated else 0
+    if truncated:
+        dropped.append({"row": len(rows) + len(dropped) + 1, "reason": f"file cut off mid-record: the last record ({bytes_lost} bytes) is lost"})
     messages = pd.DataFrame(rows, columns=["conversation_id", "user_id", "turn_index", "role", "text"])
     messages["sent_at"] = pd.Series(pd.NaT, index=messages.index, dtype="datetime64[ns, UTC]")
     messages["modality"] = "text"
     messages["user_id"] = pseudonymize(messages["user_id"])
-    users = pd.DataFrame({"user_id": messages["user_id"].unique(), "region": region})
+    users = pd.DataFrame({"user_id": messages["user_id"].dropna().unique(), "region": region})
     return ImportResult(
         messages, users, f"ShareGPT JSON {path}", n, skipped,
-        bytes_lost=len(text[last_end:].encode()) if truncated else 0, truncated=truncated, problems=problems,
+        bytes_lost=bytes_lost, truncated=truncated, problems=problems, dropped=dropped,
     )
 
 
-def import_chatgpt_export(path: str | Path, *, user_id: str = "export_user", region: str = "ZZ") -> ImportResult:
-    """The OpenAI ChatGPT data export (`conversations.json`): follow each message tree from
-    `current_node` back to the root, keeping user and assistant turns of the active branch."""
+def chatgpt_export_files(path: str | Path) -> list[Path]:
+    """The JSON files of a ChatGPT export: the file itself, or in its folder `conversations.json`
+    or the parts `conversations-000.json`, `conversations-001.json`, ... (larger exports)."""
     path = Path(path)
-    text = decode_utf8(path)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(path, f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
-    if not isinstance(data, list):
-        raise DataError(path, "expected a JSON list of conversations")
+    if path.is_file():
+        return [path]
+    if (path / "conversations.json").is_file():
+        return [path / "conversations.json"]
+    parts = sorted(path.glob("conversations-*.json"))
+    if not parts:
+        raise DataError(path, "no ChatGPT export here: expected conversations.json or conversations-NNN.json")
+    return parts
+
+
+def import_chatgpt_export(path: str | Path, *, user_id: str = "export_user", region: str = "ZZ") -> ImportResult:
+    """The OpenAI ChatGPT data export (`conversations.json`, its folder, or its `conversations-NNN.json`
+    parts): follow each message tree from `current_node` back to the root. Every visible message of
+    the active branch that carries text is a row, its role as written (ingest's check quarantines and
+    counts system messages); textless nodes, tool messages and hidden context (custom instructions)
+    are structure, not turns."""
+    files = chatgpt_export_files(path)
+    data = []
+    for f in files:
+        text = decode_utf8(f)
+        try:
+            part = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f, f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+        if not isinstance(part, list):
+            raise DataError(f, "expected a JSON list of conversations")
+        data += part
     uid = pseudonymize(pd.Series([user_id])).iloc[0]
-    rows, problems = [], []
+    rows, problems, dropped = [], [], []
     n = skipped = 0
     for k, conv in enumerate(data, start=1):
         mapping = conv.get("mapping") if isinstance(conv, dict) else None
         if not isinstance(mapping, dict):
             skipped += 1
             problems.append({"row": k, "reason": "conversation without a 'mapping' tree"})
+            dropped.append({"row": len(rows) + len(dropped) + 1, "reason": f"record {k}: conversation without a 'mapping' tree"})
             continue
         cid = str(conv.get("conversation_id") or conv.get("id") or f"chatgpt_{k}")
         node = conv.get("current_node") or _deepest_leaf(mapping)
@@ -140,12 +168,12 @@ def import_chatgpt_export(path: str | Path, *, user_id: str = "export_user", reg
             seen.add(node)
             chain.append(mapping[node])
             node = mapping[node].get("parent")
-        t_i = 0
+        t_i = usable = 0
         for item in reversed(chain):
             msg = item.get("message") or {}
             role = (msg.get("author") or {}).get("role")
-            if role not in ("user", "assistant"):
-                continue
+            if role == "tool" or (msg.get("metadata") or {}).get("is_visually_hidden_from_conversation"):
+                continue  # tool input/output and hidden context (custom instructions) are not turns
             content = msg.get("content") or {}
             text_parts, voice = [], content.get("content_type") == "audio_transcription"
             for p in content.get("parts") or []:
@@ -161,7 +189,8 @@ def import_chatgpt_export(path: str | Path, *, user_id: str = "export_user", reg
             sent = pd.Timestamp(ts, unit="s", tz="UTC") if isinstance(ts, (int, float)) else pd.NaT
             rows.append((cid, uid, t_i, role, body, sent, "voice" if voice else "text"))
             t_i += 1
-        if t_i == 0:
+            usable += role in ("user", "assistant")
+        if not usable:
             skipped += 1
             problems.append({"row": k, "reason": "conversation with no user or assistant text"})
             continue
@@ -169,7 +198,8 @@ def import_chatgpt_export(path: str | Path, *, user_id: str = "export_user", reg
     messages = pd.DataFrame(rows, columns=["conversation_id", "user_id", "turn_index", "role", "text", "sent_at", "modality"])
     messages["sent_at"] = pd.to_datetime(messages["sent_at"], utc=True)
     users = pd.DataFrame({"user_id": [uid], "region": region})
-    return ImportResult(messages, users, f"ChatGPT export {path}", n, skipped, problems=problems)
+    where = files[0] if len(files) == 1 else f"{files[0].parent} ({len(files)} parts)"
+    return ImportResult(messages, users, f"ChatGPT export {where}", n, skipped, problems=problems, dropped=dropped)
 
 
 def _deepest_leaf(mapping: dict) -> str | None:
@@ -178,7 +208,10 @@ def _deepest_leaf(mapping: dict) -> str | None:
 
 
 def detect_json_format(path: str | Path) -> str:
-    """'sharegpt' or 'chatgpt_export', from the first record of a JSON array."""
+    """'sharegpt' or 'chatgpt_export', from the first record of a JSON array (a folder: a ChatGPT export's)."""
+    if Path(path).is_dir():
+        chatgpt_export_files(path)
+        return "chatgpt_export"
     with open(path, encoding="utf-8", errors="replace") as f:
         head = f.read(200_000)
     for _, rec, _ in iter_json_array(head, path):

@@ -17,11 +17,11 @@ from analysis.contract.schemas import DataError
 def read_table(path: str | Path) -> pd.DataFrame:
     """Read one file into a frame with a `_row` column (1-based record number); raise DataError if unreadable."""
     path = Path(path)
-    if path.is_dir():  # partitioned Parquet dataset
-        files = sorted(path.glob("*.parquet"))
+    if path.is_dir():  # a Parquet dataset: part files, flat or Hive-partitioned (key=value/ folders)
+        files = sorted(path.rglob("*.parquet"))
         if not files:
-            raise DataError(path, "empty file: the folder holds no .parquet files")
-        df = pd.concat([_read_parquet(f) for f in files], ignore_index=True)
+            raise DataError(path, "the folder holds no .parquet files (nor key=value/ subfolders of them)")
+        df = pd.concat([_read_parquet(f).assign(**_hive_keys(f, path)) for f in files], ignore_index=True)
     elif not path.exists():
         raise DataError(path, "file not found")
     elif path.stat().st_size == 0:
@@ -41,6 +41,11 @@ def read_table(path: str | Path) -> pd.DataFrame:
     if "_row" not in df:
         df.insert(0, "_row", np.arange(1, len(df) + 1))
     return df
+
+
+def _hive_keys(file: Path, root: Path) -> dict[str, str]:
+    """The partition columns of a Hive-partitioned file (`month=2025-11/part-0.parquet` -> month)."""
+    return dict(p.split("=", 1) for p in file.relative_to(root).parent.parts if "=" in p)
 
 
 def _read_parquet(path: Path) -> pd.DataFrame:
@@ -63,6 +68,9 @@ def _read_csv(path: Path) -> pd.DataFrame:
     text = decode_utf8(path)
     if not text.strip():
         raise DataError(path, "empty file: no header and no rows")
+    header = text.split("\n", 1)[0]
+    if header.count(",") == 0 and header.count(";") >= 2:
+        raise DataError(path, "looks ';'-delimited (its header has no comma and several ';'): save it comma-delimited", row=0)
     try:
         df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_values=[""])
     except pd.errors.ParserError as e:

@@ -9,7 +9,9 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from analysis.contract.art9 import ART9
+from analysis.contract.schemas import DataError
+from analysis.ingest.check import check_table
+from analysis.ingest.readers import read_table
 
 
 def id_hash(ids: pd.Series, seed: int) -> np.ndarray:
@@ -18,27 +20,25 @@ def id_hash(ids: pd.Series, seed: int) -> np.ndarray:
     return ids.astype(str).map(lambda s: int(hashlib.sha256(f"{seed}:{s}".encode()).hexdigest()[:8], 16) / 2**32).to_numpy()
 
 def read_labels(paths: str | Path | Sequence[str | Path]) -> pd.DataFrame:
-    """Labels from one file or several (CSV with conversation_id and ';'-separated art9, or Parquet);
-    a conversation labeled in two files is an error, not a silent choice."""
+    """Labels from one file or several (CSV, JSON Lines or Parquet), read and checked by ingest's
+    reader and the `labels` schema, so they accept what `input_dir/labels.*` accepts (`;`-separated
+    or empty art9, tier-1 ids or names; tier-1 becomes its id). Other columns are kept. A bad value
+    or a conversation labeled in two rows or files is an error naming file, row, column and reason:
+    a validation sample with silently dropped labels would bias every figure computed on it."""
     parts = []
     for p in [paths] if isinstance(paths, (str, Path)) else list(paths):
-        lp = Path(p)
-        if not lp.exists():
-            raise FileNotFoundError(f"labels file {lp} does not exist")
-        lab = pd.read_csv(lp, keep_default_na=False) if lp.suffix == ".csv" else pd.read_parquet(lp)
-        missing = {"conversation_id", "art9"} - set(lab.columns)
-        if missing:
-            raise ValueError(f"{lp}: labels need columns conversation_id and art9 (missing {sorted(missing)})")
-        if lab["art9"].map(lambda v: isinstance(v, str)).all():
-            lab["art9"] = lab["art9"].map(lambda s: [x.strip() for x in s.replace(",", ";").split(";") if x.strip()])
-        bad = sorted({c for v in lab["art9"] for c in v} - set(ART9))
-        if bad:
-            row = int(lab.index[lab["art9"].map(lambda v: bool(set(v) & set(bad)))][0]) + 1
-            raise ValueError(f"{lp}: row {row}, column art9: unknown category {bad[0]!r} (choose from {list(ART9)})")
-        parts.append(lab.assign(labels_file=str(lp)))
+        raw = read_table(p)
+        chk = check_table("labels", raw, p)
+        if len(chk.quarantine):
+            r = chk.quarantine.iloc[0]
+            more = f" ({len(chk.quarantine) - 1} more bad value(s))" if len(chk.quarantine) > 1 else ""
+            raise DataError(p, f"{r.reason}: {r.value!r}{more}", row=int(r.row), column=r.column)
+        extra = raw.drop(columns=[c for c in chk.data.columns if c != "_row" and c in raw.columns])
+        parts.append(chk.data.merge(extra, on="_row", how="left").drop(columns="_row").assign(labels_file=str(p)))
     out = pd.concat(parts, ignore_index=True)
     dup = out["conversation_id"].duplicated(keep=False)
     if dup.any():
         first = out.loc[dup, "conversation_id"].iloc[0]
-        raise ValueError(f"conversation {first!r} is labeled in more than one row/file: {sorted(set(out.loc[out['conversation_id'] == first, 'labels_file']))}")
+        raise DataError(sorted(set(out.loc[out["conversation_id"] == first, "labels_file"]))[0],
+                        f"conversation {first!r} is labeled in more than one row/file: {sorted(set(out.loc[out['conversation_id'] == first, 'labels_file']))}")
     return out

@@ -82,5 +82,6 @@ def record_metrics(res: IngestResult, rd: RunDir, truth: GroundTruth | None) -> 
     m.add(M.USERS_EXCLUDED_REGION, int(is_excluded(res.inputs.users["region"], res.excluded_regions).sum()), truth=counts.get("users_excluded"))
     if res.inputs.impressions is not None:
         m.add(M.IMPRESSIONS, len(res.inputs.impressions), truth=counts.get("impressions"))
-    m.add(M.VOICE_SHARE, float(c["voice"].mean()) if len(c) else None, n=len(c))
+    known = c["voice"].dropna()
+    m.add(M.VOICE_SHARE, float(known.astype(bool).mean()) if len(known) else None, n=len(known))
     m.write()

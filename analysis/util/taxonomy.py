@@ -21,6 +21,7 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -167,6 +168,28 @@ def tier1_of(ids: pd.Series, taxonomy: pd.DataFrame | None = None) -> pd.Series:
     """Tier-1 node id of each IAB id (NA for unknown or missing ids)."""
     tax = load_taxonomy() if taxonomy is None else taxonomy
     return ids.map(tax.set_index("id")["tier1_id"])
+
+
+NO_TIER1 = ("", "none", "n/a", "na", "-")  # a label saying "no tier-1 applies"
+
+
+def resolve_tier1(values: pd.Series, taxonomy: pd.DataFrame | None = None) -> tuple[pd.Series, np.ndarray]:
+    """Tier-1 labels as people write them -> tier-1 ids: an IAB 3.0 tier-1 id or a tier-1 name
+    (case and surrounding spaces ignored; tier-1 names are unique). `none`, `n/a`, `-` and missing
+    values mean "no tier-1" (NA, not bad). Returns (ids, bad mask: values that are neither)."""
+    tax = load_taxonomy() if taxonomy is None else taxonomy
+    t1 = tax[tax["tier"] == 1]
+    lookup = {**{str(i).lower(): i for i in t1["id"]}, **{str(n).strip().lower(): i for n, i in zip(t1["label"], t1["id"])}}
+    key = values.astype("string").str.strip().str.lower()
+    ids = key.map(lookup).astype("string")
+    none = key.isna() | key.isin(NO_TIER1)
+    return ids.where(~none, pd.NA), (ids.isna() & ~none).to_numpy(dtype=bool)
+
+
+def is_node(ids: pd.Series, taxonomy: pd.DataFrame | None = None) -> np.ndarray:
+    """True where the value is an IAB 3.0 unique id (any tier) of the taxonomy."""
+    tax = load_taxonomy() if taxonomy is None else taxonomy
+    return ids.astype("string").str.strip().isin(set(tax["id"])).fillna(False).to_numpy(dtype=bool)
 
 
 def descendants(node_id: str, taxonomy: pd.DataFrame | None = None) -> set[str]:

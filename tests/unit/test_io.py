@@ -60,9 +60,15 @@ def test_parquet_and_csv_give_the_same_tables(small_world_dir, tmp_path):
 
 
 def test_missing_column_names_file_and_column(tmp_path):
-    write_world(tmp_path, **{"messages.csv": MESSAGES.replace(",modality", "").replace(",text\n", "\n").replace(",voice\n", "\n")})
-    with pytest.raises(DataError, match=r"messages\.csv: column 'modality': missing required column"):
+    write_world(tmp_path, **{"messages.csv": MESSAGES.replace(",sent_at", "").replace(",2025-10-01T10:00:00Z", "").replace(",2025-10-01T10:00:05Z", "")
+                             .replace(",2025-12-20T09:00:00Z", "").replace(",2025-12-20T09:00:07Z", "").replace(",2026-01-05T18:30:00+00:00", "")})
+    with pytest.raises(DataError, match=r"messages\.csv: column 'sent_at': missing required column"):
         load_inputs(tmp_path)
+
+
+def test_modality_is_optional(tmp_path):
+    write_world(tmp_path, **{"messages.csv": MESSAGES.replace(",modality", "").replace(",text\n", "\n").replace(",voice\n", "\n")})
+    assert load_inputs(tmp_path).messages["modality"].isna().all()
 
 
 def test_wrong_type_for_a_whole_column_is_an_error(tmp_path):
@@ -204,7 +210,9 @@ def test_real_sharegpt_corpus_is_cut_off_and_salvaged():
         res = import_sharegpt(path)
     assert res.truncated and res.bytes_lost > 0
     assert res.n_records > 10_000
-    assert set(res.messages["role"]) == {"user", "assistant"}
+    # roles as written: the few system turns are rows that ingest's check quarantines and counts
+    assert set(res.messages["role"].dropna()) == {"user", "assistant", "system"}
+    assert (res.messages["role"] == "system").sum() < 100
 
 
 def chatgpt_export() -> list[dict]:
@@ -228,7 +236,8 @@ def test_chatgpt_export_follows_the_active_branch(tmp_path):
     p = tmp_path / "conversations.json"
     p.write_text(json.dumps(chatgpt_export()))
     res = import_chatgpt_export(p)
-    m = res.messages
+    assert res.messages["role"].iloc[0] == "system"  # a visible system message: a row, quarantined by ingest
+    m = res.messages[res.messages["role"] != "system"].reset_index(drop=True)
     assert m["text"].tolist() == ["plan a hiking trip", "Sure, where?", "the alps in july", "Great choice."]
     assert m["role"].tolist() == ["user", "assistant", "user", "assistant"]
     assert m.loc[2, "modality"] == "voice" and res.n_skipped == 1

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from analysis.contract.rundir import StageInputError
+from analysis.contract.schemas import DataError
 from analysis.contract.settings import MappingSettings
 from analysis.mapping.accuracy import tier1_accuracy
 from analysis.mapping.labels import read_labels
@@ -83,7 +84,13 @@ def test_labels_from_several_files_and_their_errors(tmp_path):
     with pytest.raises(ValueError, match="conversation 'c1' is labeled in more than one row/file"):
         read_labels([a, b])
     b.write_text("conversation_id,art9\nc3,politics\nc4,astrology\n")
-    with pytest.raises(ValueError, match=r"b\.csv: row 2, column art9: unknown category 'astrology'"):
+    with pytest.raises(DataError, match=r"b\.csv: row 2, column 'art9': expected a list of Art. 9 categories.*'astrology'"):
         read_labels([a, b])
-    with pytest.raises(FileNotFoundError, match="nope.csv does not exist"):
+    with pytest.raises(DataError, match="nope.csv: file not found"):
         read_labels(tmp_path / "nope.csv")
+    # tier-1 as people write it: ids or names in any case, 'none' for no tier-1; anything else is named
+    b.write_text("conversation_id,art9,iab_tier1\nc3,politics,Politics\nc4,,food & drink\nc5,,596\nc6,,none\n")
+    assert read_labels(b).set_index("conversation_id")["iab_tier1"].fillna("-").to_dict() == {"c3": "386", "c4": "210", "c5": "596", "c6": "-"}
+    b.write_text("conversation_id,art9,iab_tier1\nc3,politics,Politcs\n")
+    with pytest.raises(DataError, match=r"row 1, column 'iab_tier1': not an IAB 3.0 tier-1 id or name.*'Politcs'"):
+        read_labels(b)
