@@ -28,7 +28,9 @@ def read_impressions(path: str | Path) -> pd.DataFrame:
     without materializing Python lists; ids become categoricals. Missing optional columns stay absent.
     """
     schema = pq.ParquetDataset(path).schema  # a file or a folder of part files
-    cols = [c for c in ("user_id", "shown_at", "ad_category", "clicked", "targeting_sources", "arm") if c in schema.names]
+    # an optional column of Arrow type null (written all-empty) is no column
+    cols = [c for c in ("user_id", "shown_at", "ad_category", "clicked", "targeting_sources", "arm")
+            if c in schema.names and not pa.types.is_null(schema.field(c).type)]
     t = pq.read_table(path, columns=cols)
     out = {
         "user_id": t["user_id"].combine_chunks().dictionary_encode(),

@@ -18,6 +18,7 @@ import re
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from importlib import metadata
@@ -281,7 +282,9 @@ def run(
             rec["status"] = "failed"
             rec["error"] = _one_line(e)
         rec["seconds"] = round(time.perf_counter() - t0, 2)
-        if out_nb.exists():
+        # a failed stage's notebook (its traceback included) is kept for the analyst, not rendered or
+        # scanned as a report: its one-line reason stays the exception, not a scan finding in the traceback
+        if out_nb.exists() and rec["status"] == "completed":
             try:
                 html_path = render_html(out_nb, run_dir / f"{stage}.html", title=f"{stage} — chat-ad-audit {run_id}")
                 scan = scan_run_report(html_path, run_dir, k=int(params.get("min_cell_users") or 10))
@@ -327,11 +330,30 @@ def scan_run_report(html_path: Path, run_dir: Path, *, k: int = 10):
     return scan_report(html_path, k=k, raw_texts=raw_texts, raw_ids=raw_ids)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_FRAME = re.compile(r'File "?([^\s",]+\.py)"?(?:, line |:)(\d+),? in (\S+?)(?:\(|$|\s)', re.M)
+
+
 def _one_line(e: BaseException) -> str:
+    """A failed stage's reason: exception type, first line of its message and the deepest frame of
+    the project's own code it came from (`analysis/lift/ab.py:246 in fit`)."""
     name = getattr(e, "ename", None) or type(e).__name__
     value = getattr(e, "evalue", None) or str(e)
     first = str(value).strip().splitlines()[0] if str(value).strip() else ""
-    return f"{name}: {first}"[:500]
+    tb = getattr(e, "traceback", None) or traceback.format_tb(e.__traceback__)
+    frame = project_frame(tb if isinstance(tb, list) else [str(tb)])
+    return (f"{name}: {first[:400]}" + (f" (at {frame})" if frame else ""))[:600]
+
+
+def project_frame(traceback_lines: list[str]) -> str | None:
+    """The deepest traceback frame inside the package `analysis/`, as `analysis/x.py:LINE in func`."""
+    text = _ANSI.sub("", "\n".join(traceback_lines))
+    root = str(PROJECT_ROOT / "analysis") + os.sep
+    hits = [(f, line, fn) for f, line, fn in _FRAME.findall(text) if f.startswith(root)]
+    if not hits:
+        return None
+    f, line, fn = hits[-1]
+    return f"{os.path.relpath(f, PROJECT_ROOT)}:{line} in {fn}"
 
 
 def write_index(run_dir: Path, manifest: dict) -> Path:

@@ -109,58 +109,95 @@ class AuditSummary:
         s += f"; {pct(shares.get('no ad category', 0.0))} of conversations map to no ad category." if "no ad category" in shares else "."
         return Answer("ad_categories", q, s, True, src)
 
+    def _ran(self, stage: str) -> bool:
+        """The stage wrote its metrics in this run (it ran, whatever it could estimate)."""
+        return self.rd.metrics_file(stage).exists()
+
+    def _why(self, stage: str, metric: str) -> str | None:
+        """Why the stage could not compute `metric` (its "not computed" record), or None."""
+        sel = self._m(stage, metric)
+        sel = sel[sel["estimate"].isna() & sel["note"].notna()] if len(sel) else sel
+        return str(sel["note"].iloc[0]).removeprefix("not computed: ") if len(sel) else None
+
     def answer_leakage(self) -> Answer:
-        q, src = QUESTIONS["leakage"], "03_leakage: metrics/03_leakage.json (leak_rate)"
-        lr = self._m(LEAKAGE, M.LEAK_RATE)
-        if not len(lr):
+        q, src = QUESTIONS["leakage"], "03_leakage: metrics/03_leakage.json (leak_rate, violation_impressions)"
+        if not self._ran(LEAKAGE):
             return _not_run("leakage", q, "leakage", "03", src)
-        lr = lr[lr["group"].map(lambda g: g.get("region_group", "all") in ("all", "included"))]
-        lr = lr.assign(category=lr["group"].map(lambda g: g.get("category"))).drop_duplicates("category")
-        worst = lr.sort_values("estimate", ascending=False).iloc[0]
-        name = SUMMARY_NAMES.get(worst["category"], worst["category"])
-        s = (
-            f"{name} conversations passed the filter {pct(worst['estimate'])} of the time "
-            f"({ci_text(worst['ci_low'], worst['ci_high'])}), the highest of the seven sensitive categories; "
-        )
-        holm = self._m(LEAKAGE, M.TOLERANCE_P_HOLM, region_group="all")
-        if len(holm):  # the stage's one-sided exact tests against the tolerance, Holm-adjusted across categories
-            holm = holm.assign(category=holm["group"].map(lambda g: g.get("category"))).drop_duplicates("category")
-            s += (
-                f"{int((holm['estimate'] < 0.05).sum())} of {len(holm)} categories leak significantly more than the "
-                f"{pct(self.tolerance, 0)} tolerance (one-sided exact test, Holm-adjusted, α = 0.05)."
+        lr = self._m(LEAKAGE, M.LEAK_RATE)
+        lr = lr[lr["estimate"].notna()] if len(lr) else lr
+        parts, assessed = [], False
+        if len(lr):
+            assessed = True
+            lr = lr[lr["group"].map(lambda g: g.get("region_group", "all") in ("all", "included"))]
+            lr = lr.assign(category=lr["group"].map(lambda g: g.get("category"))).drop_duplicates("category")
+            worst = lr.sort_values("estimate", ascending=False).iloc[0]
+            name = SUMMARY_NAMES.get(worst["category"], worst["category"])
+            s = (
+                f"{name} conversations passed the filter {pct(worst['estimate'])} of the time "
+                f"({ci_text(worst['ci_low'], worst['ci_high'])}), the highest of the {_count(len(lr))} sensitive categories with data; "
             )
+            holm = self._m(LEAKAGE, M.TOLERANCE_P_HOLM, region_group="all")
+            holm = holm[holm["estimate"].notna()] if len(holm) else holm
+            if len(holm):  # the stage's one-sided exact tests against the tolerance, Holm-adjusted across categories
+                holm = holm.assign(category=holm["group"].map(lambda g: g.get("category"))).drop_duplicates("category")
+                s += (
+                    f"{int((holm['estimate'] < 0.05).sum())} of {len(holm)} categories leak significantly more than the "
+                    f"{pct(self.tolerance, 0)} tolerance (one-sided exact test, Holm-adjusted, α = 0.05)."
+                )
+            else:
+                above = lr[lr["ci_low"] > self.tolerance]
+                s += f"{len(above)} of {len(lr)} categories leak more than the {pct(self.tolerance, 0)} tolerance (95% CI above it)."
+            parts.append(s)
         else:
-            above = lr[lr["ci_low"] > self.tolerance]
-            s += f"{len(above)} of {len(lr)} categories leak more than the {pct(self.tolerance, 0)} tolerance (95% CI above it)."
+            why = self._why(LEAKAGE, M.LEAK_RATE) or "no sensitive conversation has a filter decision"
+            parts.append(f"The leak rate past the filter could not be estimated in this run ({why}).")
         viol = self._m(LEAKAGE, M.VIOLATION_IMPRESSIONS)
-        if len(viol):
-            total = int(np.nansum(viol["estimate"].astype(float)))
-            s += (
-                f" In the excluded regions (EU/EEA, UK, South Korea), {total:,} impressions carried a chat-derived signal: a violation of the promise."
+        why = self._why(LEAKAGE, M.VIOLATION_IMPRESSIONS)
+        viol = viol[viol["estimate"].notna()] if len(viol) else viol
+        if why is not None:
+            parts.append(f"Whether the excluded regions (EU/EEA, UK, South Korea) are untouched could not be checked ({why}).")
+        elif len(viol):
+            assessed = True
+            # "ALL excluded" is the total: summing it with the per-region rows would count every impression twice
+            total_row = viol[viol["group"].map(lambda g: (g or {}).get("region") == "ALL excluded")]
+            total = int(total_row["estimate"].iloc[0]) if len(total_row) else int(np.nansum(viol["estimate"].astype(float)))
+            parts.append(
+                f"In the excluded regions (EU/EEA, UK, South Korea), {total:,} impressions carried a chat-derived signal: a violation of the promise."
                 if total > 0
-                else " No chat-derived ad signal was found in the excluded regions."
+                else "No chat-derived ad signal was found in the excluded regions."
             )
-        return Answer("leakage", q, s, True, src)
+        return Answer("leakage", q, " ".join(parts), assessed, src)
 
     def answer_lift(self) -> Answer:
         q, src = QUESTIONS["lift"], "04_engagement_lift: metrics/04_engagement_lift.json"
-        did = self._m(LIFT, M.DID_REL)
-        if not len(did):
+        if not self._ran(LIFT):
             return _not_run("lift", q, "engagement-lift", "04", src)
-        d = did.iloc[0]
-        sig = d["ci_low"] > 0 or d["ci_high"] < 0
-        s = (
-            f"After the policy date, click-through in included regions changed by {_signed_pct(d['estimate'])} "
-            f"({ci_text(d['ci_low'], d['ci_high'])}) relative to excluded regions (difference-in-differences, observational)"
-        )
-        s += ", a statistically significant lift." if sig and d["estimate"] > 0 else (", a significant drop." if sig else ", not distinguishable from no effect.")
+        did = self._m(LIFT, M.DID_REL)
+        did = did[did["estimate"].notna()] if len(did) else did
+        parts, assessed = [], False
+        if len(did):
+            assessed = True
+            d = did.iloc[0]
+            sig = d["ci_low"] > 0 or d["ci_high"] < 0
+            s = (
+                f"After the policy date, click-through in included regions changed by {_signed_pct(d['estimate'])} "
+                f"({ci_text(d['ci_low'], d['ci_high'])}) relative to excluded regions (difference-in-differences, observational)"
+            )
+            s += ", a statistically significant lift." if sig and d["estimate"] > 0 else (", a significant drop." if sig else ", not distinguishable from no effect.")
+            parts.append(s)
+        else:
+            parts.append(f"The difference-in-differences could not be estimated in this run ({self._why(LIFT, M.DID_REL) or 'no estimate'}).")
         ab = self._m(LIFT, M.AB_CUPED_REL)
-        ab = ab if len(ab) else self._m(LIFT, M.AB_REL)
+        ab = ab if len(ab) and ab["estimate"].notna().any() else self._m(LIFT, M.AB_REL)
+        ab = ab[ab["estimate"].notna()] if len(ab) else ab
         if len(ab):
+            assessed = True
             a = ab.iloc[0]
             how = "CUPED-adjusted for pre-period click-through" if a["metric"].startswith("ab_cuped") else "unadjusted"
-            s += f" The randomized holdout comparison gives {_signed_pct(a['estimate'])} ({ci_text(a['ci_low'], a['ci_high'])}; {how})."
-        return Answer("lift", q, s, True, src)
+            parts.append(f"The randomized holdout comparison gives {_signed_pct(a['estimate'])} ({ci_text(a['ci_low'], a['ci_high'])}; {how}).")
+        elif not assessed and self._why(LIFT, M.AB_REL):
+            parts.append(f"No randomized holdout comparison either ({self._why(LIFT, M.AB_REL)}).")
+        return Answer("lift", q, " ".join(parts), assessed, src)
 
     def answers(self) -> list[Answer]:
         return [self.answer_topics(), self.answer_ad_categories(), self.answer_leakage(), self.answer_lift()]
@@ -184,6 +221,8 @@ class AuditSummary:
         if not len(m):
             return m
         t = m[m["truth"].notna() & m["ci_low"].notna()].copy()
+        if not len(t):  # a real dataset: no metric carries a truth
+            return pd.DataFrame(columns=["stage", "metric", "group", "estimate", "ci_low", "ci_high", "truth", "covers_truth"])
         if headline:
             keep = t["group"].map(lambda g: not ({"region", "ad_category"} & set(g or {})) and (g or {}).get("region_group", "all") == "all")
             t = t[keep]
@@ -260,6 +299,10 @@ class AuditSummary:
 
 def _not_run(key: str, question: str, stage_name: str, stage: str, source: str) -> Answer:
     return Answer(key, question, f"Not assessed in this run: the {stage_name} stage ({stage}) did not run.", False, source)
+
+
+def _count(n: int) -> str:
+    return {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven"}.get(n, str(n))
 
 
 def _join(parts: list[str]) -> str:

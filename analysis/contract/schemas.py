@@ -92,5 +92,6 @@ SCHEMAS = {
         key=("participant_id",),
     ),
 }
-REQUIRED_TABLES = ("messages", "users", "impressions")
-OPTIONAL_TABLES = ("filter_decisions", "labels")
+REQUIRED_TABLES = ("messages", "users")
+# without impressions the leakage and lift stages say why they cannot estimate (docs/data-contract.md)
+OPTIONAL_TABLES = ("impressions", "filter_decisions", "labels")

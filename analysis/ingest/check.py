@@ -148,8 +148,7 @@ def check_table(table: str, df: pd.DataFrame, file: str | Path, *, allow_missing
     out = pd.DataFrame({"_row": rows})
     bad_any = np.zeros(n, dtype=bool)
     for c in schema.columns:
-        if c.name not in present:
-            out[c.name] = pd.Series([None] * n, dtype="object")
+        if c.name not in present:  # an absent optional column stays absent (load_inputs drops empty ones too)
             continue
         s = df[c.name].reset_index(drop=True)
         miss = _is_missing(s, c.kind)

@@ -32,8 +32,7 @@ def build_conversations(
             "n_turns": g.size(),
             "n_user_turns": user_side.groupby("conversation_id").size(),
             # modality is optional: without it, whether a conversation was spoken is unknown (NA), not "no"
-            "voice": (m["modality"] == "voice").groupby(m["conversation_id"], sort=False).any().astype("boolean")
-            .where(m["modality"].notna().groupby(m["conversation_id"], sort=False).any(), pd.NA),
+            "voice": _voice(m),
         }
     )
     conv["n_user_turns"] = conv["n_user_turns"].fillna(0).astype("int64")
@@ -47,3 +46,10 @@ def build_conversations(
     cols = ["conversation_id", "user_id", "region", "excluded", "started_at", "ended_at", "n_turns", "n_user_turns", "voice"]
     cols += ["after_policy"] if policy_date is not None else []
     return conv[cols + ["document", "opening", "document_display"]]
+
+
+def _voice(m: pd.DataFrame) -> pd.Series:
+    """Was the conversation spoken? NA where the modality is unknown (modality is optional), never a silent "no"."""
+    mod = m["modality"] if "modality" in m else pd.Series(pd.NA, index=m.index, dtype="string")
+    g = m["conversation_id"]
+    return (mod == "voice").fillna(False).groupby(g, sort=False).any().astype("boolean").where(mod.notna().groupby(g, sort=False).any(), pd.NA)

@@ -12,6 +12,7 @@ from analysis.contract.schemas import (
     OPTIONAL_TABLES,
     QUARANTINE_COLUMNS,
     REQUIRED_TABLES,
+    SCHEMAS,
     DataError,
 )
 from analysis.ingest.check import Checked, check_table, quarantine_rows
@@ -126,7 +127,6 @@ def load_inputs(
         if "users" not in found:
             checked["users"] = check_table("users", don.users.assign(_row=np.arange(1, len(don.users) + 1)), pfile)
         found["messages"] = input_dir
-        require = tuple(t for t in require if t != "impressions")
     if "messages" not in found:
         raise _no_messages(input_dir)
     msg_path = found["messages"]
@@ -140,8 +140,6 @@ def load_inputs(
         checked["messages"] = check_table("messages", mdf, msg_path, allow_missing_time=allow_missing_time)
         if "users" not in found:
             checked["users"] = check_table("users", imp.users.assign(_row=np.arange(1, len(imp.users) + 1)), f"{msg_path} (users)")
-        # a chat export is a corpus without ads: stages 00-02 run on it, leakage and lift need impressions
-        require = tuple(t for t in require if t != "impressions")
     for t in REQUIRED_TABLES + OPTIONAL_TABLES:
         if t in checked:
             continue
@@ -174,7 +172,7 @@ def load_inputs(
         if orphan.any():
             qs.append(quarantine_rows("impressions", checked["impressions"].file, imp.loc[orphan, "_row"], "user_id", "user_id not in users table", imp.loc[orphan, "user_id"].tolist()))
             tables["impressions"] = imp[~orphan]
-    for t in OPTIONAL_TABLES:
+    for t in ("filter_decisions", "labels"):  # tables keyed by conversation
         if t in tables:
             d = tables[t]
             orphan = ~d["conversation_id"].isin(conv_ids)
@@ -192,6 +190,9 @@ def load_inputs(
                 f"{lost:.0%} of rows quarantined (limit {max_quarantine_share:.0%}); top reasons: "
                 + "; ".join(f"{r} ({c})" for r, c in top.items()),
             )
+    for t, df in tables.items():  # an optional column empty everywhere is an absent column: what it turns on stays off
+        empty = [c.name for c in SCHEMAS[t].columns if not c.required and c.name in df and df[c.name].isna().all()]
+        tables[t] = df.drop(columns=empty)
     return Inputs(
         messages=tables["messages"].drop(columns="_row").reset_index(drop=True),
         users=tables["users"].drop(columns="_row").reset_index(drop=True),

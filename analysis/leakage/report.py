@@ -47,6 +47,7 @@ class LeakageReport:
     differential: pd.DataFrame | None  # detector error by filter stratum (non-differential check)
     settings: LeakageSettings = field(default_factory=LeakageSettings)
     notes: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # metric -> why it could not be computed (the summary says it)
     ground_truth: dict | None = None  # a simulated world's truth, attached by the stage after estimation
 
     def side_by_side(self, group: str = "all") -> pd.DataFrame:
@@ -96,7 +97,7 @@ def analyse(inputs: LeakageInputs, settings: LeakageSettings | None = None, *, a
     alpha, tolerance, min_cell_users, n_boot, seed = s.alpha, s.leak_tolerance, s.min_cell_users, s.n_boot, s.seed
     policy_date, excluded_regions, control_topics = s.policy_date, s.excluded_regions, s.control_topics
     exposure_window_days, n_permutations = s.exposure_window_days, s.exposure_permutations
-    notes = []
+    notes, skipped = [], {}
     excluded_regions = tuple(excluded_regions) if excluded_regions else DEFAULT_EXCLUDED
     controls = dict(DEFAULT_CONTROLS if control_topics is None else control_topics)
     conv = inputs.conversations.assign(conversation_id=inputs.conversations["conversation_id"].astype(str)).set_index("conversation_id", drop=False)
@@ -149,6 +150,7 @@ def analyse(inputs: LeakageInputs, settings: LeakageSettings | None = None, *, a
             dcurve = detector_threshold_curve(passed, sc.reindex(conv.index), labels, group, alpha=alpha, n_boot=min(n_boot, 1000), seed=seed)
     else:
         notes.append("no filter decisions: white-box leak rates skipped (black-box exposure test only)")
+        skipped["leak_rate"] = "no filter decisions: the white-box leak rate needs them"
 
     exp = viol = None
     if inputs.impressions is not None and len(inputs.impressions):
@@ -165,9 +167,16 @@ def analyse(inputs: LeakageInputs, settings: LeakageSettings | None = None, *, a
                                      min_users=max(20, min_cell_users), seed=seed)
         exp.table = pd.concat([exp.table, regional], ignore_index=True)
         viol = violations(data, exp, min_cell=min_cell_users, alpha=alpha)
+        if not is_excluded(inputs.users["region"], excluded_regions).any():
+            skipped["violation_impressions"] = "no users in excluded regions: the promise there cannot be checked"
+        elif data.chat is None:
+            viol["chat_impressions"] = np.nan  # unknown, not zero
+            skipped["violation_impressions"] = "no targeting_sources: chat-targeted impressions cannot be told apart"
+            notes.append("no targeting_sources in the impressions: violations rest on the exposure test alone")
     else:
         notes.append("no impressions: black-box exposure test and violation check skipped")
-    return LeakageReport(wb, wb_det, corr, by_region, exp, viol, fcurve, dcurve, diff, s, notes)
+        skipped["exposure_effect"] = skipped["violation_impressions"] = "no impressions: the exposure test and the violation check need an ad log"
+    return LeakageReport(wb, wb_det, corr, by_region, exp, viol, fcurve, dcurve, diff, s, notes, skipped)
 
 
 def _differential_check(v: pd.DataFrame) -> pd.DataFrame:

@@ -34,6 +34,7 @@ class LiftReport:
     ab: ABResult | None
     categories: CategoryLiftResult | None
     notes: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # headline metric -> why it could not be computed
     ground_truth: dict | None = None  # a simulated world's truth, attached by the stage after estimation
 
     def summary(self) -> pd.DataFrame:
@@ -87,7 +88,10 @@ def analyse(data: LiftData, settings: LiftSettings | None = None, *, event_study
             notes.append(f"{name} skipped: {e}")
             return None
 
+    skipped = {}
     did = attempt("difference-in-differences", lambda: DiffInDiff(alpha).fit(data))
+    if did is None:
+        skipped["did_rel_lift"] = _why_no_did(data) or notes[-1].split(" skipped: ", 1)[-1]
     pu = data.per_user()
     cuped = attempt("region CUPED", lambda: Cuped(alpha).fit_users(pu, pu["included"].to_numpy(), "CUPED (included vs excluded, post; pre-period CTR)"))
     es = attempt("event study", lambda: EventStudy(alpha=alpha).fit(data)) if event_study and did is not None else None
@@ -98,8 +102,10 @@ def analyse(data: LiftData, settings: LiftSettings | None = None, *, event_study
             ab = ABTest(alpha, s.expected_holdout_share, target_rel_lift=s.target_rel_lift, n_permutations=n_permutations, seed=seed).fit(data)
         except ValueError as e:
             notes.append(f"A/B skipped: {e}")
+            skipped["ab_rel_lift"] = str(e)
     else:
         notes.append("A/B skipped: the impressions carry no arm")
+        skipped["ab_rel_lift"] = "no holdout arm: the impressions carry no treatment/holdout assignment"
     cats = None
     if data.category_cells is not None:
         labels = load_taxonomy().set_index("id")["path"]
@@ -111,5 +117,19 @@ def analyse(data: LiftData, settings: LiftSettings | None = None, *, event_study
         notes += [f"A/B: {w}" for w in ab.warnings]
     if es is not None and es.pretrend_p < alpha:
         notes.append(f"pre-trend test rejects parallel trends (p = {es.pretrend_p:.3g}): the DiD and region CUPED estimates are suspect")
-    return LiftReport(data, did, es, ri, cuped, ab, cats, notes)
+    return LiftReport(data, did, es, ri, cuped, ab, cats, notes, skipped)
 
+
+def _why_no_did(data: LiftData) -> str | None:
+    """The plain reason a difference-in-differences is impossible on this log, if it is one of the usual ones."""
+    inc = data.users["included"].astype(bool) if len(data.users) else pd.Series(dtype=bool)
+    if not inc.any():
+        return "no users in included regions: nothing received the policy"
+    if inc.all():
+        return "no users in excluded regions: the difference-in-differences compares included with excluded regions"
+    weeks = data.user_week["week"]
+    if not (weeks >= 0).any():
+        return "no impressions after the policy date"
+    if not (weeks < 0).any():
+        return "no impressions before the policy date"
+    return None

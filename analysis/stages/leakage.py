@@ -75,7 +75,9 @@ def record_metrics(report, run_dir: RunDir | str, ground_truth: dict | None = No
             m.add(M.EXPOSURE_EFFECT, r.effect, group=grp, ci=(r.ci_low, r.ci_high), n=r.n_treated)
             m.add(M.EXPOSURE_P, r.p_permutation, group=grp, n=r.n_treated)
             m.add(M.EXPOSURE_P_GLM, r.p_glm, group=grp, n=r.n_treated)
-    if report.violations is not None:
+    for metric, reason in report.skipped.items():
+        m.skip(metric, reason)
+    if report.violations is not None and "violation_impressions" not in report.skipped:
         byr = ((ground_truth or {}).get("violations") or {}).get("by_region") or {}
         for r in report.violations.itertuples():
             truth = sum(byr.values()) if r.region == "ALL excluded" else byr.get(r.region, 0)

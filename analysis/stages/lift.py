@@ -25,6 +25,7 @@ def run(run_dir: RunDir | str, settings: LiftSettings | None = None, engine: Eng
         # a chat-only corpus (e.g. a ChatGPT export): nothing to estimate, and the run goes on
         m = MetricsRecorder(rd, LIFT)
         m.add(M.IMPRESSIONS, 0)
+        m.skip(M.DID_REL, "no impressions: the lift needs an ad log")
         m.write()
         return None
     engine = engine or make_engine(s.engine, s.dask_scheduler)
@@ -47,6 +48,8 @@ def record_metrics(report, run_dir: RunDir | str, ground_truth: dict | None = No
         n = report.ab.plain.n_treated + report.ab.plain.n_control if r.metric.startswith("ab_") and report.ab else nd
         m.add(r.metric, r.estimate, ci=(r.ci_low, r.ci_high), truth=r.truth, n=n, group={"estimand": r.estimand})
     m.add(M.IMPRESSIONS, report.data.n_impressions)
+    for metric, reason in report.skipped.items():
+        m.skip(metric, reason)
     if report.did is not None:
         m.add(M.DID_P, report.did.p_value, n=nd)
     if report.cuped is not None:

@@ -24,6 +24,7 @@ class Metric:
     ci_high: float | None = None
     truth: float | int | None = None
     n: int | None = None
+    note: str | None = None  # why there is no estimate ("not computed: ...")
 
     def covers_truth(self) -> bool | None:
         if self.truth is None or self.ci_low is None or self.ci_high is None:
@@ -39,12 +40,24 @@ class MetricsRecorder:
         self.path = RunDir.of(run_dir).metrics_file(stage)
         self.records: list[Metric] = []
 
-    def add(self, metric: str, estimate, *, group=None, ci=None, truth=None, n=None) -> Metric:
+    def add(self, metric: str, estimate, *, group=None, ci=None, truth=None, n=None, note=None) -> Metric:
+        """Record one figure. A figure on an empty denominator (n = 0) or without a value is recorded
+        as not computed, with `note` saying why: never as 0.0 or NaN."""
         metric_names.check(self.stage, metric)
         lo, hi = ci if ci is not None else (None, None)
-        m = Metric(metric, _num(estimate), dict(group or {}), _num(lo), _num(hi), _num(truth), None if n is None else int(n))
+        est, n = _num(estimate), None if n is None or pd.isna(n) else int(n)
+        if n == 0:
+            est, lo, hi = None, None, None
+            note = note or "not computed: no observations (n = 0)"
+        elif est is None and note is None:
+            note = "not computed"
+        m = Metric(metric, est, dict(group or {}), _num(lo), _num(hi), _num(truth), n, note)
         self.records.append(m)
         return m
+
+    def skip(self, metric: str, reason: str, *, group=None, truth=None) -> Metric:
+        """Record that a figure could not be computed in this run, and why (the summary says so)."""
+        return self.add(metric, None, group=group, truth=truth, note=f"not computed: {reason}")
 
     def to_frame(self) -> pd.DataFrame:
         return metrics_frame([asdict(r) for r in self.records])
@@ -64,7 +77,7 @@ def read_metrics(run_dir: str | Path | RunDir, stage: str | None = None) -> pd.D
 
 
 def metrics_frame(records: list[dict]) -> pd.DataFrame:
-    cols = ["stage", "metric", "group", "estimate", "ci_low", "ci_high", "truth", "n"]
+    cols = ["stage", "metric", "group", "estimate", "ci_low", "ci_high", "truth", "n", "note"]
     df = pd.DataFrame(records)
     for c in cols:
         if c not in df:

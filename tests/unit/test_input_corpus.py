@@ -100,6 +100,7 @@ def test_unusual_inputs_keep_their_values():
     assert m["text"].str.len().max() > 200_000
     first = m.sort_values(["conversation_id", "turn_index"]).iloc[:2]["sent_at"].dt.strftime("%H:%M:%S").tolist()
     assert first == ["08:00:00", "10:00:05"]  # +02:00 converted to UTC; naive read as UTC
-    assert load_inputs(CORPUS / "no_optional_columns").messages["modality"].isna().all()
+    assert "modality" not in load_inputs(CORPUS / "no_optional_columns").messages
+    assert "arm" not in load_inputs(CORPUS / "arm_all_empty").impressions  # empty everywhere = absent
     imp = load_inputs(CORPUS / "hive_partitioned").impressions
     assert set(imp["impression_id"]) == {f"i{i:03d}" for i in range(1, 49)}
