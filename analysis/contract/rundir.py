@@ -58,11 +58,21 @@ ARTIFACTS: dict[str, Artifact] = {a.key: a for a in (
 METRICS_WRITTEN_BY = tuple(s for s in STAGES if s != SUMMARY)
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def project_path(path: str | os.PathLike) -> Path:
+    """A path as configs and notebook parameters write it: a relative one is relative to the project
+    root, whatever the working directory (JupyterLab runs a notebook's kernel in `notebooks/`)."""
+    p = Path(path)
+    return p if p.is_absolute() else PROJECT_ROOT / p
+
+
 class RunDir:
-    """Typed paths into one run folder (`reports/<run-id>/`)."""
+    """Typed paths into one run folder (`reports/<run-id>/`; relative: to the project root)."""
 
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+        self.root = project_path(root)
 
     def __fspath__(self) -> str:
         return str(self.root)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from analysis.contract import metric_names as M
-from analysis.contract.rundir import RunDir
+from analysis.contract.rundir import RunDir, project_path
 from analysis.contract.settings import IngestSettings
 from analysis.contract.stages import INGEST
 from analysis.engines import Engine
@@ -55,7 +55,8 @@ def run(run_dir: RunDir | str, settings: IngestSettings | None = None, engine: E
     """Stage 00 (the engine is not used: reading and checking inputs is in-process)."""
     rd, s = RunDir.of(run_dir), settings or IngestSettings()
     excluded = tuple(s.excluded_regions) if s.excluded_regions else DEFAULT_EXCLUDED
-    inputs = load_inputs(s.input_dir, max_quarantine_share=s.max_quarantine_share)
+    input_dir = project_path(s.input_dir)
+    inputs = load_inputs(input_dir, max_quarantine_share=s.max_quarantine_share)
     conv = build_conversations(inputs.messages, inputs.users, excluded_regions=excluded, policy_date=s.policy_date)
     artifacts = {"conversations": str(write_parquet(conv, rd.conversations))}
     artifacts["quarantine"] = str(write_parquet(inputs.quarantine.astype({"value": "object"}), rd.quarantine))
@@ -63,7 +64,7 @@ def run(run_dir: RunDir | str, settings: IngestSettings | None = None, engine: E
         df = getattr(inputs, t)
         if df is not None:
             artifacts[t] = str(write_parquet(df, rd.path(t)))
-    if copy_world_truth(s.input_dir, rd):
+    if copy_world_truth(input_dir, rd):
         artifacts.update({k: str(rd.path(k)) for k in ("ground_truth", "truth_conversations") if rd.exists(k)})
     res = IngestResult(inputs, conv, artifacts, excluded, s)
     record_metrics(res, rd, GroundTruth.read(rd))

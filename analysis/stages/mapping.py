@@ -13,7 +13,7 @@ from __future__ import annotations
 import pandas as pd
 
 from analysis.contract import metric_names as M
-from analysis.contract.rundir import RunDir, StageInputError
+from analysis.contract.rundir import RunDir, StageInputError, project_path
 from analysis.contract.settings import MappingSettings
 from analysis.contract.stages import MAPPING
 from analysis.detector.model import DetectorParams, FitOptions, SensitiveDetector
@@ -40,7 +40,7 @@ def run(run_dir: RunDir | str, settings: MappingSettings | None = None, engine: 
     conv = pd.read_parquet(rd.require("conversations"))
     notes: list[str] = []
     tax = load_taxonomy()
-    overrides = Overrides.load(s.overrides_file, tax)
+    overrides = Overrides.load(project_path(s.overrides_file) if s.overrides_file else None, tax)
     spec = load_art9(taxonomy=tax, ad_nodes=overrides.ad_nodes or None)
     truth = GroundTruth.read(rd)
 
@@ -62,7 +62,7 @@ def run(run_dir: RunDir | str, settings: MappingSettings | None = None, engine: 
 
     # ---- sensitive detection: labels, refit policy, validation
     labels = _labels(rd, s, conv, notes)
-    params = DetectorParams.load(s.detector_params, s.detector_backend) if s.detector_params else None
+    params = DetectorParams.load(project_path(s.detector_params), s.detector_backend) if s.detector_params else None
     det = SensitiveDetector(backend=s.detector_backend, params=params, spec=spec, cache_dir=s.cache_dir, fitting=FitOptions(seed=s.seed))
     source = str(s.detector_params) if s.detector_params else f"shipped defaults ({det.params.fitted_on or 'hand-set'})"
     dr = detect_with_refit(det, conv[["conversation_id", "document"]], labels, s, params_source=source)
@@ -97,7 +97,8 @@ def run(run_dir: RunDir | str, settings: MappingSettings | None = None, engine: 
 
 def _labels(rd: RunDir, s: MappingSettings, conv: pd.DataFrame, notes: list[str]) -> pd.DataFrame | None:
     """`labels_path`, else stage 00's labels, restricted to this run's conversations (None: no labels)."""
-    labels = read_labels(s.labels_path) if s.labels_path else (pd.read_parquet(rd.labels) if rd.exists("labels") else None)
+    paths = [s.labels_path] if isinstance(s.labels_path, str) else list(s.labels_path or ())
+    labels = read_labels([project_path(p) for p in paths]) if paths else (pd.read_parquet(rd.labels) if rd.exists("labels") else None)
     if labels is None:
         return None
     labels = labels[labels["conversation_id"].isin(conv["conversation_id"])].drop_duplicates("conversation_id")
