@@ -18,7 +18,7 @@ from analysis.contract import metric_names as M
 from analysis.contract.art9 import SUMMARY_NAMES
 from analysis.contract.rundir import RunDir
 from analysis.contract.settings import SummarySettings
-from analysis.contract.stages import LEAKAGE, LIFT
+from analysis.contract.stages import LEAKAGE, LIFT, STAGES, SUMMARY, describe
 from analysis.util.metrics import read_metrics
 from analysis.util.taxonomy import load_taxonomy
 
@@ -209,9 +209,17 @@ class AuditSummary:
         """One row per question: the answer sentence, whether it was assessed, its source."""
         return self.to_frame()
 
+    def stages_text(self) -> str:
+        """Which stages ran in this run and which did not (a stage that ran may still have skipped parts)."""
+        ran = [s for s in STAGES if s != SUMMARY and self._ran(s)]
+        missing = [s for s in STAGES if s != SUMMARY and not self._ran(s)]
+        text = "Stages run: " + ", ".join(describe(s) for s in ran) + "." if ran else "No analysis stage ran."
+        return text + (" Not run: " + ", ".join(describe(s) for s in missing) + "." if missing else "")
+
     def to_markdown(self) -> str:
-        """Markdown: each question in bold, then its one-sentence answer."""
-        return "\n\n".join(f"**{i}. {a.question}**<br>\n<span class=\"audit-answer\">{a.sentence}</span>" for i, a in enumerate(self.answers(), 1))
+        """Markdown: which stages ran, then each question in bold and its one-sentence answer."""
+        answers = "\n\n".join(f"**{i}. {a.question}**<br>\n<span class=\"audit-answer\">{a.sentence}</span>" for i, a in enumerate(self.answers(), 1))
+        return f"*{self.stages_text()}*\n\n" + answers
 
     # ------------------------------------------------------------------ evidence
     def estimates_vs_truth(self, *, headline: bool = True) -> pd.DataFrame:

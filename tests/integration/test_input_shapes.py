@@ -116,6 +116,8 @@ def test_every_input_shape_runs_to_an_honest_summary(variant, shape_world, tmp_p
     answers = {a.key: a for a in s.answers()}
 
     assert "did not run" in answers["topics"].sentence  # stage 01 was not run here: it says so
+    ran, _, not_run = s.stages_text().partition("Not run:")
+    assert "stage 03 (leakage)" in ran and "stage 04 (engagement lift)" in ran and "stage 01 (topics)" in not_run
     for key in ("leakage", "lift"):  # these ran: never "did not run", never a NaN or n/a
         text = answers[key].sentence
         assert "did not run" not in text and "nan" not in text.lower() and "n/a" not in text, (key, text)
