@@ -15,6 +15,9 @@ error stops the run), and writes:
 - data/labels/gold/labels.csv, once every disagreement has an adjudicated row: one row per
   conversation — the single reading, the agreed one, or the adjudicated one (GUIDELINE.md s. 6).
 
+Round 2 (draw_round2.py) adds labelers L7 and L8 and items after g2041 to the same key.csv; the
+labelers are whoever key.csv names, and agreement pools every double reading (both rounds).
+
 `--partial` accepts answer files that do not yet cover every item (progress checks); final
 labels are then not written. `--check L3` validates only L3's file and writes nothing (for labelers).
 """
@@ -195,6 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     adj_path = args.dir / "adjudication.csv"
     if not adj_path.exists():
         pd.DataFrame({"item_id": differ}).reindex(columns=COLUMNS).to_csv(adj_path, index=False)
+    else:  # keep the rows written so far; add empty ones for disagreements found since (e.g. round 2)
+        have = pd.read_csv(adj_path, dtype=str, keep_default_na=False)
+        new = [i for i in differ if i not in set(have["item_id"])]
+        if new:
+            pd.concat([have, pd.DataFrame({"item_id": new}).reindex(columns=COLUMNS)], ignore_index=True).to_csv(adj_path, index=False)
+            print(f"{len(new)} new disagreement row(s) appended to {adj_path}")
     print(f"{len(differ)} disagreements of {two['item_id'].nunique()} doubly-read -> {args.dir / 'disagreements.md'}")
     if args.partial:
         return 0
