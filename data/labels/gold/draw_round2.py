@@ -19,9 +19,10 @@ conversations from the same pool (the corpus minus everything labeled, >= 5 word
 - `r2random`: a simple random sample of the pool, so that labelers do not see only candidates.
 
 A stratum short of candidates passes its remainder to the next one of the category (lexicon ->
-score -> nn; the lexicon goes first because its few explicit hits are the likeliest positives). `draw` rewrites split.csv as the round-1 rows plus the round-2 rows: a conversation of
-a chat already in split.csv takes that chat's split; the rest go 35% test per stratum (seeded),
-grouped by chat. `packets` gives the round-2 conversations to labelers L7 and L8 (DOUBLE_SHARE read
+score -> nn; the lexicon goes first because its few explicit hits are the likeliest positives).
+`draw` rewrites split.csv as the round-1 rows plus the round-2 rows: a conversation of a chat
+already in split.csv takes that chat's split; the rest go 35% test per stratum (seeded), grouped
+by chat. `packets` gives the round-2 conversations to labelers L7 and L8 (DOUBLE_SHARE read
 by both, adjudicator one of L1-L6) under item ids continuing after round 1, and appends them to
 OUT_DIR/key.csv. No conversation text leaves this script except into OUT_DIR (outside the repo).
 """
