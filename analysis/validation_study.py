@@ -1,0 +1,134 @@
+"""Coverage and false-positive studies of today's and the region-/cluster-aware estimators over the
+adversarial worlds of `analysis.adversarial` (bench/validation_worlds.py runs >= 1,000 worlds per
+kind; tests/validation runs a faster version).
+
+`lift_rows(kind, seeds)` / `leak_rows(kind, seeds)` return one row per world (and category) with
+whether each estimator's 95% CI covers the truth and each test's p-value or verdict; `summarize`
+turns rows into coverage / false-positive rates with their Monte Carlo SEs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from analysis.adversarial import did_user_clustered, leak_world, lift_world
+from analysis.leak_inference import ClusteredLeakRate, PPILeakRate
+from analysis.regional_inference import RegionDiD
+
+ALPHA = 0.05
+
+
+def lift_rows(kind: str, seeds, *, lift: float = 0.05, n_permutations: int = 1000) -> pd.DataFrame:
+    """Per world: null (lift 0) and effect (lift > 0) versions with distinct seeds. Estimators: today's
+    user-clustered DiD (abs lift), today's region CUPED (rel lift, delta CI), the region DiD (CR3,
+    studentized RI)."""
+    from analysis.lift import Cuped  # today's estimator, for comparison
+
+    rows = []
+    for s in seeds:
+        for effect in (False, True):
+            w = lift_world(kind, int(s) * 2 + int(effect), lift=lift if effect else 0.0)
+            up = w.user_period()
+            d = did_user_clustered(up, ALPHA)
+            r = RegionDiD(ALPHA, n_permutations=n_permutations, seed=int(s)).fit(up)
+            cu = Cuped(ALPHA).fit_users(w.users, w.users["included"].to_numpy())
+            inc = w.users[w.users["included"]]
+            ab = Cuped(ALPHA).fit_users(inc, (inc["arm"] == "treatment").to_numpy())
+            rows.append({
+                "kind": kind, "seed": int(s), "effect": effect, "truth_rel": w.truth_rel,
+                "did_user_p": d["p_value"], "did_user_covers": d["ci"][0] <= w.truth_abs <= d["ci"][1],
+                "region_cuped_p": cu.p_value, "region_cuped_covers": cu.rel_ci_delta[0] <= w.truth_rel <= cu.rel_ci_delta[1],
+                "region_did_p": r.p_value, "region_did_covers": r.ci[0] <= w.truth_rel <= r.ci[1],
+                "region_ri_p": r.p_randomization,
+                "ab_cuped_p": ab.p_value, "ab_cuped_covers": ab.rel_ci_delta[0] <= w.truth_arm_rel <= ab.rel_ci_delta[1], "region_did_df": r.df,
+                "regions": r.regions_included + r.regions_excluded,
+            })
+    return pd.DataFrame(rows)
+
+
+def leak_rows(kind: str, seeds, *, target_rate: float | None = None, tolerance: float = 0.01, n_boot: int = 1000) -> pd.DataFrame:
+    """Per world and category: coverage of Wilson and the user-clustered interval (labeled sample),
+    PPI (stratified by filter decision) and Rogan-Gladen (today's corrected estimate), and each
+    compliance verdict. With `target_rate` = tolerance every true rate sits on the tolerance, so
+    'shown below' is a false assurance: its rate is the compliance test's false-positive rate."""
+    from analysis.leakage import CorrectedLeakage  # today's estimator, for comparison
+
+    rows = []
+    for s in seeds:
+        w = leak_world(kind, int(s), target_rate=target_rate)
+        lab = w.labeled
+        cl = ClusteredLeakRate(ALPHA, tolerance).fit(w.passed[lab], w.member[lab], w.user[lab], categories=w.categories).table
+        pp = PPILeakRate(ALPHA, tolerance).fit(w.passed, w.member, lab, w.score, w.user, categories=w.categories).table
+        F = w.score >= 0.5
+        rng = np.random.default_rng(int(s))
+        rg = CorrectedLeakage(ALPHA, n_boot=n_boot)
+        u = ~lab
+        for j, c in enumerate(w.categories):
+            y, f = w.member[lab, j], F[lab, j]
+            val = pd.DataFrame([{"tp": int((y & f).sum()), "fn": int((y & ~f).sum()), "tn": int((~y & ~f).sum()), "fp": int((~y & f).sum())}], index=[c])
+            P, Fu = w.passed[u], F[u, j]
+            cells = np.array([(P & Fu).sum(), (P & ~Fu).sum(), (~P & Fu).sum(), (~P & ~Fu).sum()])
+            g = rg._one(cells, val, c, rng)
+            tr = w.truth[c]
+            a, b = cl.iloc[j], pp.iloc[j]
+            rows.append({
+                "kind": kind, "seed": int(s), "category": c, "truth": tr,
+                "wilson_covers": a["wilson_low"] <= tr <= a["wilson_high"], "clustered_covers": a["ci_low"] <= tr <= a["ci_high"],
+                "ppi_covers": b["ci_low"] <= tr <= b["ci_high"], "rg_covers": g["ci_low"] <= tr <= g["ci_high"],
+                "clustered_width": a["ci_high"] - a["ci_low"], "ppi_width": b["ci_high"] - b["ci_low"],
+                "clustered_verdict": a["verdict"], "ppi_verdict": b["verdict"],
+            })
+    return pd.DataFrame(rows)
+
+
+def rate(x) -> tuple[float, float, int]:
+    """(rate, Monte Carlo SE, n) of a boolean series."""
+    x = np.asarray(x, float)
+    x = x[~np.isnan(x)]
+    p = x.mean() if len(x) else np.nan
+    return float(p), float(np.sqrt(p * (1 - p) / len(x))) if len(x) else np.nan, len(x)
+
+
+def summarize_lift(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per kind and estimator: false-positive rate in null worlds and coverage in effect worlds."""
+    out = []
+    est = {"DiD, user-clustered (today)": ("did_user_p", "did_user_covers"),
+           "region CUPED (today)": ("region_cuped_p", "region_cuped_covers"),
+           "region DiD, CR3 t (new)": ("region_did_p", "region_did_covers"),
+           "region RI, studentized (new)": ("region_ri_p", None),
+           "A/B CUPED, randomized arms (today)": ("ab_cuped_p", "ab_cuped_covers")}
+    for kind, g in rows.groupby("kind", sort=False):
+        null, eff = g[~g["effect"]], g[g["effect"]]
+        for name, (p, cov) in est.items():
+            f = rate(null[p] < ALPHA)
+            c = rate(eff[cov]) if cov else (np.nan, np.nan, 0)
+            out.append({"kind": kind, "estimator": name, "worlds": f[2], "fpr": f[0], "fpr_mc_se": f[1], "coverage": c[0], "coverage_mc_se": c[1]})
+    return pd.DataFrame(out)
+
+
+def summarize_leak(rows: pd.DataFrame, by_category: bool = True) -> pd.DataFrame:
+    """Per kind (and category) and interval: coverage of the truth with its MC SE."""
+    keys = ["kind", "category"] if by_category else ["kind"]
+    out = []
+    for key, g in rows.groupby(keys, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        for name, col in (("Wilson (today)", "wilson_covers"), ("user-clustered Wilson (new)", "clustered_covers"),
+                          ("PPI++ stratified (new)", "ppi_covers"), ("Rogan-Gladen (today)", "rg_covers")):
+            c = rate(g[col])
+            out.append({**dict(zip(keys, key)), "estimator": name, "n": c[2], "coverage": c[0], "coverage_mc_se": c[1]})
+    return pd.DataFrame(out)
+
+
+def summarize_compliance(rows: pd.DataFrame, by_category: bool = False) -> pd.DataFrame:
+    """At the tolerance (rows from target_rate = tolerance): rate of 'shown below' (false assurance)
+    and of 'exceeds' (false alarm), per kind and verdict source."""
+    keys = ["kind", "category"] if by_category else ["kind"]
+    out = []
+    for key, g in rows.groupby(keys, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        for name, col in (("user-clustered Wilson", "clustered_verdict"), ("PPI++ stratified", "ppi_verdict")):
+            below, exceeds = rate(g[col] == "shown below"), rate(g[col] == "exceeds")
+            out.append({**dict(zip(keys, key)), "estimator": name, "n": below[2], "shown_below": below[0], "shown_below_mc_se": below[1],
+                        "exceeds": exceeds[0], "exceeds_mc_se": exceeds[1]})
+    return pd.DataFrame(out)
