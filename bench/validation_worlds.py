@@ -1,7 +1,10 @@
 """Validation over adversarial worlds (issue 14): coverage and false-positive rates per estimator,
 per world kind and (leak rates) per category, with Monte Carlo SEs. Run on demand:
 
-    .venv/bin/python bench/validation_worlds.py [--worlds 1000] [--workers 2] [--out rows.parquet]
+    .venv/bin/python bench/validation_worlds.py [--worlds 1000] [--workers 2] [--rows DIR]
+
+Per-chunk rows are written to --rows as they finish (a rerun skips the chunks already there), and
+the tables are printed from every chunk present.
 
 Lift: every kind of `analysis.adversarial.LIFT_KINDS`, `--worlds` null worlds (false positives at
 alpha 0.05) and `--worlds` worlds with a 5% lift (coverage of the true relative lift).
@@ -29,12 +32,15 @@ from analysis.adversarial import LEAK_KINDS, LIFT_KINDS  # noqa: E402
 
 
 def _job(args):
-    what, kind, seeds = args
+    what, kind, seeds, path = args
     if what == "lift":
-        return V.lift_rows(kind, seeds)
-    if what == "leak":
-        return V.leak_rows(kind, seeds)
-    return V.leak_rows(kind, seeds, target_rate=0.01).assign(kind=f"{kind}@tolerance")
+        out = V.lift_rows(kind, seeds)
+    elif what == "leak":
+        out = V.leak_rows(kind, seeds)
+    else:
+        out = V.leak_rows(kind, seeds, target_rate=0.01, n_boot=0).assign(kind=f"{kind}@tolerance")
+    out.to_parquet(path)
+    return path
 
 
 def main() -> None:
@@ -42,23 +48,22 @@ def main() -> None:
     ap.add_argument("--worlds", type=int, default=1000)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--chunk", type=int, default=100)
-    ap.add_argument("--out", type=Path, default=None, help="write every per-world row here (parquet)")
+    ap.add_argument("--rows", type=Path, default=ROOT / "bench" / "out" / "validation_worlds", help="per-chunk rows (parquet)")
     a = ap.parse_args()
-    chunks = [np.arange(i, min(i + a.chunk, a.worlds)) + 100_000 for i in range(0, a.worlds, a.chunk)]
-    jobs = [("lift", k, c) for k in LIFT_KINDS for c in chunks]
-    jobs += [("leak", k, c) for k in LEAK_KINDS for c in chunks]
-    jobs += [("tolerance", k, c) for k in LEAK_KINDS for c in chunks]
+    a.rows.mkdir(parents=True, exist_ok=True)
+    chunks = [(i, np.arange(i, min(i + a.chunk, a.worlds)) + 100_000) for i in range(0, a.worlds, a.chunk)]
+    jobs = [(what, k, c, a.rows / f"{what}_{k}_{i:05d}_{len(c)}.parquet") for what, kinds in
+            (("lift", LIFT_KINDS), ("leak", LEAK_KINDS), ("tolerance", LEAK_KINDS)) for k in kinds for i, c in chunks]
+    todo = [j for j in jobs if not j[3].exists()]
     t0 = time.perf_counter()
     with ProcessPoolExecutor(a.workers) as ex:
-        out = list(ex.map(_job, jobs))
+        for path in ex.map(_job, todo):
+            print(f"{time.perf_counter() - t0:7.0f} s  {path.name}", file=sys.stderr, flush=True)
     secs = time.perf_counter() - t0
-    lift = pd.concat([o for j, o in zip(jobs, out) if j[0] == "lift"], ignore_index=True)
-    leak = pd.concat([o for j, o in zip(jobs, out) if j[0] == "leak"], ignore_index=True)
-    tol = pd.concat([o for j, o in zip(jobs, out) if j[0] == "tolerance"], ignore_index=True)
-    if a.out:
-        pd.concat([lift.assign(study="lift"), leak.assign(study="leak"), tol.assign(study="tolerance")], ignore_index=True).to_parquet(a.out)
+    read = lambda what: pd.concat([pd.read_parquet(j[3]) for j in jobs if j[0] == what and j[3].exists()], ignore_index=True)  # noqa: E731
+    lift, leak, tol = read("lift"), read("leak"), read("tolerance")
     f = {"floatfmt": ".3f", "index": False}
-    print(f"# validation worlds: {a.worlds} per kind, {secs:.0f} s on {a.workers} workers\n")
+    print(f"# validation worlds: {a.worlds} per kind ({len(todo)} chunks run now in {secs:.0f} s on {a.workers} workers)\n")
     print("## Lift: false-positive rate (null worlds) and coverage of the true relative lift\n")
     print(V.summarize_lift(lift).to_markdown(**f))
     print(f"\nregion DiD df (median by kind): {lift.groupby('kind', sort=False)['region_did_df'].median().round(1).to_dict()}\n")
