@@ -6,7 +6,7 @@ per world kind and (leak rates) per category, with Monte Carlo SEs. Run on deman
 Per-chunk rows are written to --rows as they finish (a rerun skips the chunks already there), and
 the tables are printed from every chunk present.
 
-Lift: every kind of `analysis.adversarial.LIFT_KINDS`, `--worlds` null worlds (false positives at
+Lift: every kind of `analysis.validation.adversarial.LIFT_KINDS`, `--worlds` null worlds (false positives at
 alpha 0.05) and `--worlds` worlds with a 5% lift (coverage of the true relative lift).
 Leak: every kind of `LEAK_KINDS` with the default catch rates (coverage per category) and with
 every true rate on the 1% tolerance (compliance: 'shown below' = false assurance, 'exceeds' =
@@ -27,8 +27,8 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from analysis import validation_study as V  # noqa: E402
-from analysis.adversarial import LEAK_KINDS, LIFT_KINDS  # noqa: E402
+from analysis.validation import studies as V  # noqa: E402
+from analysis.validation.adversarial import LEAK_KINDS, LIFT_KINDS  # noqa: E402
 
 
 def _job(args):
@@ -48,12 +48,15 @@ def main() -> None:
     ap.add_argument("--worlds", type=int, default=1000)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--chunk", type=int, default=100)
+    ap.add_argument("--tolerance-worlds", type=int, default=300, help="worlds per kind with every rate on the tolerance")
     ap.add_argument("--rows", type=Path, default=ROOT / "bench" / "out" / "validation_worlds", help="per-chunk rows (parquet)")
     a = ap.parse_args()
     a.rows.mkdir(parents=True, exist_ok=True)
     chunks = [(i, np.arange(i, min(i + a.chunk, a.worlds)) + 100_000) for i in range(0, a.worlds, a.chunk)]
     jobs = [(what, k, c, a.rows / f"{what}_{k}_{i:05d}_{len(c)}.parquet") for what, kinds in
-            (("lift", LIFT_KINDS), ("leak", LEAK_KINDS), ("tolerance", LEAK_KINDS)) for k in kinds for i, c in chunks]
+            (("lift", LIFT_KINDS), ("leak", LEAK_KINDS)) for k in kinds for i, c in chunks]
+    jobs += [("tolerance", k, c, a.rows / f"tolerance_{k}_{i:05d}_{len(c)}.parquet") for k in LEAK_KINDS for i, c in chunks
+             if i < a.tolerance_worlds]
     todo = [j for j in jobs if not j[3].exists()]
     t0 = time.perf_counter()
     with ProcessPoolExecutor(a.workers) as ex:
@@ -63,7 +66,7 @@ def main() -> None:
     read = lambda what: pd.concat([pd.read_parquet(j[3]) for j in jobs if j[0] == what and j[3].exists()], ignore_index=True)  # noqa: E731
     lift, leak, tol = read("lift"), read("leak"), read("tolerance")
     f = {"floatfmt": ".3f", "index": False}
-    print(f"# validation worlds: {a.worlds} per kind ({len(todo)} chunks run now in {secs:.0f} s on {a.workers} workers)\n")
+    print(f"# validation worlds: {a.worlds} per kind, {a.tolerance_worlds} per kind at the tolerance ({len(todo)} chunks run now in {secs:.0f} s on {a.workers} workers)\n")
     print("## Lift: false-positive rate (null worlds) and coverage of the true relative lift\n")
     print(V.summarize_lift(lift).to_markdown(**f))
     print(f"\nregion DiD df (median by kind): {lift.groupby('kind', sort=False)['region_did_df'].median().round(1).to_dict()}\n")

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from analysis import validation_study as V
-from analysis.adversarial import LEAK_KINDS, LIFT_KINDS
+from analysis.validation import studies as V
+from analysis.validation.adversarial import LEAK_KINDS, LIFT_KINDS
 
 pytestmark = pytest.mark.slow
 

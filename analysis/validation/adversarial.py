@@ -1,6 +1,6 @@
 """Adversarial validation worlds at the level of sufficient statistics.
 
-The full simulator (`analysis.simulate`) writes text and per-impression logs and takes seconds per
+The full simulator (`analysis.simulate`, `analysis.validation.worlds`) writes text and per-impression logs and takes seconds per
 world; coverage and false-positive rates need >= 1,000 worlds per kind. These generators draw the
 same quantities the estimators consume (per-user clicks and impressions by period; per-conversation
 category, filter decision, label and detector score) with the default world's sizes and rates, and
@@ -34,7 +34,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from scipy import stats
-from scipy.special import expit, logit
+from scipy.optimize import brentq
+from scipy.special import expit, logit, ndtr
 
 from analysis.simulate import EXCLUDED_REGIONS, INCLUDED_REGIONS
 
@@ -121,7 +122,7 @@ def lift_world(kind: str = "benign", seed: int = 0, *, n_users: int = 6000, impr
 def did_user_clustered(up: pd.DataFrame, alpha: float = 0.05) -> dict:
     """Today's DiD (`DiffInDiff`): WLS of user-period CTR on group x period, impression weights, SEs
     clustered by user (statsmodels CR1: G/(G-1) (N-1)/(N-K), t with G-1 df), computed in closed form
-    from the user-period rows (equal to statsmodels' fit; tests/unit/test_regional_inference.py)."""
+    from the user-period rows (equal to statsmodels' fit; tests/unit/test_lift_regional.py)."""
     g = up["included"].to_numpy(bool)
     t = up["post"].to_numpy(bool)
     c = up["clicks"].to_numpy(float)
@@ -208,7 +209,7 @@ def leak_world(kind: str = "benign", seed: int = 0, *, n_users: int = 6000, n_co
         shared = np.where(about, zf_std, np.where(passed_other, -1.0, 1.0) * np.abs(rng.normal(size=n_conversations)))
         noise = rho * shared[:, None] + np.sqrt(1 - rho**2) * noise
     mu = np.where(member, stats.norm.ppf(sensitivity), stats.norm.ppf(1 - specificity))
-    score = stats.norm.cdf(mu + noise)
+    score = ndtr(mu + noise)  # standard normal CDF (scipy.special: no distribution-object overhead)
     labeled = rng.random(n_conversations) < label_share
     return LeakWorld(user, member, passed, labeled, score, truth, cats, kind, seed)
 
@@ -225,6 +226,4 @@ def _mean_rate(base_logit: float, sd: float) -> float:
 
 
 def _base_logit(rate: float, sd: float) -> float:
-    from scipy.optimize import brentq
-
     return float(brentq(lambda b: _mean_rate(b, sd) - rate, -30, 10))

@@ -188,10 +188,10 @@ class PPILeakRate:
                                    "valid for a random labeled sample within each filter stratum; the detector sets the width, not the validity")
 
     def _one(self, passed, y, labeled, f, codes, G) -> dict:
-        import ppi_py
+        import ppi_py  # heavy: imports numba
 
         infl = np.zeros((len(y), 2))
-        est, n_eff, lam_used, n_lab = {}, {}, {}, {}
+        est, lam_used, n_lab = {}, {}, {}
         for s, (name, m) in enumerate((("P", passed), ("B", ~passed))):
             lab, unl = m & labeled, m & ~labeled
             Y, Fh, Fu = y[lab].astype(float), f[lab], f[unl]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from statsmodels.stats.proportion import proportion_confint
 
-from analysis.adversarial import leak_world
-from analysis.leak_inference import ClusteredLeakRate, PPILeakRate, clustered_proportion, compliance, label_budget
+from analysis.leakage.inference import ClusteredLeakRate, PPILeakRate, clustered_proportion, compliance, label_budget
+from analysis.validation.adversarial import leak_world
 
 
 def test_independent_units_give_wilson_up_to_the_df_adjustment():

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import statsmodels.api as sm
 
-from analysis.adversarial import did_user_clustered, lift_world
-from analysis.regional_inference import RegionCells, RegionDiD
+from analysis.lift.regional import RegionCells, RegionDiD
+from analysis.validation.adversarial import did_user_clustered, lift_world
 
 
 def _cells(seed=0, R=8, k=4):

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from analysis.blackbox_inference import region_permutation_test, violation_family
+from analysis.leakage.regional import region_permutation_test, violation_family
 
 
 def _users(rng, R=10, k=5, shock=0.0, effect=0.0, n=60):

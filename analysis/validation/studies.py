@@ -1,5 +1,6 @@
-"""Coverage and false-positive studies of today's and the region-/cluster-aware estimators over the
-adversarial worlds of `analysis.adversarial` (bench/validation_worlds.py runs >= 1,000 worlds per
+"""Coverage and false-positive studies of today's (Cuped on regions, CorrectedLeakage, Wilson, the
+user-clustered DiD) and the region-/cluster-aware estimators over the
+adversarial worlds of `analysis.validation.adversarial` (bench/validation_worlds.py runs >= 1,000 worlds per
 kind; tests/validation runs a faster version).
 
 `lift_rows(kind, seeds)` / `leak_rows(kind, seeds)` return one row per world (and category) with
@@ -12,9 +13,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.adversarial import did_user_clustered, leak_world, lift_world
-from analysis.leak_inference import ClusteredLeakRate, PPILeakRate
-from analysis.regional_inference import RegionDiD
+from analysis.leakage.corrected import CorrectedLeakage
+from analysis.leakage.inference import ClusteredLeakRate, PPILeakRate
+from analysis.lift.ab import Cuped
+from analysis.lift.regional import RegionDiD
+from analysis.validation.adversarial import did_user_clustered, leak_world, lift_world
 
 ALPHA = 0.05
 
@@ -23,8 +26,6 @@ def lift_rows(kind: str, seeds, *, lift: float = 0.05, n_permutations: int = 100
     """Per world: null (lift 0) and effect (lift > 0) versions with distinct seeds. Estimators: today's
     user-clustered DiD (abs lift), today's region CUPED (rel lift, delta CI), the region DiD (CR3,
     studentized RI)."""
-    from analysis.lift import Cuped  # today's estimator, for comparison
-
     rows = []
     for s in seeds:
         for effect in (False, True):
@@ -47,13 +48,11 @@ def lift_rows(kind: str, seeds, *, lift: float = 0.05, n_permutations: int = 100
     return pd.DataFrame(rows)
 
 
-def leak_rows(kind: str, seeds, *, target_rate: float | None = None, tolerance: float = 0.01, n_boot: int = 1000) -> pd.DataFrame:
+def leak_rows(kind: str, seeds, *, target_rate: float | None = None, tolerance: float = 0.01, n_boot: int = 500) -> pd.DataFrame:
     """Per world and category: coverage of Wilson and the user-clustered interval (labeled sample),
     PPI (stratified by filter decision) and Rogan-Gladen (today's corrected estimate), and each
     compliance verdict. With `target_rate` = tolerance every true rate sits on the tolerance, so
     'shown below' is a false assurance: its rate is the compliance test's false-positive rate."""
-    from analysis.leakage import CorrectedLeakage  # today's estimator, for comparison
-
     rows = []
     for s in seeds:
         w = leak_world(kind, int(s), target_rate=target_rate)
