@@ -22,6 +22,9 @@ from analysis.contract.stages import LEAKAGE, LIFT, STAGES, SUMMARY, describe
 from analysis.util.metrics import read_metrics
 from analysis.util.taxonomy import load_taxonomy
 
+# what the answers headline (issue 14): inference at the unit of assignment / clustering
+HEADLINE_METRICS = (M.LEAK_RATE_PPI, M.LEAK_RATE_CLUSTERED, M.REGION_DID_REL, M.AB_CUPED_REL)
+
 QUESTIONS = {
     "topics": "What do people talk about with the AI?",
     "ad_categories": "Which ad categories do those topics feed?",
@@ -126,7 +129,12 @@ class AuditSummary:
         lr = self._m(LEAKAGE, M.LEAK_RATE)
         lr = lr[lr["estimate"].notna()] if len(lr) else lr
         parts, assessed = [], False
-        if len(lr):
+        headline = self._leak_sentence_clustered()
+        if headline:
+            assessed = True
+            parts.append(headline)
+            src = f"03_leakage: metrics/03_leakage.json ({M.LEAK_RATE_PPI} or {M.LEAK_RATE_CLUSTERED}, {M.LEAK_UPPER_BOUND}, violation_impressions)"
+        elif len(lr):
             assessed = True
             lr = lr[lr["group"].map(lambda g: g.get("region_group", "all") in ("all", "included"))]
             lr = lr.assign(category=lr["group"].map(lambda g: g.get("category"))).drop_duplicates("category")
@@ -168,20 +176,65 @@ class AuditSummary:
             )
         return Answer("leakage", q, " ".join(parts), assessed, src)
 
+    def _leak_sentence_clustered(self) -> str | None:
+        """The leak rates whose intervals hold when a filter's misses cluster by user and the detector errs
+        where the filter errs: PPI++ by filter stratum (else the labeled sample, user-clustered), and the
+        compliance verdict of each category's one-sided upper bound against the tolerance."""
+        ppi = self._m(LEAKAGE, M.LEAK_RATE_PPI, region_group="all")
+        ppi = ppi[ppi["estimate"].notna()] if len(ppi) else ppi
+        lr = ppi if len(ppi) else self._m(LEAKAGE, M.LEAK_RATE_CLUSTERED, region_group="all")
+        lr = lr[lr["estimate"].notna()] if len(lr) else lr
+        if not len(lr):
+            return None
+        how = ("detector scores on every conversation calibrated by the labeled sample within each filter decision, PPI++"
+               if len(ppi) else "labeled sample")
+        lr = lr.assign(category=lr["group"].map(lambda g: g.get("category"))).drop_duplicates("category")
+        worst = lr.sort_values("estimate", ascending=False).iloc[0]
+        name = SUMMARY_NAMES.get(worst["category"], worst["category"])
+        users = (worst["group"] or {}).get("clusters")
+        s = (
+            f"{name} conversations passed the filter {pct(worst['estimate'])} of the time "
+            f"({ci_text(worst['ci_low'], worst['ci_high'])}; {how}" + (f", {int(users):,} users as clusters" if users else "")
+            + f"), the highest of the {_count(len(lr))} sensitive categories with data."
+        )
+        ub = self._m(LEAKAGE, M.LEAK_UPPER_BOUND)
+        ub = ub[ub["estimate"].notna()] if len(ub) else ub
+        if len(ub):
+            v = ub["group"].map(lambda g: g.get("verdict")).value_counts()
+            s += (
+                f" Against the {pct(self.tolerance, 0)} tolerance (one-sided 95% bounds): {int(v.get('exceeds', 0))} of {len(ub)} categories "
+                f"exceed it, {int(v.get('shown below', 0))} are shown below it, and {int(v.get('not shown to exceed', 0))} are "
+                "neither shown below it nor shown to exceed it."
+            )
+            budget = self._m(LEAKAGE, M.LABEL_BUDGET)
+            open_ = ub[ub["group"].map(lambda g: g.get("verdict")) == "not shown to exceed"]["group"].map(lambda g: g.get("category"))
+            if len(budget) and len(open_):
+                need = budget[budget["group"].map(lambda g: g.get("category")).isin(set(open_))]["estimate"].dropna()
+                if len(need):
+                    s += f" Showing those below it would take about {int(need.max()):,} labeled conversations at the current estimates."
+        return s
+
     def answer_lift(self) -> Answer:
         q, src = QUESTIONS["lift"], "04_engagement_lift: metrics/04_engagement_lift.json"
         if not self._ran(LIFT):
             return _not_run("lift", q, "engagement-lift", "04", src)
-        did = self._m(LIFT, M.DID_REL)
+        did = self._m(LIFT, M.REGION_DID_REL)
         did = did[did["estimate"].notna()] if len(did) else did
+        region_level = len(did) > 0
+        if not region_level:
+            did = self._m(LIFT, M.DID_REL)
+            did = did[did["estimate"].notna()] if len(did) else did
         parts, assessed = [], False
         if len(did):
             assessed = True
             d = did.iloc[0]
             sig = d["ci_low"] > 0 or d["ci_high"] < 0
+            g = d["group"] or {}
+            how = (f"difference-in-differences with {g.get('regions_included')} included and {g.get('regions_excluded')} excluded "
+                   "regions as clusters, observational" if region_level else "difference-in-differences, observational")
             s = (
                 f"After the policy date, click-through in included regions changed by {_signed_pct(d['estimate'])} "
-                f"({ci_text(d['ci_low'], d['ci_high'])}) relative to excluded regions (difference-in-differences, observational)"
+                f"({ci_text(d['ci_low'], d['ci_high'])}) relative to excluded regions ({how})"
             )
             s += ", a statistically significant lift." if sig and d["estimate"] > 0 else (", a significant drop." if sig else ", not distinguishable from no effect.")
             parts.append(s)
@@ -224,13 +277,17 @@ class AuditSummary:
     # ------------------------------------------------------------------ evidence
     def estimates_vs_truth(self, *, headline: bool = True) -> pd.DataFrame:
         """Estimates that have a known truth (simulated worlds), with coverage. `headline` keeps the
-        all-region, all-category figures (per-region and per-ad-category rows are in the stage reports)."""
+        all-region, all-category figures the answers rest on (HEADLINE_METRICS when the run has them; the
+        comparisons, e.g. Rogan-Gladen and the user-clustered DiD, and per-region / per-ad-category rows
+        are in the stage reports)."""
         m = self.metrics
         if not len(m):
             return m
         t = m[m["truth"].notna() & m["ci_low"].notna()].copy()
         if not len(t):  # a real dataset: no metric carries a truth
             return pd.DataFrame(columns=["stage", "metric", "group", "estimate", "ci_low", "ci_high", "truth", "covers_truth"])
+        if headline and t["metric"].isin(HEADLINE_METRICS).any():
+            t = t[t["metric"].isin(HEADLINE_METRICS)]
         if headline:
             keep = t["group"].map(lambda g: not ({"region", "ad_category"} & set(g or {})) and (g or {}).get("region_group", "all") == "all")
             t = t[keep]

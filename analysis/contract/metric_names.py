@@ -39,6 +39,12 @@ EXPOSURE_P = "exposure_p_value"
 EXPOSURE_P_GLM = "exposure_p_value_glm"
 VIOLATION_IMPRESSIONS = "violation_impressions"
 VIOLATION_FLAG = "violation_flag"
+# issue 14: inference at the unit of clustering / assignment, prediction-powered, compliance
+LEAK_RATE_CLUSTERED = "leak_rate_clustered"  # labeled sample, user-clustered Wilson (headline)
+LEAK_RATE_PPI = "leak_rate_ppi"  # PPI++ stratified by filter decision (headline)
+LEAK_UPPER_BOUND = "leak_rate_upper_bound"  # one-sided upper bound; group carries the compliance verdict
+LABEL_BUDGET = "label_budget"  # labeled conversations needed to show a rate below the tolerance
+VIOLATION_FAMILY_TESTS = "violation_family_tests"  # tests in the one Holm family (false alarms <= alpha)
 # stage 04: headline lifts (estimate with CI, truth when simulated)
 DID_ABS, DID_REL, DID_REL_FIELLER = "did_abs_lift", "did_rel_lift", "did_rel_lift_fieller"
 CUPED_ABS, CUPED_REL, CUPED_REL_FIELLER = "cuped_abs_lift", "cuped_rel_lift", "cuped_rel_lift_fieller"
@@ -52,6 +58,7 @@ AB_SRM_P, AB_SRM_FLAG = "ab_srm_p_value", "ab_srm_flag"
 AB_PERMUTATION_P = "ab_permutation_p_value"
 AB_CUPED_VARIANCE_REDUCTION = "ab_cuped_variance_reduction"
 AB_MDE_REL, AB_CUPED_MDE_REL = "ab_mde_rel", "ab_cuped_mde_rel"
+REGION_DID_REL, REGION_DID_P, REGION_RI_P = "region_did_rel_lift", "region_did_p_value", "region_randomization_p_value"
 CATEGORY_REL_LIFT = "category_rel_lift"
 CATEGORIES_SIGNIFICANT_BH = "categories_significant_bh"
 
@@ -60,11 +67,12 @@ METRICS: dict[str, frozenset[str]] = {
     TOPICS: frozenset(TOPIC_QUALITY),
     MAPPING: frozenset({PREVALENCE_FLAGGED, *DETECTOR, TIER1_ACCURACY, TOPICS_BY_SOURCE, OVERRIDE_APPLIED}),
     LEAKAGE: frozenset({LEAK_RATE, LEAK_RATE_CP, TOLERANCE_P, TOLERANCE_P_HOLM, TOLERANCE_P_BH, LEAK_RATE_DETECTOR_RAW,
-                        LEAK_RATE_CORRECTED, EXPOSURE_EFFECT, EXPOSURE_P, EXPOSURE_P_GLM, VIOLATION_IMPRESSIONS, VIOLATION_FLAG}),
+                        LEAK_RATE_CORRECTED, EXPOSURE_EFFECT, EXPOSURE_P, EXPOSURE_P_GLM, VIOLATION_IMPRESSIONS, VIOLATION_FLAG,
+                        LEAK_RATE_CLUSTERED, LEAK_RATE_PPI, LEAK_UPPER_BOUND, LABEL_BUDGET, VIOLATION_FAMILY_TESTS}),
     LIFT: frozenset({DID_ABS, DID_REL, DID_REL_FIELLER, CUPED_ABS, CUPED_REL, CUPED_REL_FIELLER, AB_ABS, AB_REL, AB_REL_FIELLER,
                      AB_CUPED_ABS, AB_CUPED_REL, IMPRESSIONS, DID_P, CUPED_VARIANCE_REDUCTION, PRETREND_P, RANDOMIZATION_P,
                      AB_SRM_P, AB_SRM_FLAG, AB_PERMUTATION_P, AB_CUPED_VARIANCE_REDUCTION, AB_MDE_REL, AB_CUPED_MDE_REL,
-                     CATEGORY_REL_LIFT, CATEGORIES_SIGNIFICANT_BH}),
+                     CATEGORY_REL_LIFT, CATEGORIES_SIGNIFICANT_BH, REGION_DID_REL, REGION_DID_P, REGION_RI_P}),
 }
 
 

@@ -10,6 +10,7 @@ import pandas as pd
 from scipy import stats
 
 from analysis.leakage.data import SHIFT, ExposureData
+from analysis.leakage.regional import region_permutation_test, violation_family
 from analysis.util.privacy import suppress_small_cells
 from analysis.util.stats import p_adjust
 
@@ -69,7 +70,9 @@ class ExposureTest:
     pseudo t0 drawn from the treated users' t0 in that group (same period). Designs:
     - `matched` (per region group): treated vs controls;
     - `did`: included-region treated vs excluded-region treated (the excluded regions are the
-      policy's own control group).
+      policy's own control group). Region decides treatment here, so its `p_permutation` re-assigns
+      the included label over regions (studentized, region-clustered; `p_permutation_users` keeps the
+      user-level one for reference): a region-level shock is then part of the null.
 
     Tests are one-sided (exposure rises): a permutation test shuffling the user labels (Welch t
     statistic, valid with unequal group sizes and variances) and a binomial GLM on (user, window)
@@ -133,15 +136,20 @@ class ExposureTest:
                     per_group[g] = None
                     continue
                 ct = rng.choice(tt[tg], size=len(cu), replace=True)
-                per_group[g] = (_deltas(data, tu[tg], tt[tg], cs, w), _deltas(data, cu, ct, cs, w))
+                dt_, kept = _deltas(data, tu[tg], tt[tg], cs, w, return_kept=True)
+                per_group[g] = (dt_, _deltas(data, cu, ct, cs, w), tu[tg][kept])
             kind = (kinds or {}).get(c, "sensitive")
             for g in glist:
-                rows.append(self._compare(c, kind, "matched", g, per_group[g], rng))
+                rows.append(self._compare(c, kind, "matched", g, per_group[g][:2] if per_group[g] else None, rng))
             if groups is None and did:
                 pair = None
                 if per_group["included"] is not None and per_group["excluded"] is not None:
                     pair = (per_group["included"][0], per_group["excluded"][0])
-                rows.append(self._compare(c, kind, "did", "included_vs_excluded", pair, rng))
+                row = self._compare(c, kind, "did", "included_vs_excluded", pair, rng)
+                row["p_permutation_users"] = row["p_permutation"]
+                if pair is not None and np.isfinite(row["p_permutation"]):
+                    row["p_permutation"] = self._region_p(data, pair, per_group["included"][2], per_group["excluded"][2])
+                rows.append(row)
         t = pd.DataFrame(rows)
         t["p_bh"] = np.nan
         for (k, d, g), idx in t.groupby(["kind", "design", "region_group"]).groups.items():
@@ -150,6 +158,18 @@ class ExposureTest:
                 t.loc[ok[ok].index, "p_bh"] = p_adjust(t.loc[ok[ok].index, "p_permutation"], "fdr_bh")
         t["detected"] = t["p_permutation"] < self.alpha
         return ExposureResult(t, self.alpha, self.window_days, self.min_users)
+
+    def _region_p(self, data: ExposureData, pair, users_inc: np.ndarray, users_exc: np.ndarray) -> float:
+        """One-sided (exposure rises more in included regions) studentized region-level permutation p-value."""
+        d = np.r_[pair[0][0], pair[1][0]]
+        region = np.r_[data.region[users_inc], data.region[users_exc]]
+        inc = np.r_[np.ones(len(users_inc), bool), np.zeros(len(users_exc), bool)]
+        try:
+            r = region_permutation_test(d, region, inc, n_permutations=self.n_permutations, seed=self.seed)
+        except ValueError:  # fewer than two regions on a side
+            return np.nan
+        # the test is two-sided on |t|; halve for the one-sided alternative when the effect is positive
+        return min(1.0, r["p_value"] / 2) if r["t"] > 0 else 1 - r["p_value"] / 2
 
     def _compare(self, c, kind, design, group, pair, rng) -> dict:
         row = {"category": c, "kind": kind, "design": design, "region_group": group, "n_treated": 0, "n_control": 0}
@@ -175,12 +195,14 @@ class ExposureTest:
         return row
 
 
-def _deltas(data: ExposureData, users: np.ndarray, t0: np.ndarray, cs: np.ndarray, w: int):
-    """Per user with impressions in both windows: the change in share, and the window counts."""
+def _deltas(data: ExposureData, users: np.ndarray, t0: np.ndarray, cs: np.ndarray, w: int, return_kept: bool = False):
+    """Per user with impressions in both windows: the change in share, and the window counts (and
+    which of `users` were kept)."""
     k = data.window_counts(users, t0, cs, w)
     ok = (k[:, 0] > 0) & (k[:, 2] > 0)
     k = k[ok]
-    return k[:, 3] / k[:, 2] - k[:, 1] / k[:, 0], k
+    out = (k[:, 3] / k[:, 2] - k[:, 1] / k[:, 0], k)
+    return (out, ok) if return_kept else out
 
 
 def _perm_welch(a: np.ndarray, b: np.ndarray, n_perm: int, rng) -> float:
@@ -303,8 +325,9 @@ def violations(data: ExposureData, exposure: ExposureResult | None = None, *, mi
     """Chat-derived ad signals in excluded regions, per region: impressions whose targeting sources
     include "ai_chat" (and the users they reached, small cells suppressed). A region is flagged when
     it has any, or when its own black-box exposure test (design `region`, chat topics pooled) is
-    significant (BH across regions); the excluded group as a whole (row `ALL excluded`) also when a
-    category's exposure test among all excluded-region users is (BH across categories)."""
+    significant; the excluded group as a whole (row `ALL excluded`) also when a category's exposure
+    test among all excluded-region users is. Every such test is in ONE Holm family, so the chance of
+    any false flag by the tests under the global null is at most alpha (`attrs["family"]` says so)."""
     users = (data.key >> SHIFT).astype(np.int64)
     excl_imp = ~data.included[users]
     chat = data.chat if data.chat is not None else np.zeros(len(users), dtype=bool)
@@ -316,23 +339,34 @@ def violations(data: ExposureData, exposure: ExposureResult | None = None, *, mi
     g = g.reindex(all_excl, fill_value=0).reset_index()
     g["impressions"] = pd.Series(data.region[users[excl_imp]]).value_counts().reindex(g["region"]).fillna(0).astype(int).to_numpy()
     g["exposure_effect"], g["exposure_p"] = np.nan, np.nan
-    exp_sig = []
+    tests = pd.DataFrame(columns=["test", "region", "p_value"])
     if exposure is not None:
         e = exposure.table
-        reg = e[(e["design"] == "region") & e["p_bh"].notna()].set_index("region_group")
+        reg = e[e["design"] == "region"].set_index("region_group")
         g["exposure_effect"] = g["region"].map(reg["effect"])
-        g["exposure_p"] = g["region"].map(reg["p_bh"])
-        e = e[(e["design"] == "matched") & (e["region_group"] == "excluded") & (e["p_bh"] < alpha)]
-        exp_sig = sorted(e["category"])
+        grp = e[(e["design"] == "matched") & (e["region_group"] == "excluded")]
+        tests = pd.concat([
+            pd.DataFrame({"test": [f"exposure in {r}" for r in reg.index], "region": reg.index, "p_value": reg["p_permutation"].to_numpy()}),
+            pd.DataFrame({"test": [f"exposure to {c} ads (all excluded)" for c in grp["category"]], "region": "ALL excluded",
+                          "p_value": grp["p_permutation"].to_numpy()}),
+        ], ignore_index=True)
+    fam, statement = violation_family(tests, alpha=alpha)
+    fam = fam.set_index("region")
+    g["exposure_p"] = g["region"].map(fam["min_p_holm"]) if len(fam) else np.nan
     by_exposure = g["exposure_p"] < alpha
     g["flagged"] = (g["chat_impressions"] > 0) | by_exposure
     g["signal"] = ["; ".join(x for x in ("ai_chat targeting source" if c > 0 else "", "exposure effect" if b else "") if x)
                    for c, b in zip(g["chat_impressions"], by_exposure)]
+    all_p = fam["min_p_holm"].get("ALL excluded", np.nan) if len(fam) else np.nan
+    exp_sig = bool(all_p < alpha)
     total = {"region": "ALL excluded", "chat_impressions": int(g["chat_impressions"].sum()), "users": int(len(np.unique(users[sel]))),
-             "impressions": int(excl_imp.sum()), "flagged": bool(g["flagged"].any() or exp_sig),
+             "impressions": int(excl_imp.sum()), "exposure_p": all_p, "flagged": bool(g["flagged"].any() or exp_sig),
              "signal": "; ".join(x for x in ("ai_chat targeting source" if g["chat_impressions"].sum() else "",
                                               "exposure effect in " + ", ".join(g.loc[by_exposure, "region"]) if by_exposure.any() else "",
-                                              f"exposure effect (all excluded): {', '.join(exp_sig)}" if exp_sig else "") if x)}
+                                              f"exposure effect (all excluded): {fam.loc['ALL excluded', 'signal']}" if exp_sig else "") if x)}
     g = pd.concat([g, pd.DataFrame([total])], ignore_index=True)
     g = g.sort_values(["flagged", "chat_impressions"], ascending=False, kind="stable").reset_index(drop=True)
-    return suppress_small_cells(g, ["users"], k=min_cell, complementary=False)
+    out = suppress_small_cells(g, ["users"], k=min_cell, complementary=False)
+    out.attrs["family"] = statement
+    out.attrs["family_tests"] = int(tests["p_value"].notna().sum())
+    return out

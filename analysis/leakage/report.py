@@ -27,6 +27,7 @@ from analysis.leakage.exposure import (
     regional_exposure,
     violations,
 )
+from analysis.leakage.inference import ClusteredLeakRate, LeakInferenceResult, PPILeakRate, label_budget
 from analysis.leakage.whitebox import LeakRateResult, WhiteBoxLeakage
 from analysis.util.privacy import suppress_small_cells
 from analysis.util.regions import DEFAULT_EXCLUDED, is_excluded
@@ -45,6 +46,9 @@ class LeakageReport:
     filter_curve: pd.DataFrame | None
     detector_curve: pd.DataFrame | None
     differential: pd.DataFrame | None  # detector error by filter stratum (non-differential check)
+    clustered: pd.DataFrame | None = None  # headline: labeled sample, user-clustered Wilson, per category x region group
+    ppi: LeakInferenceResult | None = None  # headline: PPI++ stratified by filter decision (all regions)
+    label_budget: pd.DataFrame | None = None  # labels needed per category to show a rate below the tolerance
     settings: LeakageSettings = field(default_factory=LeakageSettings)
     notes: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # metric -> why it could not be computed (the summary says it)
@@ -57,10 +61,16 @@ class LeakageReport:
             w = self.whitebox.table
             w = w[w["region_group"] == group].set_index("category")
             parts.append(w[["n", "leak_rate", "wilson_low", "wilson_high", "cp_low", "cp_high"]].rename(columns=lambda c: f"{self.whitebox.basis}_{c}"))
+        if self.clustered is not None:
+            c = self.clustered[self.clustered["region_group"] == group].set_index("category")
+            parts.append(c[["clusters", "ci_low", "ci_high", "verdict"]].rename(columns=lambda x: "clustered_" + x))
+        if self.ppi is not None and group == "all":
+            c = self.ppi.table.set_index("category")
+            parts.append(c[["rate", "ci_low", "ci_high", "verdict"]].rename(columns=lambda x: "ppi_" + x))
         if self.corrected is not None:
             c = self.corrected.table[self.corrected.table["region_group"] == group].set_index("category")
-            parts.append(c[["raw_rate", "raw_low", "raw_high"]].rename(columns=lambda x: "detector_" + x))
-            parts.append(c[["leak_rate", "ci_low", "ci_high"]].rename(columns=lambda x: "corrected_" + x))
+            parts.append(c[["raw_rate", "raw_low", "raw_high"]].rename(columns=lambda x: "detector_uncorrected_" + x))
+            parts.append(c[["leak_rate", "ci_low", "ci_high"]].rename(columns=lambda x: "rogan_gladen_" + x))
         out = pd.concat(parts, axis=1) if parts else pd.DataFrame()
         if self.whitebox is not None and "truth" in self.whitebox.table:
             w = self.whitebox.table
@@ -84,7 +94,11 @@ class LeakageReport:
             raw = self.corrected.table.drop(columns=["leak_rate", "ci_low", "ci_high"]).rename(
                 columns={"raw_rate": "leak_rate", "raw_low": "ci_low", "raw_high": "ci_high"})
             others["detector flags, uncorrected (Wilson)"] = raw[["category", "region_group", "leak_rate", "ci_low", "ci_high"]]
-            others["detector flags, corrected"] = self.corrected.table
+            others["Rogan-Gladen (assumes non-differential detector error)"] = self.corrected.table
+        if self.clustered is not None:
+            others["labeled, user-clustered"] = self.clustered.rename(columns={"rate": "leak_rate"})
+        if self.ppi is not None:
+            others["PPI++ (detector + labels, by filter stratum)"] = self.ppi.table.assign(region_group="all").rename(columns={"rate": "leak_rate"})
         return self.whitebox.plot(ax=ax, group=group, others=others)
 
     def to_frame(self) -> pd.DataFrame:
@@ -112,7 +126,7 @@ def analyse(inputs: LeakageInputs, settings: LeakageSettings | None = None, *, a
     else:
         notes.append("no labeled sample: the white-box leak rate rests on detector flags alone (biased by its errors, uncorrected)")
 
-    wb = wb_det = corr = by_region = fcurve = dcurve = diff = None
+    wb = wb_det = corr = by_region = fcurve = dcurve = diff = clus = ppi = budget = None
     fd = inputs.filter_decisions
     if fd is not None and len(fd):
         fd = fd.assign(conversation_id=fd["conversation_id"].astype(str)).drop_duplicates("conversation_id").set_index("conversation_id")
@@ -141,6 +155,8 @@ def analyse(inputs: LeakageInputs, settings: LeakageSettings | None = None, *, a
                 passed, flags, val, group, exclude=pd.Index(labels["conversation_id"]) if labels is not None else None)
         else:
             notes.append("no detector validation counts and no labels: misclassification correction skipped")
+        if lab_member is not None:
+            clus, ppi, budget = _cluster_aware(passed, lab_member, conv, group, inputs.categories, s, notes)
         if "score" in fd and fd["score"].notna().any():
             fcurve = filter_threshold_curve(fd["score"].reindex(conv.index), lab_member if lab_member is not None else flags, alpha=alpha)
         score_cols = [f"score_{c}" for c in ART9]
@@ -176,7 +192,54 @@ def analyse(inputs: LeakageInputs, settings: LeakageSettings | None = None, *, a
     else:
         notes.append("no impressions: black-box exposure test and violation check skipped")
         skipped["exposure_effect"] = skipped["violation_impressions"] = "no impressions: the exposure test and the violation check need an ad log"
-    return LeakageReport(wb, wb_det, corr, by_region, exp, viol, fcurve, dcurve, diff, s, notes, skipped)
+    return LeakageReport(wb, wb_det, corr, by_region, exp, viol, fcurve, dcurve, diff, clus, ppi, budget, s, notes, skipped)
+
+
+def _cluster_aware(passed: pd.Series, lab_member: pd.DataFrame, conv: pd.DataFrame, group: pd.Series, categories: pd.DataFrame,
+                   s: LeakageSettings, notes: list[str]):
+    """The headline leak rates: the labeled sample with users as clusters (per region group), PPI++
+    from the detector's scores plus the labels (stratified by filter decision), and the label budget."""
+    ids = lab_member.index
+    p_lab = passed.reindex(ids)
+    ok = p_lab.notna().to_numpy()
+    users = conv["user_id"].astype(str)
+    rows = []
+    est = ClusteredLeakRate(s.alpha, s.leak_tolerance)
+    for g in ("all", "included", "excluded"):
+        m = ok & ((group.reindex(ids) == g).to_numpy() if g != "all" else True)
+        if not m.any():
+            continue
+        t = est.fit(p_lab.to_numpy()[m].astype(bool), lab_member.to_numpy()[m], users.reindex(ids).to_numpy()[m], categories=list(lab_member.columns)).table
+        rows.append(t.assign(region_group=g))
+    clus = pd.concat(rows, ignore_index=True) if rows else None
+    ppi = None
+    score_cols = [f"score_{c}" for c in lab_member.columns]
+    if all(c in categories for c in score_cols):
+        sc = categories.assign(conversation_id=categories["conversation_id"].astype(str)).drop_duplicates("conversation_id").set_index("conversation_id")
+        sc = sc[score_cols].reindex(conv.index)
+        keep = passed.notna().to_numpy() & sc.notna().all(axis=1).to_numpy()
+        labeled = conv.index.isin(ids)
+        y = lab_member.reindex(conv.index).fillna(False).to_numpy(bool)
+        try:
+            ppi = PPILeakRate(s.alpha, s.leak_tolerance).fit(passed.to_numpy()[keep].astype(bool), y[keep], labeled[keep],
+                                                              sc.to_numpy(float)[keep].clip(0, 1), users.to_numpy()[keep],
+                                                              categories=list(lab_member.columns))
+        except ValueError as e:
+            notes.append(f"PPI leak rates skipped: {e}")
+    else:
+        notes.append("conversation categories carry no score_<category> columns: PPI leak rates skipped")
+    budget = None
+    if clus is not None:
+        a = clus[clus["region_group"] == "all"].set_index("category")
+        prev = lab_member.mean()
+        rate = ppi.table.set_index("category")["rate"] if ppi is not None else a["rate"]
+        budget = pd.DataFrame({
+            "category": a.index, "rate": rate.reindex(a.index).to_numpy(), "prevalence": prev.reindex(a.index).to_numpy(),
+            "labels_now": len(ids), "design_effect": a["deff"].to_numpy(),
+        })
+        budget["labels_needed"] = [label_budget(r, s.leak_tolerance, max(p, 1e-9), variance_factor=d, alpha=s.alpha)
+                                   if pd.notna(r) else np.nan for r, p, d in zip(budget["rate"], budget["prevalence"], budget["design_effect"])]
+    return clus, ppi, budget
 
 
 def _differential_check(v: pd.DataFrame) -> pd.DataFrame:

@@ -18,6 +18,7 @@ from analysis.lift.did import (
     RandomizationResult,
     RegionRandomization,
 )
+from analysis.lift.regional import RegionDiD, RegionDiDResult
 from analysis.util.taxonomy import load_taxonomy
 
 # ----------------------------------------------------------------------- the stage
@@ -30,34 +31,32 @@ class LiftReport:
     did: DiDResult | None  # None when the log lacks a group x period cell (e.g. no excluded regions)
     event_study: EventStudyResult | None
     randomization: RandomizationResult | None
-    cuped: TwoGroupResult | None  # included vs excluded, post period, pre-period CTR covariate
+    cuped: TwoGroupResult | None  # included vs excluded, post period, pre-period CTR covariate (diagnostic only:
+    # regions are not randomized, so a pooled theta carries their baseline difference; never a headline)
     ab: ABResult | None
     categories: CategoryLiftResult | None
+    region_did: RegionDiDResult | None = None  # the headline: inference over regions, the units the policy was assigned to
     notes: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # headline metric -> why it could not be computed
     ground_truth: dict | None = None  # a simulated world's truth, attached by the stage after estimation
 
     def summary(self) -> pd.DataFrame:
-        parts = [r.summary() for r in (self.did, self.cuped, self.ab) if r is not None]
+        parts = [r.summary() for r in (self.region_did, self.did, self.ab) if r is not None]
         return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
     def to_frame(self, ground_truth: dict | None = None) -> pd.DataFrame:
         """Headline estimates with CIs, the estimand each targets and (for simulated worlds) its truth."""
         lt = (ground_truth or self.ground_truth or {}).get("lift", {})
         inc, arm = lt.get("included_post", {}), lt.get("treatment_arm", {})
-        d, c = self.did, self.cuped
+        d, rd = self.did, self.region_did
         rows = []
+        if rd is not None:
+            rows.append(("region_did_rel_lift", rd.rel_lift, rd.ci, "included_post", inc.get("rel"), rd.p_value))
         if d is not None:
             rows += [
                 ("did_abs_lift", d.abs_lift, d.ci, "included_post", inc.get("abs"), d.p_value),
                 ("did_rel_lift", d.rel_lift, d.rel_ci_delta, "included_post", inc.get("rel"), d.p_value),
                 ("did_rel_lift_fieller", d.rel_lift, d.rel_ci_fieller, "included_post", inc.get("rel"), d.p_value),
-            ]
-        if c is not None:
-            rows += [
-                ("cuped_abs_lift", c.abs_lift, c.ci, "included_post", inc.get("abs"), c.p_value),
-                ("cuped_rel_lift", c.rel_lift, c.rel_ci_delta, "included_post", inc.get("rel"), c.p_value),
-                ("cuped_rel_lift_fieller", c.rel_lift, c.rel_ci_fieller, "included_post", inc.get("rel"), c.p_value),
             ]
         if self.ab is not None:
             a, ac = self.ab.plain, self.ab.cuped
@@ -92,8 +91,13 @@ def analyse(data: LiftData, settings: LiftSettings | None = None, *, event_study
     did = attempt("difference-in-differences", lambda: DiffInDiff(alpha).fit(data))
     if did is None:
         skipped["did_rel_lift"] = _why_no_did(data) or notes[-1].split(" skipped: ", 1)[-1]
+    region_did = attempt("region-level DiD", lambda: RegionDiD(alpha, n_permutations=n_permutations, seed=seed).fit(data.user_period))
+    if region_did is None:
+        skipped["region_did_rel_lift"] = _why_no_did(data) or notes[-1].split(" skipped: ", 1)[-1]
+    elif region_did.caveat:
+        notes.append(f"region-level DiD ({region_did.clusters}): {region_did.caveat}")
     pu = data.per_user()
-    cuped = attempt("region CUPED", lambda: Cuped(alpha).fit_users(pu, pu["included"].to_numpy(), "CUPED (included vs excluded, post; pre-period CTR)"))
+    cuped = attempt("region CUPED", lambda: Cuped(alpha).fit_users(pu, pu["included"].to_numpy(), "region CUPED (diagnostic: regions not randomized)"))
     es = attempt("event study", lambda: EventStudy(alpha=alpha).fit(data)) if event_study and did is not None else None
     ri = attempt("randomization inference", lambda: RegionRandomization(n_permutations=n_permutations, seed=seed).fit(data)) if did is not None else None
     ab = None
@@ -117,7 +121,7 @@ def analyse(data: LiftData, settings: LiftSettings | None = None, *, event_study
         notes += [f"A/B: {w}" for w in ab.warnings]
     if es is not None and es.pretrend_p < alpha:
         notes.append(f"pre-trend test rejects parallel trends (p = {es.pretrend_p:.3g}): the DiD and region CUPED estimates are suspect")
-    return LiftReport(data, did, es, ri, cuped, ab, cats, notes, skipped)
+    return LiftReport(data, did, es, ri, cuped, ab, cats, region_did=region_did, notes=notes, skipped=skipped)
 
 
 def _why_no_did(data: LiftData) -> str | None:

@@ -8,6 +8,7 @@ world's true leak rates; writes `metrics/03_leakage.json`.
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from analysis.contract import metric_names as M
@@ -67,8 +68,32 @@ def record_metrics(report, run_dir: RunDir | str, ground_truth: dict | None = No
             truth = getattr(r, "truth", None)
             truth = None if truth is None or pd.isna(truth) else truth
             grp = {"category": r.category, "region_group": r.region_group}
-            m.add(M.LEAK_RATE_DETECTOR_RAW, r.raw_rate, group=grp, ci=(r.raw_low, r.raw_high), truth=truth, n=r.flagged)
-            m.add(M.LEAK_RATE_CORRECTED, r.leak_rate, group=grp, ci=(r.ci_low, r.ci_high), truth=truth, n=r.n)
+            # the raw detector-based rate is biased by the detector's errors: recorded as uncorrected, no truth beside it
+            m.add(M.LEAK_RATE_DETECTOR_RAW, r.raw_rate, group=grp | {"correction": "none"}, ci=(r.raw_low, r.raw_high), n=r.flagged)
+            # Rogan-Gladen: a comparison, valid only if the detector errs alike among passed and blocked conversations
+            m.add(M.LEAK_RATE_CORRECTED, r.leak_rate, group=grp | {"assumes": "non-differential detector error"},
+                  ci=(r.ci_low, r.ci_high), truth=truth, n=r.n)
+    if report.clustered is not None:
+        for r in report.clustered.itertuples():
+            truth = getattr(r, "truth", None)
+            truth = None if truth is None or pd.isna(truth) else truth
+            grp = {"category": r.category, "region_group": r.region_group, "basis": "labels", "clusters": int(r.clusters)}
+            m.add(M.LEAK_RATE_CLUSTERED, r.rate, group=grp, ci=(r.ci_low, r.ci_high), truth=truth, n=r.n)
+            if r.region_group == "all" and report.ppi is None:
+                m.add(M.LEAK_UPPER_BOUND, r.upper_1s, group={"category": r.category, "basis": "labels, user-clustered",
+                                                              "verdict": r.verdict, "tolerance": report.settings.leak_tolerance}, n=r.n)
+    if report.ppi is not None:
+        for r in report.ppi.table.itertuples():
+            truth = getattr(r, "truth", None)
+            truth = None if truth is None or pd.isna(truth) else truth
+            grp = {"category": r.category, "region_group": "all", "basis": "PPI++ by filter stratum", "clusters": int(r.clusters)}
+            m.add(M.LEAK_RATE_PPI, r.rate, group=grp, ci=(r.ci_low, r.ci_high), truth=truth, n=r.n_labeled)
+            m.add(M.LEAK_UPPER_BOUND, r.upper_1s, group={"category": r.category, "basis": "PPI++ by filter stratum",
+                                                          "verdict": r.verdict, "tolerance": report.settings.leak_tolerance}, n=r.n_labeled)
+    if report.label_budget is not None:
+        for r in report.label_budget.itertuples():
+            m.add(M.LABEL_BUDGET, r.labels_needed if np.isfinite(r.labels_needed) else None,
+                  group={"category": r.category, "tolerance": report.settings.leak_tolerance}, n=r.labels_now)
     if report.exposure is not None:
         for r in report.exposure.table.itertuples():
             grp = {"category": r.category, "kind": r.kind, "design": r.design, "region_group": r.region_group}
@@ -83,6 +108,9 @@ def record_metrics(report, run_dir: RunDir | str, ground_truth: dict | None = No
             truth = sum(byr.values()) if r.region == "ALL excluded" else byr.get(r.region, 0)
             m.add(M.VIOLATION_IMPRESSIONS, r.chat_impressions, group={"region": r.region}, truth=truth if ground_truth else None)
             m.add(M.VIOLATION_FLAG, bool(r.flagged), group={"region": r.region})
+        if "family_tests" in report.violations.attrs:  # one Holm family: false alarms by the tests <= alpha
+            m.add(M.VIOLATION_FAMILY_TESTS, report.violations.attrs["family_tests"],
+                  group={"adjustment": "holm", "family_wise_false_alarm_at_most": report.settings.alpha})
     m.write()
     return m
 

@@ -44,9 +44,17 @@ def record_metrics(report, run_dir: RunDir | str, ground_truth: dict | None = No
     """metrics/04_engagement_lift.json: the headline estimates with their CIs, and the truth of a simulated world."""
     m = MetricsRecorder(run_dir, LIFT)
     nd = report.did.n_users if report.did is not None else None
+    rd = report.region_did
     for r in report.to_frame(ground_truth).itertuples():
         n = report.ab.plain.n_treated + report.ab.plain.n_control if r.metric.startswith("ab_") and report.ab else nd
-        m.add(r.metric, r.estimate, ci=(r.ci_low, r.ci_high), truth=r.truth, n=n, group={"estimand": r.estimand})
+        group = {"estimand": r.estimand}
+        if r.metric == M.REGION_DID_REL:  # clusters beside the interval: n = regions
+            n = rd.regions_included + rd.regions_excluded
+            group |= {"regions_included": rd.regions_included, "regions_excluded": rd.regions_excluded}
+        m.add(r.metric, r.estimate, ci=(r.ci_low, r.ci_high), truth=r.truth, n=n, group=group)
+    if rd is not None:
+        m.add(M.REGION_DID_P, rd.p_value, n=rd.regions_included + rd.regions_excluded)
+        m.add(M.REGION_RI_P, rd.p_randomization, n=rd.regions_included + rd.regions_excluded)
     m.add(M.IMPRESSIONS, report.data.n_impressions)
     for metric, reason in report.skipped.items():
         m.skip(metric, reason)

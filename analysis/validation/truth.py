@@ -95,6 +95,11 @@ def evaluate_leakage(report, world: dict | None) -> None:
         attach_leak_truth(res.table, truth)
     if report.corrected is not None:
         attach_leak_truth(report.corrected.table, truth)
+    if getattr(report, "clustered", None) is not None:
+        attach_leak_truth(report.clustered, truth)
+    if getattr(report, "ppi", None) is not None:
+        report.ppi.table["region_group"] = "all"
+        attach_leak_truth(report.ppi.table, truth)
 
 
 def evaluate_lift(report, world: dict | None) -> None:

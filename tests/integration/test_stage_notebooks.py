@@ -48,7 +48,7 @@ def test_lift_notebook_records_estimates_and_truth(small_world_dir, tmp_path):
     res = run(None, {"input_dir": str(small_world_dir)}, reports_dir=tmp_path, stages=["00_ingest", "04_engagement_lift"], progress=False)
     assert res.ok, res.error
     m = read_metrics(res.run_dir, "04_engagement_lift").set_index("metric")
-    for name in ("did_rel_lift", "cuped_rel_lift", "ab_rel_lift"):
+    for name in ("did_rel_lift", "region_did_rel_lift", "ab_rel_lift"):
         assert m.loc[name, "ci_low"] <= m.loc[name, "truth"] <= m.loc[name, "ci_high"], name
     html = (res.run_dir / "04_engagement_lift.html").read_text()
     assert "Event study" in html and "Observational" in html

@@ -87,7 +87,7 @@ def test_strong_lift_is_detected_by_every_design():
     rep = analyse(aggregate(w.impressions, w.users), LiftSettings(expected_holdout_share=0.3, lift_permutations=500, seed=0))
     evaluate_lift(rep, w.ground_truth)
     t = rep.to_frame(w.ground_truth).set_index("metric")
-    for m in ("did_abs_lift", "cuped_abs_lift", "ab_abs_lift", "ab_cuped_abs_lift"):
+    for m in ("did_abs_lift", "region_did_rel_lift", "ab_abs_lift", "ab_cuped_abs_lift"):
         assert t.loc[m, "p_value"] < 0.05 and t.loc[m, "covers_truth"], m
     assert rep.ab.permutation_p < 0.05
     assert rep.cuped.variance_reduction > 0 and rep.ab.cuped.variance_reduction > 0
@@ -201,7 +201,7 @@ def test_metrics_record_estimates_with_truth(report, world, tmp_path):
 
     lift_stage.record_metrics(report, tmp_path, world.ground_truth)
     m = read_metrics(tmp_path, "04_engagement_lift").set_index("metric")
-    for name in ("did_rel_lift", "cuped_rel_lift", "ab_rel_lift"):
+    for name in ("did_rel_lift", "region_did_rel_lift", "ab_rel_lift"):
         r = m.loc[name]
         assert r["truth"] is not None and r["ci_low"] <= r["truth"] <= r["ci_high"]
     assert m.loc["did_rel_lift", "truth"] == pytest.approx(world.ground_truth["lift"]["included_post"]["rel"])
