@@ -68,6 +68,9 @@ class RegionCells:
         if len(mixed):
             raise ValueError(f"RegionCells.from_frame: regions both included and excluded: {list(mixed)}")
         g = df.groupby(["region", "post"])[["clicks", "impressions"]].sum().unstack("post", fill_value=0)
+        for col in (("clicks", False), ("clicks", True), ("impressions", False), ("impressions", True)):
+            if col not in g:
+                g[col] = 0
         return cls(
             g.index.to_numpy(), inc["min"].reindex(g.index).to_numpy(bool),
             np.column_stack([g[("clicks", False)], g[("clicks", True)]]),
@@ -185,8 +188,13 @@ class RegionDiD:
         self.alpha, self.n_permutations, self.max_exact, self.seed, self.min_regions = alpha, n_permutations, max_exact, seed, min_regions
 
     def fit(self, cells: RegionCells | pd.DataFrame) -> RegionDiDResult:
+        dropped = []
         if isinstance(cells, pd.DataFrame):
-            cells = RegionCells.from_frame(cells)
+            df = cells
+            n = df.groupby(["region", "post"])["impressions"].sum().unstack("post", fill_value=0)
+            empty = n.index[(n.reindex(columns=[False, True], fill_value=0) <= 0).any(axis=1)]
+            dropped = sorted(map(str, empty))
+            cells = RegionCells.from_frame(df[~df["region"].isin(empty)])
         k, m = cells.n_regions
         if k < 2 or m < 2:
             raise ValueError(f"RegionDiD needs at least two included and two excluded regions; have {k} and {m}")
@@ -212,6 +220,8 @@ class RegionDiD:
         if min(k, m) < self.min_regions:
             caveats.append(f"only {min(k, m)} regions in one group: the interval rests on ~{df:.1f} df and the "
                            f"randomization p-value cannot go below {1 / total:.3g}")
+        if dropped:
+            caveats.append(f"regions without impressions before or after the date left out: {', '.join(dropped)}")
         caveats.append("regions were not randomized: the randomization p-value treats the assignment as if they were; "
                        "the estimate assumes multiplicative parallel trends")
         table = pd.DataFrame({"region": cells.region, "included": cells.included, "clicks_pre": c[:, 0], "clicks_post": c[:, 1],
