@@ -219,7 +219,7 @@ class PPILeakRate:
         L0 = self.L0
         with np.errstate(divide="ignore", invalid="ignore"):
             muP0 = np.clip(L0 * max(B, 0) / ((1 - L0) * nP), 0, 1)
-            vA0 = np.where(L0 < 1, np.maximum(nP**2 * muP0 * (1 - muP0) / neff, 0), np.inf)
+            vA0 = np.where(L0 < 1, np.maximum(nP**2 * muP0 * (1 - muP0) / neff, 0), 0.0)  # at L0 = 1 its weight (1 - L0)^2 is 0
         D = A * (1 - L0) - L0 * B
         VD = (1 - L0) ** 2 * vA0 + L0**2 * V[1, 1] - 2 * L0 * (1 - L0) * V[0, 1]
         df = max(G - 1, 1)
