@@ -48,6 +48,8 @@ def test_failing_stage_stops_the_run_with_its_reason(tiny_world_dir, tmp_path):
     assert not res.ok
     assert res.error.startswith("stage 01_boom failed: RuntimeError: stage exploded")
     assert [s["stage"] for s in res.stages] == ["00_ingest", "01_boom"]
+    # the failed notebook is kept for the analyst, not rendered or scanned as a report
+    assert not (res.run_dir / "01_boom.html").exists() and "privacy" not in res.error
     saved = nbformat.read(res.run_dir / "01_boom.ipynb", as_version=4)
     assert any(o.get("ename") == "RuntimeError" for c in saved.cells for o in c.get("outputs", []))
     assert json.loads((res.run_dir / "manifest.json").read_text())["status"] == "failed"
