@@ -133,6 +133,8 @@ class MappingSettings(StageSettings):
     mapping_backend: str = "minilm"  # topic -> IAB similarity (few texts; clearly better than static here)
     detector_backend: str = "minilm"  # the sensitive-topic detector's embeddings (static is ~10x faster, less precise)
     mapping_threshold: float = 0.3  # min cosine similarity between a topic and its best IAB node; below: unmapped
+    categorizer_model: str | None = None  # per-conversation tier-1 model (.npz); None: the shipped one (ShareGPT gold train split)
+    fit_categorizer: bool | str = "auto"  # refit it on the run's tier-1 labels: True, False, or "auto" (at least min_labels_to_fit)
     overrides_file: str | None = "configs/mapping_overrides.yaml"  # analyst overrides (topic -> IAB id, category -> ad nodes)
     detector_params: str | None = None  # None: the shipped defaults (fitted on hand-labeled ShareGPT conversations)
     fit_detector: bool | str = "auto"  # refit on labels: True, False, or "auto" (at least min_labels_to_fit labels)

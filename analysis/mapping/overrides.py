@@ -24,6 +24,7 @@ class Overrides:
     notes: dict[str, str] = field(default_factory=dict)
     ad_nodes: dict[str, list[str]] = field(default_factory=dict)
     source: str | None = None
+    conversations: dict[str, str | None] = field(default_factory=dict)  # conversation id -> IAB id or None (no ad category)
 
     @classmethod
     def load(cls, path: str | Path | None, taxonomy: pd.DataFrame | None = None) -> "Overrides":
@@ -35,7 +36,7 @@ class Overrides:
             raise FileNotFoundError(f"overrides file {p} does not exist")
         raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         if not isinstance(raw, dict):
-            raise TaxonomyError(f"{p}: expected a mapping with 'topics' and/or 'ad_nodes'")
+            raise TaxonomyError(f"{p}: expected a mapping with 'topics', 'conversations' and/or 'ad_nodes'")
         known = set((taxonomy if taxonomy is not None else load_taxonomy())["id"])
         topics, notes = {}, {}
         for key, val in (raw.get("topics") or {}).items():
@@ -56,7 +57,13 @@ class Overrides:
             if bad:
                 raise TaxonomyError(f"{p}: ad_nodes for {c}: unknown IAB node id(s) {bad}")
             ad_nodes[c] = [str(n) for n in nodes]
-        return cls(topics, notes, ad_nodes, str(p))
+        convs = {}
+        for key, val in (raw.get("conversations") or {}).items():
+            iab = None if val in (None, "", UNMAPPED, "none") else str(val)
+            if iab is not None and iab not in known:
+                raise TaxonomyError(f"{p}: conversation {key!r}: unknown IAB node id {iab!r}")
+            convs[str(key)] = iab
+        return cls(topics, notes, ad_nodes, str(p), convs)
 
     def for_topic(self, topic, label: str | None = None) -> tuple[bool, str | None, str]:
         """(overridden?, IAB id or None, note) for a topic id, else for its label."""

@@ -29,6 +29,11 @@ class AdMappingResult:
     artifacts: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     min_cell_users: int = 10
+    conversation_tier1_accuracy: dict | None = None  # the per-conversation categorizer against tier-1 labels
+    tier1_confusion: pd.DataFrame | None = None  # per labeled tier-1: labeled, correct, recall, precision
+    tier1_confusion_table: pd.DataFrame | None = None  # label x categorized tier-1 (names)
+    categorizer_source: str = ""
+    conversation_overrides_applied: list = field(default_factory=list)
 
     def summary(self) -> pd.DataFrame:
         c = self.conversation_categories
@@ -56,14 +61,19 @@ class AdMappingResult:
         t["users"] = t["topic"].map(users).fillna(0).astype(int)
         t["topic_label"] = t["topic_label"].astype(str).map(scrub_pii)
         t["top3"] = t["top3"].map(lambda x: "; ".join(x) if isinstance(x, (list, np.ndarray)) else x)
-        cols = ["topic", "topic_label", "conversations", "users", "iab_id", "path", "score", "source", "art9_node", "sensitive_share", "top3"]
+        cols = ["topic", "topic_label", "conversations", "users", "category_mix", "iab_id", "path", "score", "source", "art9_node", "sensitive_share",
+                "top3"]
         t = t.sort_values("conversations", ascending=False)[[c for c in cols if c in t]]
         return suppress_small_cells(t, ["conversations", "users"], k=self.min_cell_users, by="users")
 
-    def tier1_shares(self) -> pd.DataFrame:
-        """Share of conversations by IAB tier-1 category (unmapped included), small cells suppressed."""
+    def tier1_shares(self, level: str = "conversation") -> pd.DataFrame:
+        """Share of conversations by IAB tier-1 category, small cells suppressed: each conversation's own
+        category (`level="conversation"`, "none" included) or its topic's (`"topic"`, unmapped included)."""
         c = self.conversation_categories.merge(self.conversations[["conversation_id", "user_id"]], on="conversation_id")
-        c = c.assign(tier1=c["tier1_label"].fillna("(unmapped)"))
+        if level == "conversation" and "conv_tier1_label" in c:
+            c = c.assign(tier1=c["conv_tier1_label"].fillna("none"))
+        else:
+            c = c.assign(tier1=c["tier1_label"].fillna("(unmapped)"))
         g = c.groupby("tier1").agg(conversations=("conversation_id", "size"), users=("user_id", "nunique")).reset_index()
         g["share"] = g["conversations"] / max(len(c), 1)
         g = g.sort_values("conversations", ascending=False)

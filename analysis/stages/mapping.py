@@ -10,6 +10,7 @@ runs the detector, with `detector_params` (a JSON file) or the shipped defaults,
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from analysis.contract import metric_names as M
@@ -18,7 +19,8 @@ from analysis.contract.settings import MappingSettings
 from analysis.contract.stages import MAPPING
 from analysis.detector.model import DetectorParams, FitOptions, SensitiveDetector
 from analysis.engines import Engine
-from analysis.mapping.accuracy import tier1_accuracy
+from analysis.mapping.accuracy import tier1_accuracy, tier1_confusion
+from analysis.mapping.categorizer import NONE, apply_overrides, categorize_run, topic_mix
 from analysis.mapping.labels import read_labels
 from analysis.mapping.mapper import (
     TopicMapper,
@@ -69,6 +71,31 @@ def run(run_dir: RunDir | str, settings: MappingSettings | None = None, engine: 
     notes += dr.notes
 
     cc = conversation_categories(dr.detection.to_frame(), assign, mapping)
+
+    # ---- every conversation's own tier-1/tier-2 (the topic's node above is kept as topic_*)
+    cats = categorize_run(conv, labels, backend=s.mapping_backend, model_path=s.categorizer_model, fit=s.fit_categorizer,
+                          min_labels=s.min_labels_to_fit, cv_folds=s.cv_folds, seed=s.seed, cache_dir=s.cache_dir, taxonomy=tax)
+    notes += cats.notes
+    topic_of = conv[["conversation_id"]].merge(assign[["conversation_id", "topic"]], on="conversation_id", how="left")["topic"]
+    ctab, conv_overrides = apply_overrides(cats.table, topic_of, overrides.conversations,
+                                           {o["topic"]: o["to"] for o in mapping.overrides_applied}, source=overrides.source, taxonomy=tax)
+    cc = cc.merge(ctab.rename(columns={c: f"conv_{c}" for c in ctab.columns if c != "conversation_id"}), on="conversation_id", how="left")
+    cc = cc.rename(columns={"conv_source": "conv_category_source"})
+    mix = topic_mix(cc[["topic", "conv_tier1_label"]].rename(columns={"conv_tier1_label": "tier1_label"}))
+    mapping.table = mapping.table.drop(columns=[c for c in mix.columns if c != "topic" and c in mapping.table])
+    mapping.table = (mapping.table.assign(_topic=mapping.table["topic"].astype(str))
+                     .merge(mix.rename(columns={"topic": "_topic"}), on="_topic", how="left").drop(columns="_topic"))
+    tier1_conv = confusion = None
+    if labels is not None and "iab_tier1" in labels:
+        lv = labels[labels["iab_tier1"].notna() & labels["art9"].map(lambda v: len(v) == 0)]
+        if len(lv):
+            got = cc.set_index("conversation_id").loc[lv["conversation_id"]]
+            users = conv.set_index("conversation_id")["user_id"].reindex(lv["conversation_id"]).to_numpy(dtype=object)
+            users = np.where(pd.isna(users), lv["conversation_id"].to_numpy(dtype=object), users)  # no owner: its own cluster
+            tier1_conv = tier1_accuracy(got["conv_tier1_id"], lv["iab_tier1"].astype(str), users)
+            tier1_conv["ci_method"] = "cluster-robust by user"
+            tier1_conv["model"] = cats.model_source
+            confusion = tier1_confusion(got["conv_tier1_id"], lv["iab_tier1"].astype(str), tax)
     # ---- tier-1 accuracy of non-sensitive conversations against labels (simulator: iab_tier1)
     tier1 = None
     if dr.held_out is not None and "iab_tier1" in dr.held_out:
@@ -78,12 +105,15 @@ def run(run_dir: RunDir | str, settings: MappingSettings | None = None, engine: 
             tier1 = tier1_accuracy(got["tier1_id"], lv["iab_tier1"].astype(str), got["topic"])
 
     res = AdMappingResult(mapping.table, cc, mapping, dr.detection, dr.validation, dr.params_source, tier1, conv, notes=notes,
-                          min_cell_users=s.min_cell_users)
+                          min_cell_users=s.min_cell_users, conversation_tier1_accuracy=tier1_conv,
+                          tier1_confusion=confusion[0] if confusion else None, tier1_confusion_table=confusion[1] if confusion else None,
+                          categorizer_source=cats.model_source, conversation_overrides_applied=conv_overrides)
     art = {
         "topic_categories": write_parquet(mapping.table, rd.topic_categories),
         "conversation_categories": write_parquet(cc, rd.conversation_categories),
         "detector_params": det.params.save(rd.detector_params),
-        "mapping_overrides_applied": write_json({"file": overrides.source, "topics": mapping.overrides_applied, "ad_nodes": overrides.ad_nodes,
+        "mapping_overrides_applied": write_json({"file": overrides.source, "topics": mapping.overrides_applied, "conversations": conv_overrides,
+                                                 "ad_nodes": overrides.ad_nodes,
                                                  "ad_nodes_in_use": spec.ad_nodes()}, rd.mapping_overrides_applied),
     }
     if dr.validation is not None:
@@ -139,6 +169,12 @@ def record_metrics(res: AdMappingResult, rd: RunDir, truth: GroundTruth | None) 
     if res.tier1_accuracy:
         t = res.tier1_accuracy
         m.add(M.TIER1_ACCURACY, t["accuracy"], ci=(t["ci_low"], t["ci_high"]), n=t["n"])
+    if res.conversation_tier1_accuracy:
+        t = res.conversation_tier1_accuracy
+        m.add(M.TIER1_ACCURACY_CONVERSATION, t["accuracy"], ci=(t["ci_low"], t["ci_high"]), n=t["n"])
+        for r in res.tier1_confusion.itertuples():
+            if r.tier1 != NONE:
+                m.add(M.TIER1_RECALL, r.recall, group={"tier1": r.tier1}, n=r.labeled)
     src = res.topic_categories["source"].value_counts()
     for s in ("similarity", "override", UNMAPPED):
         m.add(M.TOPICS_BY_SOURCE, int(src.get(s, 0)), group={"source": s})

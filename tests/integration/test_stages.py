@@ -32,6 +32,17 @@ def test_stage_outputs_on_a_small_world(small_world_dir, small_run, tmp_path):
     metrics = pd.DataFrame(json.loads((small_run / "metrics" / "02_ad_mapping.json").read_text()))
     assert {"precision", "recall", "prevalence_flagged", "tier1_accuracy_nonsensitive", "override_applied"} <= set(metrics["metric"])
     assert res.tier1_accuracy["accuracy"] >= 0.85
+    # every conversation has its own tier-1 (or none) and tier-2; the topic override reaches its conversations
+    assert {"conv_tier1_id", "conv_tier1_label", "conv_tier1_score", "conv_iab_id", "conv_category_source"} <= set(cc.columns)
+    assert cc["conv_tier1_label"].notna().all()
+    hiking = cc[cc["topic"].astype(str) == "hiking"]
+    assert len(hiking) and (hiking["conv_category_source"] == "override_topic").all() and (hiking["conv_tier1_id"] == "150").all()
+    assert {"category_mix", "top_tier1_share"} <= set(tc.columns)
+    # refitted on the world's 305 tier-1 labels by cross-fitting, validated out of fold (6,000 labels of the default world: see docs/mapping.md)
+    t = res.conversation_tier1_accuracy
+    assert "refitted" in res.categorizer_source and t["accuracy"] >= 0.7 and t["ci_low"] < t["accuracy"] < t["ci_high"], t
+    assert {"tier1_accuracy_conversation_nonsensitive", "tier1_recall"} <= set(metrics["metric"])
+    assert set(res.tier1_confusion.columns) >= {"tier1", "labeled", "correct", "recall", "precision"}
     # the simulator's prevalence sits near what the detector flags
     prev = metrics[metrics["metric"] == "prevalence_flagged"].dropna(subset=["truth"])
     assert (abs(prev["estimate"] - prev["truth"]) < 0.03).all()

@@ -1,0 +1,309 @@
+"""Conversation -> IAB 3.0 tier-1 (or "none") and tier-2, learned from labeled conversations.
+
+A topic of "writing help" holds cover letters (Careers), essays (Education) and product copy
+(Business and Finance): the topic's single node cannot say which ad category each chat feeds.
+`ConversationCategorizer` gives every conversation its own tier-1 with a probability:
+
+- **features** (`conversation_features`): the conversation's user side embedded three ways and
+  concatenated: the first `HEAD_CHARS` characters with `backend` (MiniLM reads the first ~256
+  word pieces of it: what the chat asks), the mean of its segment vectors (`detector.text.segments`
+  with `backend`: the whole chat, code and URLs removed; the detector embeds the same segments, so
+  the embedding cache serves them), and the same head with the static model (every word, cheap);
+- **model**: a multinomial logistic regression over the 37 tier-1 ids and `NONE`, fitted on
+  labeled conversations plus one prototype per tier-1 (its "use for" line of the gold-set
+  guideline, `analysis/data/iab_tier1_guide.yaml`), so a tier-1 without labels is still reachable;
+- **tier-2**: the child of the predicted tier-1 whose IAB text (label, path, synonyms,
+  description) is most similar to the conversation's head vector (the tier-1 itself when it has
+  no children); its cosine is the tier-2 score.
+
+The shipped model (`analysis/data/categorizer_default.npz`) is fitted on the train split of the
+ShareGPT gold set by `data/labels/fit_categorizer.py`; a run with tier-1 labels refits on them
+(stage 02, `analysis.mapping.refit.categorize_with_refit`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from analysis.detector.features import embed_texts
+from analysis.detector.text import segments
+from analysis.mapping.labels import id_hash
+from analysis.mapping.mapper import node_texts
+from analysis.util.taxonomy import load_taxonomy
+
+NONE = "none"
+HEAD_CHARS = 2000
+STATIC = "static"
+
+
+def tier1_guide() -> dict[str, str]:
+    """Tier-1 id -> what the category is used for in chats (analysis/data/iab_tier1_guide.yaml)."""
+    p = resources.files("analysis") / "data" / "iab_tier1_guide.yaml"
+    return {str(k): str(v) for k, v in (yaml.safe_load(p.read_text(encoding="utf-8")) or {}).items()}
+
+
+def default_model_path() -> Path:
+    return Path(str(resources.files("analysis") / "data" / "categorizer_default.npz"))
+
+
+def segment_means(texts: Sequence[str], backend: str, cache_dir=None) -> np.ndarray:
+    """Unit mean of each text's segment vectors (zeros for a text without prose)."""
+    segs = [segments(t) for t in texts]
+    flat = [s for ss in segs for s in ss]
+    owner = np.repeat(np.arange(len(texts)), [len(s) for s in segs])
+    V = embed_texts(flat, backend, cache_dir) if flat else np.zeros((0, 1), np.float32)
+    M = np.zeros((len(texts), V.shape[1] if len(flat) else 0), np.float32)
+    if flat:
+        np.add.at(M, owner, V)
+    return M / np.maximum(np.linalg.norm(M, axis=1, keepdims=True), 1e-12)
+
+
+@dataclass
+class Features:
+    """The categorizer's input: `X` (one row per conversation) and the head vectors (tier-2 similarity)."""
+
+    X: np.ndarray
+    head: np.ndarray
+
+
+def conversation_features(documents: Sequence[str], backend: str = "minilm", cache_dir=None) -> Features:
+    """[head with `backend` | segment mean with `backend` | head with the static model], one row per document."""
+    docs = ["" if d is None else str(d) for d in documents]
+    head = [d[:HEAD_CHARS] for d in docs]
+    hv = embed_texts(head, backend, cache_dir)
+    sm = segment_means(docs, backend, cache_dir)
+    if sm.shape[1] == 0:
+        sm = np.zeros_like(hv)
+    st = embed_texts(head, STATIC, cache_dir) if backend != STATIC else hv
+    return Features(np.hstack([hv, sm, st]).astype(np.float32), hv)
+
+
+def prototype_features(backend: str = "minilm", cache_dir=None) -> tuple[np.ndarray, list[str]]:
+    """One feature row per tier-1 from its guide line ("<name>: <use>"), and the tier-1 ids."""
+    tax = load_taxonomy()
+    names = dict(zip(tax["id"], tax["label"]))
+    guide = tier1_guide()
+    ids = list(guide)
+    texts = [f"{names[i]}: {guide[i]}" for i in ids]
+    hv = embed_texts(texts, backend, cache_dir)
+    st = embed_texts(texts, STATIC, cache_dir) if backend != STATIC else hv
+    return np.hstack([hv, hv, st]).astype(np.float32), ids
+
+
+@dataclass
+class ConversationCategorizer:
+    """Multinomial logistic regression: features -> tier-1 id or NONE (see the module docstring)."""
+
+    backend: str = "minilm"
+    C: float = 2.0
+    prototype_weight: float = 3.0  # each tier-1 prototype counts as this many labeled conversations
+    seed: int = 0
+    classes: np.ndarray | None = None
+    coef: np.ndarray | None = None
+    intercept: np.ndarray | None = None
+    fitted_on: str = ""
+    cache_dir: str | None = None
+    meta: dict = field(default_factory=dict)
+
+    # ---- fitting
+    def fit(self, X: np.ndarray, y: Sequence[str], *, source: str = "") -> "ConversationCategorizer":
+        """Fit on feature rows `X` and their tier-1 ids (or NONE), plus the tier-1 prototypes."""
+        from sklearn.linear_model import LogisticRegression
+
+        y = np.asarray([str(v) for v in y], dtype=object)
+        if len(y) != len(X):
+            raise ValueError(f"{len(X)} feature rows but {len(y)} labels")
+        P, pid = prototype_features(self.backend, self.cache_dir)
+        Xa = np.vstack([X, P])
+        ya = np.concatenate([y, np.asarray(pid, dtype=object)])
+        w = np.concatenate([np.ones(len(y)), np.full(len(pid), self.prototype_weight)])
+        m = LogisticRegression(C=self.C, max_iter=3000, random_state=self.seed).fit(Xa, ya, sample_weight=w)
+        self.classes, self.coef, self.intercept = m.classes_.astype(str), m.coef_.astype(np.float32), m.intercept_.astype(np.float32)
+        self.fitted_on = source or f"{len(y)} labeled conversations"
+        return self
+
+    def cross_fit(self, X: np.ndarray, y: Sequence[str], folds: np.ndarray) -> pd.DataFrame:
+        """Out-of-fold probabilities: each row scored by a model fitted on the other folds (NaN-free,
+        columns = the classes of the model fitted on all rows)."""
+        y = np.asarray([str(v) for v in y], dtype=object)
+        full = ConversationCategorizer(self.backend, self.C, self.prototype_weight, self.seed, cache_dir=self.cache_dir).fit(X, y)
+        out = pd.DataFrame(0.0, index=np.arange(len(y)), columns=full.classes)
+        for k in np.unique(folds):
+            te = folds == k
+            m = ConversationCategorizer(self.backend, self.C, self.prototype_weight, self.seed, cache_dir=self.cache_dir).fit(X[~te], y[~te])
+            p = m.predict_proba(X[te])
+            out.loc[np.flatnonzero(te), p.columns] = p.to_numpy()
+        return out
+
+    # ---- predicting
+    def predict_proba(self, X: np.ndarray) -> pd.DataFrame:
+        if self.coef is None:
+            raise RuntimeError("the categorizer is not fitted: call fit() or load()")
+        if X.shape[1] != self.coef.shape[1]:
+            raise ValueError(f"features have {X.shape[1]} columns, the model {self.coef.shape[1]} "
+                             f"(fitted with backend {self.backend!r}: embed with the same backend)")
+        z = X @ self.coef.T + self.intercept
+        z -= z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        return pd.DataFrame(p / p.sum(axis=1, keepdims=True), columns=self.classes)
+
+    def categorize(self, feats: Features, proba: pd.DataFrame | None = None, taxonomy: pd.DataFrame | None = None) -> pd.DataFrame:
+        """Per row: tier1_id (None for NONE), tier1_label ("none" for NONE), tier1_score (its
+        probability), iab_id / path (the tier-2 node, or the tier-1 without children), iab_score."""
+        tax = load_taxonomy() if taxonomy is None else taxonomy
+        p = self.predict_proba(feats.X) if proba is None else proba
+        best = p.to_numpy().argmax(axis=1)
+        t1 = p.columns.to_numpy()[best]
+        by_id = tax.set_index("id")
+        nodes = node_texts(tax)
+        kids = tax[tax["tier"] == 2].groupby("tier1_id")["id"].apply(list).to_dict()
+        need = sorted({k for t in set(t1) if t != NONE for k in kids.get(t, [])})
+        NV = embed_texts([nodes[k] for k in need], self.backend, self.cache_dir) if need else np.zeros((0, feats.head.shape[1]))
+        col = {k: j for j, k in enumerate(need)}
+        rows = []
+        for i, t in enumerate(t1):
+            score = float(p.iat[i, best[i]])
+            if t == NONE:
+                rows.append((None, NONE, score, None, None, np.nan))
+                continue
+            ch = kids.get(t, [])
+            if ch:
+                s = feats.head[i] @ NV[[col[k] for k in ch]].T
+                node, ns = ch[int(s.argmax())], float(s.max())
+            else:
+                node, ns = t, np.nan
+            rows.append((t, by_id.at[t, "label"], score, node, by_id.at[node, "path"], ns))
+        return pd.DataFrame(rows, columns=["tier1_id", "tier1_label", "tier1_score", "iab_id", "path", "iab_score"])
+
+    # ---- persistence
+    def save(self, path: str | Path) -> Path:
+        p = Path(path)
+        meta = {"backend": self.backend, "C": self.C, "prototype_weight": self.prototype_weight, "seed": self.seed,
+                "fitted_on": self.fitted_on, **self.meta}
+        np.savez_compressed(p, classes=np.asarray(self.classes, dtype=str), coef=self.coef, intercept=self.intercept,
+                            meta=np.asarray(json.dumps(meta)))
+        return p if p.suffix == ".npz" else p.with_suffix(p.suffix + ".npz")
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, cache_dir=None) -> "ConversationCategorizer":
+        p = Path(path) if path else default_model_path()
+        if not p.exists():
+            raise FileNotFoundError(f"categorizer model {p} does not exist (data/labels/fit_categorizer.py writes the default)")
+        z = np.load(p, allow_pickle=False)
+        meta = json.loads(str(z["meta"]))
+        m = cls(backend=meta.pop("backend"), C=meta.pop("C"), prototype_weight=meta.pop("prototype_weight"), seed=meta.pop("seed"),
+                fitted_on=meta.pop("fitted_on"), cache_dir=cache_dir, meta=meta)
+        m.classes, m.coef, m.intercept = z["classes"].astype(str), z["coef"], z["intercept"]
+        return m
+
+
+def topic_mix(categories: pd.DataFrame, top: int = 3) -> pd.DataFrame:
+    """Per topic, the distribution of its conversations' tier-1 labels: `category_mix` (the `top`
+    largest as "label share%"), `top_tier1_label`, `top_tier1_share`, `none_share`."""
+    c = categories.assign(_t=categories["tier1_label"].fillna(NONE))
+    rows = []
+    for topic, g in c.groupby(c["topic"].astype(str)):
+        sh = g["_t"].value_counts(normalize=True)
+        rows.append({"topic": topic, "category_mix": "; ".join(f"{k} {v:.0%}" for k, v in sh.head(top).items()),
+                     "top_tier1_label": sh.index[0], "top_tier1_share": round(float(sh.iloc[0]), 4),
+                     "none_share": round(float(sh.get(NONE, 0.0)), 4)})
+    return pd.DataFrame(rows, columns=["topic", "category_mix", "top_tier1_label", "top_tier1_share", "none_share"])
+
+
+@dataclass
+class ConversationCategories:
+    """Stage 02's per-conversation categories: `table` (conversation_id, tier1_id, tier1_label,
+    tier1_score, iab_id, path, iab_score, source), where the model came from, and the out-of-fold
+    rows (conversation ids judged by a model that did not see their label)."""
+
+    table: pd.DataFrame
+    model_source: str
+    out_of_fold: set = field(default_factory=set)
+    notes: list = field(default_factory=list)
+
+
+def categorize_run(conv: pd.DataFrame, labels: pd.DataFrame | None, *, backend: str = "minilm", model_path: str | None = None,
+                   fit: bool | str = "auto", min_labels: int = 200, cv_folds: int = 5, seed: int = 0, cache_dir=None,
+                   taxonomy: pd.DataFrame | None = None) -> ConversationCategories:
+    """Every conversation's tier-1/tier-2. With at least `min_labels` tier-1 labels (or `fit=True`) the
+    categorizer is refitted on them (plus the prototypes): with `cv_folds` > 1 each labeled
+    conversation is categorized by a model fitted on the other folds (folds by a seeded hash of the
+    user, so a user's conversations never judge each other), the rest by the model fitted on all
+    labels. Otherwise the shipped model (or `model_path`) categorizes every conversation."""
+    notes: list[str] = []
+    feats = conversation_features(conv["document"].tolist(), backend, cache_dir)
+    lab = None
+    if labels is not None and "iab_tier1" in labels:
+        lab = labels[labels["iab_tier1"].notna()]
+        lab = lab[lab["conversation_id"].isin(conv["conversation_id"])]
+    refit = lab is not None and len(lab) > 0 and (fit is True or (fit == "auto" and len(lab) >= min_labels))
+    oof_ids: set = set()
+    if refit:
+        pos = pd.Series(np.arange(len(conv)), index=conv["conversation_id"])
+        lp = pos[lab["conversation_id"]].to_numpy()
+        y = lab["iab_tier1"].astype(str).to_numpy()
+        cat = ConversationCategorizer(backend=backend, seed=seed, cache_dir=cache_dir).fit(
+            feats.X[lp], y, source=f"{len(lab)} tier-1 labels of this run")
+        proba = cat.predict_proba(feats.X)
+        source = f"refitted on this run's {len(lab)} tier-1 labels"
+        if cv_folds and cv_folds > 1:
+            users = conv["user_id"].iloc[lp] if "user_id" in conv else lab["conversation_id"]
+            folds = (id_hash(users.reset_index(drop=True), seed) * cv_folds).astype(int)
+            oof = cat.cross_fit(feats.X[lp], y, folds)
+            proba.iloc[lp] = oof.reindex(columns=proba.columns, fill_value=0.0).to_numpy()
+            oof_ids = set(lab["conversation_id"])
+            source += f"; labeled conversations categorized out of fold ({cv_folds}-fold cross-fitting by user)"
+        else:
+            notes.append("categorizer refitted on all tier-1 labels without cross-fitting: its accuracy on them is in-sample")
+    else:
+        cat = ConversationCategorizer.load(model_path, cache_dir=cache_dir)
+        if cat.backend != backend:
+            notes.append(f"categorizer model fitted with backend {cat.backend!r}: features embedded with it, not {backend!r}")
+            feats = conversation_features(conv["document"].tolist(), cat.backend, cache_dir)
+        proba = cat.predict_proba(feats.X)
+        source = f"shipped model ({cat.fitted_on})" if not model_path else f"{model_path} ({cat.fitted_on})"
+        if lab is not None and len(lab):
+            notes.append(f"{len(lab)} tier-1 labels (< {min_labels} or fit_categorizer off): the categorizer was not refitted; "
+                         "its accuracy on them is out-of-sample unless they are gold-set train labels")
+    table = cat.categorize(feats, proba, taxonomy)
+    table.insert(0, "conversation_id", conv["conversation_id"].to_numpy())
+    table["source"] = np.where(table["conversation_id"].isin(oof_ids), "out_of_fold", "model")
+    return ConversationCategories(table, source, oof_ids, notes)
+
+
+def apply_overrides(cats: pd.DataFrame, topics: pd.Series, conversations: dict, topic_overrides: dict, *, source: str | None = None,
+                    taxonomy: pd.DataFrame | None = None) -> tuple[pd.DataFrame, list[dict]]:
+    """Analyst overrides at conversation level: a conversation id in `conversations` (id -> IAB id,
+    None = no ad category) wins, else its topic's override (`topic_overrides`: topic -> IAB id or
+    None, as the topic mapping applied them); `source` says which. Returns the table and the
+    conversation overrides applied."""
+    tax = (load_taxonomy() if taxonomy is None else taxonomy).set_index("id")
+    out = cats.copy()
+    applied = []
+    topic_of = dict(zip(out["conversation_id"], topics.astype(str)))
+    for i, cid in enumerate(out["conversation_id"]):
+        hit, iab, src = False, None, ""
+        if cid in conversations:
+            hit, iab, src = True, conversations[cid], "override_conversation"
+        elif topic_of.get(cid) in topic_overrides:
+            hit, iab, src = True, topic_overrides[topic_of[cid]], "override_topic"
+        if not hit:
+            continue
+        if iab is None:
+            vals = (None, NONE, np.nan, None, None, np.nan)
+        else:
+            t1 = tax.at[iab, "tier1_id"]
+            vals = (t1, tax.at[t1, "label"], np.nan, iab, tax.at[iab, "path"], np.nan)
+        out.loc[out.index[i], ["tier1_id", "tier1_label", "tier1_score", "iab_id", "path", "iab_score"]] = list(vals)
+        out.loc[out.index[i], "source"] = src
+        if src == "override_conversation":
+            applied.append({"conversation_id": cid, "to": iab, "file": source})
+    return out, applied

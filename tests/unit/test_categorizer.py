@@ -1,0 +1,119 @@
+"""The per-conversation IAB categorizer: fitting, persistence, tier-2, overrides, topic mixes, confusion."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.mapping.accuracy import tier1_confusion
+from analysis.mapping.categorizer import (
+    NONE,
+    ConversationCategorizer,
+    apply_overrides,
+    conversation_features,
+    default_model_path,
+    tier1_guide,
+    topic_mix,
+)
+from analysis.mapping.overrides import Overrides
+from analysis.util.taxonomy import TaxonomyError, load_taxonomy
+
+DOCS = {
+    "596": ["my python script throws a KeyError when I read the json file", "how do I fix this SQL query join in postgres",
+            "write a react component with a dropdown menu", "why does my docker container exit immediately"],
+    "210": ["give me a recipe for a vegetarian lasagna", "how long should I bake chocolate chip cookies",
+            "what can I cook with chicken, rice and broccoli", "a simple bread recipe without yeast"],
+    "123": ["help me write a cover letter for a marketing job", "rewrite my resume summary for a data analyst role",
+            "how do I prepare for a job interview at a bank", "what should I say when negotiating my salary offer"],
+    NONE: ["hi", "continue", "thanks", "ok"],
+}
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    docs = [d for ds in DOCS.values() for d in ds]
+    y = [k for k, ds in DOCS.items() for _ in ds]
+    feats = conversation_features(docs, "static")
+    cat = ConversationCategorizer(backend="static", C=4.0).fit(feats.X, y, source="unit test")
+    return cat, feats, y
+
+
+def test_guide_covers_every_tier1_and_ships_a_model():
+    tax = load_taxonomy()
+    assert set(tier1_guide()) == set(tax.loc[tax["tier"] == 1, "id"])
+    m = ConversationCategorizer.load(default_model_path())
+    assert NONE in set(m.classes) and len(m.classes) == 38 and "gold" in m.fitted_on.lower()
+
+
+def test_categorizer_learns_tier1_and_none_and_gives_tier2_inside_it(fitted):
+    cat, feats, y = fitted
+    new = ["my javascript function returns undefined, can you debug it", "recipe for a quick tomato soup", "help with my CV for a nursing job"]
+    out = cat.categorize(conversation_features(new, "static"))
+    assert out["tier1_id"].tolist() == ["596", "210", "123"]
+    tax = load_taxonomy().set_index("id")
+    for t1, node in zip(out["tier1_id"], out["iab_id"]):
+        assert tax.at[node, "tier1_id"] == t1  # tier-2 lies inside the predicted tier-1
+    assert out["tier1_score"].between(0, 1).all()
+    none = cat.categorize(conversation_features(["thanks", "ok"], "static"))
+    assert (none["tier1_label"] == NONE).all() and none["tier1_id"].isna().all() and none["iab_id"].isna().all()
+
+
+def test_prototypes_make_an_unlabeled_tier1_reachable(fitted):
+    cat, _, _ = fitted
+    assert "422" in set(cat.classes)  # Pets: no labeled example, only its guide prototype
+
+
+def test_save_load_roundtrip_and_feature_mismatch(fitted, tmp_path):
+    cat, feats, _ = fitted
+    p = cat.save(tmp_path / "m.npz")
+    back = ConversationCategorizer.load(p)
+    np.testing.assert_allclose(back.predict_proba(feats.X).to_numpy(), cat.predict_proba(feats.X).to_numpy(), rtol=1e-6)
+    with pytest.raises(ValueError, match="columns"):
+        back.predict_proba(feats.X[:, :10])
+    with pytest.raises(FileNotFoundError):
+        ConversationCategorizer.load(tmp_path / "missing.npz")
+
+
+def test_cross_fit_scores_each_row_without_its_label(fitted):
+    cat, feats, y = fitted
+    folds = np.arange(len(y)) % 4
+    oof = cat.cross_fit(feats.X, y, folds)
+    assert oof.shape[0] == len(y) and np.allclose(oof.sum(axis=1), 1.0)
+    pred = oof.columns.to_numpy()[oof.to_numpy().argmax(axis=1)]
+    assert (pred == np.asarray(y)).mean() >= 0.75
+
+
+def test_overrides_conversation_beats_topic(tmp_path):
+    cats = pd.DataFrame({"conversation_id": ["a", "b", "c"], "tier1_id": ["596"] * 3, "tier1_label": ["Technology & Computing"] * 3,
+                         "tier1_score": [0.9] * 3, "iab_id": ["596"] * 3, "path": ["Technology & Computing"] * 3, "iab_score": [0.5] * 3,
+                         "source": ["model"] * 3})
+    out, applied = apply_overrides(cats, pd.Series(["1", "1", "2"]), {"a": "210", "c": None}, {"1": "123"}, source="x.yaml")
+    r = out.set_index("conversation_id")
+    assert r.at["a", "tier1_id"] == "210" and r.at["a", "source"] == "override_conversation"
+    assert r.at["b", "tier1_id"] == "123" and r.at["b", "source"] == "override_topic"
+    assert r.at["c", "tier1_label"] == NONE and pd.isna(r.at["c", "iab_id"]) and pd.isna(r.at["c", "tier1_id"])
+    assert [a["conversation_id"] for a in applied] == ["a", "c"]
+    bad = tmp_path / "o.yaml"
+    bad.write_text("conversations:\n  abc: '99999'\n")
+    with pytest.raises(TaxonomyError, match="conversation 'abc'"):
+        Overrides.load(bad)
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("conversations:\n  abc: '210'\n  def: none\n")
+    assert Overrides.load(ok).conversations == {"abc": "210", "def": None}
+
+
+def test_topic_mix_is_the_distribution_of_its_conversations():
+    c = pd.DataFrame({"topic": [1, 1, 1, 1, 2], "tier1_label": ["Careers", "Careers", "Education", None, "Travel"]})
+    m = topic_mix(c).set_index("topic")
+    assert m.at["1", "category_mix"] == "Careers 50%; Education 25%; none 25%"
+    assert m.at["1", "top_tier1_share"] == 0.5 and m.at["1", "none_share"] == 0.25 and m.at["2", "top_tier1_label"] == "Travel"
+
+
+def test_tier1_confusion_counts_per_label():
+    per, table = tier1_confusion(["596", "596", "210", None], ["596", "210", "210", "123"])
+    r = per.set_index("tier1")
+    assert r.at["Technology & Computing", "labeled"] == 1 and r.at["Technology & Computing", "precision"] == 0.5
+    assert r.at["Food & Drink", "recall"] == 0.5 and r.at["Food & Drink", "most_confused_with"] == "Technology & Computing (1)"
+    assert r.at["Careers", "most_confused_with"] == "none (1)"
+    assert table.loc["Food & Drink"].sum() == 2
