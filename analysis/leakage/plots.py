@@ -31,7 +31,7 @@ def forest_plot(table: pd.DataFrame, ax=None, *, tolerance: float | None = None,
         _, ax = plt.subplots(figsize=(8, 0.55 * len(cats) + 1.2))
     y = np.arange(len(cats))[::-1].astype(float)
     series = [(label, t, "wilson_low", "wilson_high", "tab:blue")]
-    palette = iter(["tab:orange", "tab:purple", "tab:gray"])
+    palette = iter(["tab:orange", "tab:purple", "tab:gray", "tab:green", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"])
     for name, o in (others or {}).items():
         o = o.set_index("category").reindex(cats).reset_index()
         lo, hi = ("ci_low", "ci_high") if "ci_low" in o else ("wilson_low", "wilson_high")
