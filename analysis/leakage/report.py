@@ -69,8 +69,8 @@ class LeakageReport:
             parts.append(c[["rate", "ci_low", "ci_high", "verdict"]].rename(columns=lambda x: "ppi_" + x))
         if self.corrected is not None:
             c = self.corrected.table[self.corrected.table["region_group"] == group].set_index("category")
-            parts.append(c[["raw_rate", "raw_low", "raw_high"]].rename(columns=lambda x: "detector_uncorrected_" + x))
-            parts.append(c[["leak_rate", "ci_low", "ci_high"]].rename(columns=lambda x: "rogan_gladen_" + x))
+            parts.append(c[["raw_rate", "raw_low", "raw_high"]].rename(columns=lambda x: "detector_" + x))
+            parts.append(c[["leak_rate", "ci_low", "ci_high"]].rename(columns=lambda x: "corrected_" + x))
         out = pd.concat(parts, axis=1) if parts else pd.DataFrame()
         if self.whitebox is not None and "truth" in self.whitebox.table:
             w = self.whitebox.table

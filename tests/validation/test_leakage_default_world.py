@@ -61,6 +61,13 @@ def test_true_leak_rate_inside_every_categorys_ci_in_the_default_world(default_r
     assert (ca["raw_rate"] > ca["truth"] + 0.03).all()
     side = default_report.side_by_side()
     assert {"labels_leak_rate", "detector_raw_rate", "corrected_leak_rate", "truth"} <= set(side.columns)
+    assert {"clustered_ci_low", "clustered_verdict", "ppi_rate", "ppi_ci_high"} <= set(side.columns)
+    # the headline intervals (issue 14): labeled sample with users as clusters, and PPI++ by filter stratum
+    clus = default_report.clustered
+    for name, r in (("clustered", clus[clus["region_group"] == "all"].set_index("category")),
+                    ("ppi", default_report.ppi.table.set_index("category"))):
+        for c in ART9:
+            assert r.loc[c, "ci_low"] <= gt[c]["leak_rate"] <= r.loc[c, "ci_high"], (name, c)
 
 
 def test_tolerance_tests_and_multiplicity(default_report):
