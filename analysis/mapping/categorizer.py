@@ -307,3 +307,27 @@ def apply_overrides(cats: pd.DataFrame, topics: pd.Series, conversations: dict, 
         if src == "override_conversation":
             applied.append({"conversation_id": cid, "to": iab, "file": source})
     return out, applied
+
+
+def readable_labels(info: pd.DataFrame, mix: pd.DataFrame, n_phrases: int = 2) -> pd.DataFrame:
+    """A topic label a reader recognizes: its first `n_phrases` key phrases (multi-word c-TF-IDF
+    terms first, from `representation` or `keywords`) joined by "and", then its dominant
+    per-conversation tier-1 with its share: "cover letter and job description (Careers 62%)"."""
+    share = mix.set_index("topic")
+    rows = []
+    for r in info.itertuples():
+        words = getattr(r, "representation", None)
+        if words is None or (isinstance(words, float) and np.isnan(words)) or len(words) == 0:
+            words = getattr(r, "keywords", None)
+        words = [str(w) for w in (list(words) if isinstance(words, (list, tuple, np.ndarray)) else [])]
+        multi = [w for w in words if " " in w]
+        phrases: list[str] = []
+        for w in multi + [w for w in words if " " not in w]:
+            if not any(w in p or p in w for p in phrases):
+                phrases.append(w)
+            if len(phrases) == n_phrases:
+                break
+        t = str(r.topic)
+        cat = f" ({share.at[t, 'top_tier1_label']} {share.at[t, 'top_tier1_share']:.0%})" if t in share.index else ""
+        rows.append({"topic": t, "readable_label": (" and ".join(phrases) or str(getattr(r, "label", t))) + cat})
+    return pd.DataFrame(rows, columns=["topic", "readable_label"])

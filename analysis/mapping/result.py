@@ -60,8 +60,10 @@ class AdMappingResult:
         t["conversations"] = t["topic"].map(size).fillna(0).astype(int)
         t["users"] = t["topic"].map(users).fillna(0).astype(int)
         t["topic_label"] = t["topic_label"].astype(str).map(scrub_pii)
+        if "readable_label" in t:
+            t["readable_label"] = t["readable_label"].astype(str).map(scrub_pii)
         t["top3"] = t["top3"].map(lambda x: "; ".join(x) if isinstance(x, (list, np.ndarray)) else x)
-        cols = ["topic", "topic_label", "conversations", "users", "category_mix", "iab_id", "path", "score", "source", "art9_node", "sensitive_share",
+        cols = ["topic", "topic_label", "readable_label", "conversations", "users", "category_mix", "iab_id", "path", "score", "source", "art9_node", "sensitive_share",
                 "top3"]
         t = t.sort_values("conversations", ascending=False)[[c for c in cols if c in t]]
         return suppress_small_cells(t, ["conversations", "users"], k=self.min_cell_users, by="users")

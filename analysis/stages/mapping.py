@@ -20,7 +20,7 @@ from analysis.contract.stages import MAPPING
 from analysis.detector.model import DetectorParams, FitOptions, SensitiveDetector
 from analysis.engines import Engine
 from analysis.mapping.accuracy import tier1_accuracy, tier1_confusion
-from analysis.mapping.categorizer import NONE, apply_overrides, categorize_run, topic_mix
+from analysis.mapping.categorizer import NONE, apply_overrides, categorize_run, readable_labels, topic_mix
 from analysis.mapping.labels import read_labels
 from analysis.mapping.mapper import (
     TopicMapper,
@@ -82,6 +82,7 @@ def run(run_dir: RunDir | str, settings: MappingSettings | None = None, engine: 
     cc = cc.merge(ctab.rename(columns={c: f"conv_{c}" for c in ctab.columns if c != "conversation_id"}), on="conversation_id", how="left")
     cc = cc.rename(columns={"conv_source": "conv_category_source"})
     mix = topic_mix(cc[["topic", "conv_tier1_label"]].rename(columns={"conv_tier1_label": "tier1_label"}))
+    mix = mix.merge(readable_labels(info, mix), on="topic", how="left")
     mapping.table = mapping.table.drop(columns=[c for c in mix.columns if c != "topic" and c in mapping.table])
     mapping.table = (mapping.table.assign(_topic=mapping.table["topic"].astype(str))
                      .merge(mix.rename(columns={"topic": "_topic"}), on="_topic", how="left").drop(columns="_topic"))

@@ -13,6 +13,7 @@ from analysis.mapping.categorizer import (
     apply_overrides,
     conversation_features,
     default_model_path,
+    readable_labels,
     tier1_guide,
     topic_mix,
 )
@@ -117,3 +118,13 @@ def test_tier1_confusion_counts_per_label():
     assert r.at["Food & Drink", "recall"] == 0.5 and r.at["Food & Drink", "most_confused_with"] == "Technology & Computing (1)"
     assert r.at["Careers", "most_confused_with"] == "none (1)"
     assert table.loc["Food & Drink"].sum() == 2
+
+
+def test_readable_label_is_key_phrases_and_the_dominant_category():
+    info = pd.DataFrame({"topic": [1, 2], "label": ["1_line_add", "2_x"],
+                         "keywords": [["line", "cover letter", "job description", "letter"], ["flask", "app"]],
+                         "representation": [None, []]})
+    mix = topic_mix(pd.DataFrame({"topic": [1, 1, 1, 2], "tier1_label": ["Careers", "Careers", "Education", "Technology & Computing"]}))
+    r = readable_labels(info, mix).set_index("topic")["readable_label"]
+    assert r["1"] == "cover letter and job description (Careers 67%)"
+    assert r["2"] == "flask and app (Technology & Computing 100%)"
