@@ -47,12 +47,15 @@ class DetectorParams:
     heads: dict = field(default_factory=dict)
     # the word n-gram TF-IDF vocabulary the heads' text part uses: {"vocabulary", "idf", "ngram_range"}
     tfidf: dict = field(default_factory=dict)
+    # the rule-based fallback of a category too rare for a head: flagged on a strong lexicon hit, its
+    # score the labeled positive rate with / without a hit: {category: {"p_hit", "p_miss", "n_hit", "n_miss"}}
+    rules: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
             "backend": self.backend, "coef": self.coef, "intercept": self.intercept, "thresholds": self.thresholds,
             "fitted_on": self.fitted_on, "n_train": self.n_train, "features": list(FEATURES), "notes": self.notes,
-            "heads": self.heads, "tfidf": self.tfidf,
+            "heads": self.heads, "tfidf": self.tfidf, "rules": self.rules,
         }
 
     @classmethod
@@ -60,7 +63,7 @@ class DetectorParams:
         return cls(coef={k: float(v) for k, v in d["coef"].items()}, intercept=float(d["intercept"]),
                    thresholds={k: float(v) for k, v in d["thresholds"].items()}, backend=d.get("backend", "minilm"),
                    fitted_on=d.get("fitted_on", ""), n_train=d.get("n_train"), notes=d.get("notes") or {},
-                   heads=d.get("heads") or {}, tfidf=d.get("tfidf") or {})
+                   heads=d.get("heads") or {}, tfidf=d.get("tfidf") or {}, rules=d.get("rules") or {})
 
     def save(self, path: str | Path) -> Path:
         return write_json(self.to_dict(), path)
@@ -128,10 +131,14 @@ class FitOptions:
     """How `fit` and `cross_fit` fit: pooled model, per-category heads and thresholds."""
     min_positives: int = 5  # fewer labeled positives: the category takes the threshold pooled over categories
     C: float = 1.0  # inverse regularization of the pooled logistic model
-    supervised: bool = True  # fit per-category heads (segment embeddings + TF-IDF) where the support allows
-    min_head_positives: int = 40
-    head_C: float = 2.0
+    supervised: bool = True  # fit per-category heads (pooled segment embeddings + features) where the support allows
+    min_head_positives: int = 20  # fewer positives (or negatives): the category keeps the lexicon rule (`rules`)
+    # strong L2 penalty: 5-fold CV on the gold train split (docs/detector.md) put C = 0.005 ahead of 0.01-1
+    head_C: float = 0.005
+    text_model: bool = False  # a word n-gram TF-IDF model averaged into each head (lowered CV F1 on real chats)
     beta: float = 1.0  # thresholds maximize F-beta (> 1 favours recall)
+    min_precision: float = 0.8  # ... among cut-offs whose out-of-fold precision reaches this, where any does
+    lexicon_rule: bool = True  # a category without a head: the lexicon rule (else the pooled model's threshold)
     seed: int = 0  # the heads' out-of-fold splits
 
 
@@ -172,6 +179,8 @@ class SensitiveDetector:
             z = {}
             for c, h in p.heads.items():
                 out[c] = _head_prob(h, H, T, z)
+        for c, r in p.rules.items():
+            out[c] = np.where(feats[f"{c}__strong"].to_numpy() > 0, r["p_hit"], r["p_miss"])
         return out
 
     def detect(self, texts: Sequence[str], conversation_id: Sequence | None = None, *, features: pd.DataFrame | None = None) -> Detection:
@@ -215,10 +224,11 @@ class SensitiveDetector:
             H = clean = fitted = None
             if supervised:
                 H = _head_matrix(feats, self.cats)
-                clean = None if texts is None else [clean_text(t) for t in texts]
+                clean = None if texts is None or not o.text_model else [clean_text(t) for t in texts]
                 fitted = self._fit_heads(H, y, clean, head_C=head_C, min_head_positives=min_head_positives)
             # no shared out-of-fold scores here: every head's threshold comes from its nested 5-fold search
-            params = self._with_heads(pooled, fitted, y, np.full(y.shape, np.nan), H, clean, head_C=head_C, beta=beta, seed=seed)
+            params = self._with_heads(pooled, fitted, y, np.full(y.shape, np.nan), H, clean, _strong_hits(feats, self.cats),
+                                      head_C=head_C, beta=beta, seed=seed)
         self.params = params
         return params
 
@@ -249,8 +259,9 @@ class SensitiveDetector:
         if len(ks) < 2:
             raise ValueError(f"cross_fit needs at least 2 folds, got {len(ks)}")
         raw = None if texts is None else ["" if t is None else str(t) for t in texts]
-        clean = None if raw is None else np.array([clean_text(t) for t in raw], dtype=object)
+        clean = None if raw is None or not o.text_model else np.array([clean_text(t) for t in raw], dtype=object)
         H = _head_matrix(feats, self.cats) if supervised else None
+        hit = _strong_hits(feats, self.cats)
         n, m = y.shape
         # training rows of every model: without a pair of folds, without one fold, all
         pairs = list(combinations(ks.tolist(), 2))
@@ -285,6 +296,7 @@ class SensitiveDetector:
                     te = folds == j
                     inner[(k, j)] = _head_probs(heads[("pair", a, b)][0], H[te], tfidf(("pair", a, b), te), self.cats)
             oof_s, oof_f = np.zeros((n, m)), np.zeros((n, m), dtype=bool)
+            oof_raw = np.full((n, m), np.nan)  # the fold heads' uncalibrated probabilities: what Platt scaling is fitted to
             had_head = []
             for k in ks.tolist():
                 tr, te = train[("fold", k)], folds == k
@@ -292,7 +304,9 @@ class SensitiveDetector:
                 for j in ks[ks != k].tolist():
                     sel[folds == j] = inner[(k, j)]
                 p = self._with_heads(pooled[("fold", k)], heads.get(("fold", k)), y[tr], sel[tr], H[tr] if supervised else None,
-                                     None if clean is None else clean[tr], head_C=head_C, beta=beta, seed=seed)
+                                     None if clean is None else clean[tr], hit[tr], head_C=head_C, beta=beta, seed=seed)
+                if p.heads:
+                    oof_raw[te] = _head_probs(p.heads, H[te], tfidf(("fold", k), te), self.cats, calibrated=False)
                 s = self._score(feats[te].reset_index(drop=True), p, None if raw is None else [raw[i] for i in np.flatnonzero(te)])
                 oof_s[te] = s.to_numpy()
                 oof_f[te] = s.to_numpy() >= np.array([p.thresholds[c] for c in self.cats])
@@ -301,8 +315,8 @@ class SensitiveDetector:
             usable = np.full((n, m), np.nan)
             for j, c in enumerate(self.cats):
                 if all(c in h for h in had_head):
-                    usable[:, j] = oof_s[:, j]
-            params = self._with_heads(pooled[("all",)], heads.get(("all",)), y, usable, H, clean, head_C=head_C, beta=beta, seed=seed)
+                    usable[:, j] = oof_raw[:, j]
+            params = self._with_heads(pooled[("all",)], heads.get(("all",)), y, usable, H, clean, hit, head_C=head_C, beta=beta, seed=seed)
         params.notes["cross_fit"] = {"folds": int(len(ks)), "fold_sizes": {str(k): int((folds == k).sum()) for k in ks}}
         self.params = params
         cols = list(self.cats)
@@ -350,9 +364,10 @@ class SensitiveDetector:
         return heads, vec
 
     def _with_heads(self, pooled: tuple[DetectorParams, dict], fitted: tuple[dict, object] | None, y: np.ndarray, oof: np.ndarray,
-                    H: np.ndarray | None, clean, *, head_C: float, beta: float, seed: int) -> DetectorParams:
-        """A pooled fit completed with its heads, their thresholds chosen on the given out-of-fold head
-        scores (NaN where none: that category falls back to the nested 5-fold search)."""
+                    H: np.ndarray | None, clean, hit: np.ndarray, *, head_C: float, beta: float, seed: int) -> DetectorParams:
+        """A pooled fit completed with its heads, calibrated (Platt scaling) and thresholded on the given
+        out-of-fold head probabilities (NaN where none: that category falls back to the nested 5-fold
+        search). A supervised fit gives each category without a head the lexicon rule."""
         params, chosen = pooled
         if fitted is not None:
             heads, vec = fitted
@@ -369,7 +384,15 @@ class SensitiveDetector:
                     chosen[c] = "supervised head (threshold on nested 5-fold out-of-fold scores)"
                 else:
                     chosen[c] = "supervised head (threshold on cross-fitted out-of-fold scores)"
-                params.thresholds[c] = choose_threshold(s, y[:, j], beta=beta)
+                heads[c]["platt"] = _fit_platt(s, y[:, j])
+                params.thresholds[c] = choose_threshold(_platt(heads[c]["platt"], s), y[:, j], beta=beta,
+                                                        min_precision=self.fitting.min_precision)
+            for j, c in enumerate(self.cats):
+                if c not in heads and self.fitting.lexicon_rule:
+                    params.rules[c] = _fit_rule(hit[:, j], y[:, j])
+                    r = params.rules[c]
+                    params.thresholds[c] = float((r["p_hit"] + r["p_miss"]) / 2) if r["p_hit"] > r["p_miss"] else 1.0
+                    chosen[c] = f"lexicon rule (fewer than {self.fitting.min_head_positives} positives for a head)"
             params.heads = heads
             if vec is not None:
                 params.tfidf = _tfidf_spec(vec)
@@ -409,8 +432,9 @@ def _tfidf_spec(vec) -> dict:
     return {"vocabulary": {k: int(v) for k, v in vec.vocabulary_.items()}, "idf": vec.idf_.round(6).tolist(), "ngram_range": [1, 2]}
 
 
-def _head_prob(h: dict, H: np.ndarray, T=None, _z: dict | None = None) -> np.ndarray:
-    """A head's probability: the embedding model's, averaged with the TF-IDF model's when it has one.
+def _head_prob(h: dict, H: np.ndarray, T=None, _z: dict | None = None, *, calibrated: bool = True) -> np.ndarray:
+    """A head's probability: the embedding model's, averaged with the TF-IDF model's when it has one,
+    then Platt-scaled where the head has a calibration (`calibrated=False`: before it).
     `_z`: a dict that keeps the standardized H between heads with the same mean and scale."""
     mean, scale = np.array(h["mean"]), np.array(h["scale"])
     key = (mean.tobytes(), scale.tobytes())
@@ -425,15 +449,48 @@ def _head_prob(h: dict, H: np.ndarray, T=None, _z: dict | None = None) -> np.nda
     if T is not None and "tfidf_coef" in h:
         zt = T @ np.array(h["tfidf_coef"]) + h["tfidf_intercept"]
         prob = (prob + 1 / (1 + np.exp(-zt))) / 2
+    if calibrated and "platt" in h:
+        prob = _platt(h["platt"], prob)
     return prob
 
 
-def _head_probs(heads: dict, H: np.ndarray, T, cats: Sequence[str]) -> np.ndarray:
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=float), 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p))
+
+
+def _fit_platt(p: np.ndarray, y: np.ndarray) -> list[float]:
+    """Platt scaling [a, b] (calibrated = sigmoid(a logit(p) + b)) fitted on out-of-fold probabilities:
+    the class-balanced heads' raw probabilities overstate the rare class; these are P(category | text)
+    for conversations drawn like the labeled ones (see docs/detector.md on enriched samples)."""
+    from sklearn.linear_model import LogisticRegression
+
+    m = LogisticRegression(C=1e4, max_iter=1000).fit(_logit(p)[:, None], np.asarray(y, dtype=bool))
+    return [float(m.coef_[0, 0]), float(m.intercept_[0])]
+
+
+def _platt(ab: Sequence[float], p: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-(ab[0] * _logit(p) + ab[1])))
+
+
+def _strong_hits(feats: pd.DataFrame, cats: Sequence[str]) -> np.ndarray:
+    return np.column_stack([feats[f"{c}__strong"].to_numpy() > 0 for c in cats]) if len(cats) else np.zeros((len(feats), 0), bool)
+
+
+def _fit_rule(hit: np.ndarray, y: np.ndarray) -> dict:
+    """The lexicon rule's scores: positive rates with and without a strong hit (add-one smoothed)."""
+    hit, y = np.asarray(hit, dtype=bool), np.asarray(y, dtype=bool)
+    n_hit, n_miss = int(hit.sum()), int((~hit).sum())
+    return {"p_hit": float((y[hit].sum() + 1) / (n_hit + 2)), "p_miss": float((y[~hit].sum() + 1) / (n_miss + 2)),
+            "n_hit": n_hit, "n_miss": n_miss}
+
+
+def _head_probs(heads: dict, H: np.ndarray, T, cats: Sequence[str], *, calibrated: bool = True) -> np.ndarray:
     """(rows, categories) head probabilities; NaN for a category without a head."""
     out, z = np.full((len(H), len(cats)), np.nan), {}
     for j, c in enumerate(cats):
         if c in heads:
-            out[:, j] = _head_prob(heads[c], H, T, z)
+            out[:, j] = _head_prob(heads[c], H, T, z, calibrated=calibrated)
     return out
 
 
@@ -499,8 +556,10 @@ def _oof_text(T, y: np.ndarray, *, seed: int, C: float = 10.0) -> np.ndarray:
     return oof
 
 
-def choose_threshold(score: np.ndarray, y: np.ndarray, *, beta: float = 1.0) -> float:
+def choose_threshold(score: np.ndarray, y: np.ndarray, *, beta: float = 1.0, min_precision: float = 0.0) -> float:
     """The threshold maximizing F-beta; ties go to the midpoint of the widest run of best cut-offs.
+    With `min_precision`, only cut-offs reaching that precision compete, where any with a true
+    positive does (else all do).
 
     Placing the cut midway between the scores of neighbouring conversations (not on a score)
     keeps it from hugging the tuning sample.
@@ -515,6 +574,9 @@ def choose_threshold(score: np.ndarray, y: np.ndarray, *, beta: float = 1.0) -> 
     fn = int(y.sum()) - tp
     denom = (1 + beta**2) * tp + beta**2 * fn + fp
     f = np.where(denom > 0, (1 + beta**2) * tp / np.where(denom > 0, denom, 1), 0.0)
+    ok = (tp > 0) & (tp >= min_precision * np.maximum(tp + fp, 1))
+    if min_precision > 0 and ok.any():
+        f = np.where(ok, f, -1.0)
     best = f.max()
     idx = np.flatnonzero(f >= best - 1e-12)
     # the widest contiguous run of optimal cut-offs; take its middle

