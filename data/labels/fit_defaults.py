@@ -156,6 +156,12 @@ def main() -> None:
                                       "recall": round(float(r.recall), 3) if r.positives else None, "f1": round(float(r.f1), 3) if r.positives else None}
                          for r in v.per_category.itertuples()},
     }
+    if a.old_params:  # the candidate (a') judged the same way, for the choice between them (train split only)
+        prev = SensitiveDetector(backend="minilm", params=a.old_params, fitting=PREVIOUS_FITTING)
+        pcf = prev.cross_fit(ttr, ltr["art9"], folds, features=feats[tr].reset_index(drop=True), source=source)
+        pv = evaluate_detector(pcf.flags, ltr["art9"])
+        print(f"\n== (a') previous method, 5-fold grouped CV on the TRAIN split: macro-F1(4) {macro_f1(pv):.3f}\n{table(pv).to_string()}")
+        print("Brier (train, out-of-fold):", brier(pcf.scores, ltr["art9"]))
     if a.write:
         stored = json.loads(default_params_path().read_text())
         stored["minilm"] = params.to_dict()

@@ -219,3 +219,42 @@ def test_detector_saves_and_loads_its_parameters(tmp_path):
     path = det.save(tmp_path / "params.json")
     again = SensitiveDetector.load(path)
     assert again.backend == "static" and again.params.to_dict() == det.params.to_dict()
+
+
+def test_threshold_choice_honours_a_precision_floor_where_one_can():
+    # max F1 (12/14) cuts between 0.1 and 0.2 at precision 6/8; with the floor 0.8 the best cut that
+    # reaches it lies between 0.4 and 0.5 (precision 4/5, F1 8/11)
+    s = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    y = np.array([0, 1, 1, 0, 1, 1, 0, 1, 1], dtype=bool)
+    assert 0.1 < choose_threshold(s, y) <= 0.2
+    assert 0.4 < choose_threshold(s, y, min_precision=0.8) <= 0.5
+    # no cut reaches the floor: plain max F1
+    assert choose_threshold(s, ~y, min_precision=0.99) == choose_threshold(s, ~y)
+
+
+def test_cross_fit_calibrates_heads_and_gives_rare_categories_the_lexicon_rule(small_labeled, tmp_path):
+    """Heads carry a Platt calibration fitted on out-of-fold probabilities (calibrated scores are not the
+    balanced heads' inflated ones: their mean is near the positive rate); a category below
+    `min_head_positives` is scored by the lexicon rule, which survives save/load."""
+    docs, truth, feats = small_labeled
+    y = label_matrix(truth, ART9)
+    counts = dict(zip(ART9, y.sum(axis=0)))
+    rare = min(counts, key=counts.get)
+    folds = np.arange(len(docs)) % 4
+    det = SensitiveDetector(backend="static", fitting=FitOptions(min_head_positives=counts[rare] + 1, seed=1))
+    cf = det.cross_fit(docs, truth, folds, features=feats)
+    assert rare in cf.params.rules and rare not in cf.params.heads
+    hit = feats[f"{rare}__strong"].to_numpy() > 0
+    r = cf.params.rules[rare]
+    assert r["n_hit"] == hit.sum() and r["p_hit"] == pytest.approx((y[hit, ART9.index(rare)].sum() + 1) / (hit.sum() + 2))
+    for c in cf.params.heads:
+        assert len(cf.params.heads[c]["platt"]) == 2
+        j = ART9.index(c)
+        # calibrated out-of-fold scores: their mean tracks the positive rate (balanced heads' raw ones do not)
+        assert abs(cf.scores[c].mean() - y[:, j].mean()) < 0.05
+    path = det.save(tmp_path / "p.json")
+    again = SensitiveDetector.load(path)
+    a, b = det.detect(docs, features=feats), again.detect(docs, features=feats)
+    np.testing.assert_array_equal(a.scores.to_numpy(), b.scores.to_numpy())
+    np.testing.assert_array_equal(a.scores[rare].to_numpy(), np.where(hit, r["p_hit"], r["p_miss"]))
+    assert (a.flags[rare].to_numpy() == hit).all() or r["p_hit"] <= r["p_miss"]

