@@ -156,8 +156,10 @@ def test_saved_model_reloads_offline_and_assigns_the_same_topics(fitted, corpus,
     conv = corpus[0]
     again = loaded.assign(conv["document"], openings=conv["opening"])
     a = fitted.assignments
-    # every document not clustered by HDBSCAN was placed by the rule the saved model applies
-    placed = a["assigned_by"].isin(["knn", "outlier", "empty"]).to_numpy()
+    # documents placed by the saved model's rule (kNN outside the fit sample, empty ones) get the same
+    # topic after reload; "outlier" is not among them: inside the fit sample it is what HDBSCAN and
+    # BERTopic's outlier reduction left, which the saved kNN rule may place (one document at 0.304 > 0.3)
+    placed = a["assigned_by"].isin(["knn", "empty"]).to_numpy()
     np.testing.assert_array_equal(again["topic"].to_numpy()[placed], a["topic"].to_numpy()[placed])
     pd.testing.assert_frame_equal(again, fitted.model.assign(conv["document"], openings=conv["opening"]))
     assert loaded.labels() == fitted.model.labels()
