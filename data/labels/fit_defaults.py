@@ -62,7 +62,10 @@ def load_labels() -> pd.DataFrame:
     test_chats = set(chat_of(gold.loc[gold["split"] == "test", "conversation_id"]))
     old = old[~chat_of(old["conversation_id"]).isin(test_chats)].assign(split="train", language="")
     out = pd.concat([gold.assign(source="gold"), old.assign(source="old")], ignore_index=True)
-    return out[["conversation_id", "art9", "split", "source", "stratum", "language"]]
+    if "borderline" not in out:
+        out["borderline"] = False
+    out["borderline"] = out["borderline"].astype(str).str.lower().eq("true")
+    return out[["conversation_id", "art9", "split", "source", "stratum", "language", "borderline"]]
 
 
 def load_documents(ids) -> pd.Series:
@@ -107,6 +110,48 @@ def macro_f1(v) -> float:
 def brier(scores: pd.DataFrame, labels: pd.Series) -> dict:
     y = label_matrix(labels, list(scores.columns))
     return {c: round(float(np.mean((scores[c].to_numpy() - y[:, j]) ** 2)), 4) for j, c in enumerate(scores.columns)}
+
+
+def error_kinds(lab: pd.DataFrame, flags: pd.DataFrame, feats: pd.DataFrame, cats=FOUR) -> pd.DataFrame:
+    """Counts of false positives and false negatives per category by kind of conversation: its stratum
+    group (hard cases by kind, non-English, random, enriched), a strong / no lexicon hit, a label the
+    labeler marked borderline."""
+    y = label_matrix(lab["art9"], list(flags.columns))
+    st = lab["stratum"].fillna("").astype(str)
+    group = np.where(st.str.startswith("hard:"), st, np.where(st.eq("nonenglish"), "non-English",
+                     np.where(st.eq("random"), "random", "enriched (lexicon/score/nn/uncertain/round 2)")))
+    rows = []
+    for j, c in enumerate(flags.columns):
+        if c not in cats:
+            continue
+        f = flags[c].to_numpy(dtype=bool)
+        hit = feats[f"{c}__strong"].to_numpy() > 0
+        for kind, err in (("false positive", f & ~y[:, j]), ("false negative", ~f & y[:, j])):
+            if not err.any():
+                continue
+            r = {"category": c, "error": kind, "n": int(err.sum()), "strong lexicon hit": int((err & hit).sum()),
+                 "no lexicon hit": int((err & ~hit).sum()), "borderline label": int((err & lab["borderline"].to_numpy()).sum())}
+            for g in sorted(set(group[err])):
+                r[g] = int((err & (group == g)).sum())
+            rows.append(r)
+    return pd.DataFrame(rows).fillna(0)
+
+
+def reliability(lab: pd.DataFrame, scores: pd.DataFrame, cats=FOUR) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(bins of the calibrated score pooled over `cats`: n, mean score, observed rate; per category on
+    the random stratum: mean score vs observed positive rate — the corpus-level check)."""
+    y = label_matrix(lab["art9"], list(scores.columns))
+    js = [list(scores.columns).index(c) for c in cats]
+    s, t = scores[list(cats)].to_numpy().ravel(), y[:, js].ravel()
+    edges = [0, 0.02, 0.1, 0.3, 0.6, 1.0001]
+    b = np.digitize(s, edges) - 1
+    bins = pd.DataFrame([{"score bin": f"[{edges[k]:.2f}, {min(edges[k + 1], 1):.2f})", "n": int((b == k).sum()),
+                          "mean score": float(s[b == k].mean()), "observed rate": float(t[b == k].mean())}
+                         for k in range(len(edges) - 1) if (b == k).any()]).round(3)
+    rnd = (lab["stratum"] == "random").to_numpy()
+    base = pd.DataFrame([{"category": c, "random-stratum n": int(rnd.sum()), "mean score": float(scores.loc[rnd, c].mean()),
+                          "observed rate": float(y[rnd, list(scores.columns).index(c)].mean())} for c in scores.columns]).round(4)
+    return bins, base
 
 
 def features(det: SensitiveDetector, ids, texts, cache: Path | None) -> pd.DataFrame:
@@ -188,6 +233,10 @@ def main() -> None:
             print(f"\n== {name} on the TEST split: macro-F1(4) {macro_f1(vt):.3f}\n{table(vt).to_string()}")
             print("Brier (test):", brier(r.scores, lte["art9"]))
             rows.append((name, vt))
+            if name.startswith("(b)"):
+                print("\nerror kinds (test):\n" + error_kinds(lte, r.flags, fte).to_string())
+            bins, base = reliability(lte, r.scores)
+            print(f"reliability (test, {name[:4].strip()}):\n{bins.to_string()}\n{base.to_string()}")
             for c in ART9:
                 out[f"{name[:4].strip()}__score_{c}"] = r.scores[c].to_numpy()
                 out[f"{name[:4].strip()}__flag_{c}"] = r.flags[c].to_numpy()

