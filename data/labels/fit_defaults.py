@@ -172,7 +172,8 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help="store the train-split fit as the minilm defaults")
     ap.add_argument("--test", action="store_true", help="print the side-by-side table on the frozen test split")
     ap.add_argument("--old-params", default=None, help="JSON of the previously shipped defaults (for --test)")
-    ap.add_argument("--features-cache", default="data/cache/detector_gold_features.parquet")
+    ap.add_argument("--backend", default="minilm", help="embedding backend whose defaults entry is fitted / judged")
+    ap.add_argument("--features-cache", default="data/cache/detector_gold_features_{backend}.parquet")
     ap.add_argument("--out", default=None, help="write per-conversation test scores/flags of each candidate here (parquet)")
     a = ap.parse_args()
     lab = load_labels()
@@ -183,8 +184,8 @@ def main() -> None:
           f"older labels {int((lab.source == 'old').sum())}), test {int((~tr).sum())}")
     y = label_matrix(lab["art9"], ART9)
     print("positives train:", dict(zip(ART9, y[tr].sum(0).tolist())), "test:", dict(zip(ART9, y[~tr].sum(0).tolist())))
-    det = SensitiveDetector(backend="minilm")
-    feats = features(det, lab["conversation_id"], texts, Path(a.features_cache) if a.features_cache else None)
+    det = SensitiveDetector(backend=a.backend)
+    feats = features(det, lab["conversation_id"], texts, Path(a.features_cache.format(backend=a.backend)) if a.features_cache else None)
     ltr = lab[tr].reset_index(drop=True)
     ttr = [t for t, k in zip(texts, tr) if k]
     folds = grouped_folds(ltr)
@@ -202,17 +203,17 @@ def main() -> None:
                          for r in v.per_category.itertuples()},
     }
     if a.old_params:  # the candidate (a') judged the same way, for the choice between them (train split only)
-        prev = SensitiveDetector(backend="minilm", params=a.old_params, fitting=PREVIOUS_FITTING)
+        prev = SensitiveDetector(backend=a.backend, params=a.old_params, fitting=PREVIOUS_FITTING)
         pcf = prev.cross_fit(ttr, ltr["art9"], folds, features=feats[tr].reset_index(drop=True), source=source)
         pv = evaluate_detector(pcf.flags, ltr["art9"])
         print(f"\n== (a') previous method, 5-fold grouped CV on the TRAIN split: macro-F1(4) {macro_f1(pv):.3f}\n{table(pv).to_string()}")
         print("Brier (train, out-of-fold):", brier(pcf.scores, ltr["art9"]))
     if a.write:
         stored = json.loads(default_params_path().read_text())
-        stored["minilm"] = params.to_dict()
-        DetectorParams.from_dict(stored["minilm"])
+        stored[a.backend] = params.to_dict()
+        DetectorParams.from_dict(stored[a.backend])
         write_json(stored, default_params_path())
-        print(f"wrote {default_params_path()} (minilm): heads {sorted(params.heads)}, rules {sorted(params.rules)}")
+        print(f"wrote {default_params_path()} ({a.backend}): heads {sorted(params.heads)}, rules {sorted(params.rules)}")
     if a.test:
         te = ~tr
         lte = lab[te].reset_index(drop=True)
@@ -220,12 +221,12 @@ def main() -> None:
         fte = feats[te].reset_index(drop=True)
         cands = {}
         if a.old_params:
-            cands["(a) previous defaults, as shipped"] = SensitiveDetector(backend="minilm", params=a.old_params)
-        prev = SensitiveDetector(backend="minilm", params=a.old_params, fitting=PREVIOUS_FITTING) if a.old_params else None
+            cands["(a) previous defaults, as shipped"] = SensitiveDetector(backend=a.backend, params=a.old_params)
+        prev = SensitiveDetector(backend=a.backend, params=a.old_params, fitting=PREVIOUS_FITTING) if a.old_params else None
         if prev is not None:
             prev.cross_fit(ttr, ltr["art9"], folds, features=feats[tr].reset_index(drop=True), source=source)
             cands["(a') previous method, refit on train"] = prev
-        cands["(b) frozen MiniLM + calibrated heads (shipped)"] = SensitiveDetector(backend="minilm", params=params)
+        cands[f"(b) frozen {a.backend} + calibrated heads (shipped)"] = SensitiveDetector(backend=a.backend, params=params)
         rows, out = [], {"conversation_id": lte["conversation_id"].to_numpy()}
         for name, d in cands.items():
             r = d.detect(tte, lte["conversation_id"], features=fte)
