@@ -30,7 +30,7 @@ import pandas as pd
 
 from analysis.contract.art9 import ART9, label_matrix
 from analysis.detector.evaluation import evaluate_detector
-from analysis.detector.model import DetectorParams, FitOptions, SensitiveDetector, default_params_path
+from analysis.detector.model import REAL_CHAT_FITTING, DetectorParams, FitOptions, SensitiveDetector, default_params_path
 from analysis.ingest.importers import import_sharegpt
 from analysis.mapping.labels import read_labels
 from analysis.util.storage import write_json
@@ -184,7 +184,7 @@ def main() -> None:
           f"older labels {int((lab.source == 'old').sum())}), test {int((~tr).sum())}")
     y = label_matrix(lab["art9"], ART9)
     print("positives train:", dict(zip(ART9, y[tr].sum(0).tolist())), "test:", dict(zip(ART9, y[~tr].sum(0).tolist())))
-    det = SensitiveDetector(backend=a.backend)
+    det = SensitiveDetector(backend=a.backend, fitting=REAL_CHAT_FITTING)
     feats = features(det, lab["conversation_id"], texts, Path(a.features_cache.format(backend=a.backend)) if a.features_cache else None)
     ltr = lab[tr].reset_index(drop=True)
     ttr = [t for t, k in zip(texts, tr) if k]
