@@ -23,6 +23,7 @@ class ExposureResult:
     alpha: float
     window_days: float
     min_cell: int = 10
+    n_permutations: int | None = None  # sets the smallest attainable permutation p-value, 1 / (B + 1)
 
     def summary(self) -> pd.DataFrame:
 
@@ -157,7 +158,7 @@ class ExposureTest:
             if ok.any():
                 t.loc[ok[ok].index, "p_bh"] = p_adjust(t.loc[ok[ok].index, "p_permutation"], "fdr_bh")
         t["detected"] = t["p_permutation"] < self.alpha
-        return ExposureResult(t, self.alpha, self.window_days, self.min_users)
+        return ExposureResult(t, self.alpha, self.window_days, self.min_users, self.n_permutations)
 
     def _region_p(self, data: ExposureData, pair, users_inc: np.ndarray, users_exc: np.ndarray) -> float:
         """One-sided (exposure rises more in included regions) studentized region-level permutation p-value."""
@@ -350,7 +351,8 @@ def violations(data: ExposureData, exposure: ExposureResult | None = None, *, mi
             pd.DataFrame({"test": [f"exposure to {c} ads (all excluded)" for c in grp["category"]], "region": "ALL excluded",
                           "p_value": grp["p_permutation"].to_numpy()}),
         ], ignore_index=True)
-    fam, statement = violation_family(tests, alpha=alpha)
+    min_p = 1 / (exposure.n_permutations + 1) if exposure is not None and exposure.n_permutations else None
+    fam, statement = violation_family(tests, alpha=alpha, min_p=min_p)
     fam = fam.set_index("region")
     g["exposure_p"] = g["region"].map(fam["min_p_holm"]) if len(fam) else np.nan
     by_exposure = g["exposure_p"] < alpha
@@ -368,5 +370,6 @@ def violations(data: ExposureData, exposure: ExposureResult | None = None, *, mi
     g = g.sort_values(["flagged", "chat_impressions"], ascending=False, kind="stable").reset_index(drop=True)
     out = suppress_small_cells(g, ["users"], k=min_cell, complementary=False)
     out.attrs["family"] = statement
-    out.attrs["family_tests"] = int(tests["p_value"].notna().sum())
+    out.attrs["family_tests"] = m = int(tests["p_value"].notna().sum())
+    out.attrs["underpowered"] = bool(min_p is not None and m and min_p * m >= alpha)  # no test can flag
     return out

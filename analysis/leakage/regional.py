@@ -83,12 +83,15 @@ def region_permutation_test(y, region, included, *, n_permutations: int = 4999, 
             "assignments": int(total), "exact": exact, "min_p": 1 / total if exact else 1 / (1 + len(A))}
 
 
-def violation_family(tests: pd.DataFrame, *, alpha: float = 0.05, chat_impressions: pd.Series | None = None) -> tuple[pd.DataFrame, str]:
+def violation_family(tests: pd.DataFrame, *, alpha: float = 0.05, chat_impressions: pd.Series | None = None,
+                     min_p: float | None = None) -> tuple[pd.DataFrame, str]:
     """One Holm family over every exposure test that can flag an excluded region.
 
     `tests`: rows with `test` (a name), `region` (the excluded region it concerns, or "ALL excluded")
     and `p_value` (NaN = not tested: left out of the family). `chat_impressions`: per region the
     count of impressions with an ai_chat targeting source (a direct observation: any > 0 flags).
+    `min_p`: the smallest p-value a test can give (1 / (B + 1) for B permutations); when Holm over
+    the family cannot bring even that below alpha, the statement says no test can flag.
     Returns per-region flags and the statement of the family's false-alarm rate."""
     need = {"test", "region", "p_value"} - set(tests.columns)
     if need:
@@ -111,4 +114,7 @@ def violation_family(tests: pd.DataFrame, *, alpha: float = 0.05, chat_impressio
     m = int(ok.sum())
     statement = (f"{m} exposure tests in one Holm family: the chance of flagging any excluded region by the tests when "
                  f"none is violated is at most {alpha:.0%} (family-wise); ai_chat targeting sources are observed, not tested")
+    if min_p is not None and m and min_p * m >= alpha:
+        statement += (f". NO TEST CAN FLAG: the smallest attainable p-value {min_p:.4f} times {m} tests is "
+                      f"{min_p * m:.3f} >= {alpha}; use at least {int(np.ceil(m / alpha))} permutations")
     return out, statement

@@ -183,6 +183,8 @@ def analyse(inputs: LeakageInputs, settings: LeakageSettings | None = None, *, a
                                      min_users=max(20, min_cell_users), seed=seed)
         exp.table = pd.concat([exp.table, regional], ignore_index=True)
         viol = violations(data, exp, min_cell=min_cell_users, alpha=alpha)
+        if viol.attrs["underpowered"]:
+            notes.append("violation check: " + viol.attrs["family"].split(". ", 1)[1])
         if not is_excluded(inputs.users["region"], excluded_regions).any():
             skipped["violation_impressions"] = "no users in excluded regions: the promise there cannot be checked"
         elif data.chat is None:
