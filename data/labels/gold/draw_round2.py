@@ -3,6 +3,9 @@
     CHAT_AD_AUDIT_CACHE=/work/cache PYTHONPATH=<code at d4e625e> .venv/bin/python data/labels/gold/draw_round2.py draw
     ... draw_round2.py packets /work/labeling
 
+A frozen record like draw_gold.py: it runs only on the code of d4e625e (`git worktree add /tmp/gold
+d4e625e`), whose module names and detector its strata depend on.
+
 Round 1 (draw_gold.py) found few positives for ethnicity, sexual orientation, philosophical beliefs
 and trade union; issue 15 wants >= 60 per category the corpus holds. Round 2 draws ~430 more
 conversations from the same pool (the corpus minus everything labeled, >= 5 words of prose after
