@@ -43,6 +43,11 @@ PRESETS = {
     "null": {"p_chat_target": 0.0, "lift_matched": 0.0, "filter_catch": {c: 1.0 for c in ART9}},
     # An excluded region gets chat-based targeting anyway.
     "violation": {"violation_regions": ["DE"]},
+    # No chat flow at all, but interest that rises with a chat comes from outside it: the platform sees
+    # the same interest through other signals at the same time (issue 14). A black-box test that
+    # compares users before and after a chat reports flow that is not leakage.
+    "outside_interest": {"p_chat_target": 0.0, "lift_matched": 0.0, "filter_catch": {c: 1.0 for c in ART9},
+                         "outside_interest": 0.3},
 }
 
 
@@ -94,6 +99,11 @@ class WorldConfig:
     lift_matched: float = 0.40  # relative CTR lift of chat-matched ads
     lift_heterogeneity: float = 0.3  # lognormal sigma of the per-category lift multiplier
     holdout_share: float = 0.10
+    # outside interest: for chat_window_days after a conversation about a topic with an IAB node (any region,
+    # blocked or not), this share of the user's non-chat ads goes to that node through other signals
+    # (likes, follows): interest caused outside the chat with the chat's timing. 0 = off.
+    outside_interest: float = 0.0
+    outside_interest_since: str | None = None  # the outside signal exists from this date on (None: the whole period)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "WorldConfig":
@@ -118,7 +128,7 @@ class WorldConfig:
     def validate(self) -> None:
         if self.n_users < 10 or self.n_conversations < 10 or self.n_impressions < 10:
             raise ValueError("a world needs at least 10 users, conversations and impressions")
-        for name in ("p_sensitive", "p_noise", "p_mixed", "p_voice", "p_chat_target", "holdout_share", "label_share"):
+        for name in ("p_sensitive", "p_noise", "p_mixed", "p_voice", "p_chat_target", "holdout_share", "label_share", "outside_interest"):
             v = getattr(self, name)
             if not 0 <= v <= 1:
                 raise ValueError(f"{name} must lie in [0, 1], got {v}")
@@ -425,6 +435,12 @@ def simulate(cfg: WorldConfig | dict | None = None) -> World:
     pick = fav_iab[imp_user, rng.integers(0, cfg.n_favorites, size=ni)]
     use_interest = (rng.random(ni) < cfg.p_likes_interest) & (pick >= 0)
     base_cat = np.where(use_interest, pick, base_cat)
+    outside = np.zeros(ni, dtype=bool)
+    if cfg.outside_interest > 0:  # drawn only when on, so other worlds keep their random stream
+        outside = _outside_interest(cfg, rng, conv_user, (conv_start - start).total_seconds().to_numpy(), topic_a, iab, node_idx,
+                                    imp_user, shown_s, shown_at, start)
+        base_cat = np.where(outside >= 0, outside, base_cat)
+        outside = outside >= 0
 
     # chat targeting: the most recent usable conversation of the same user within the window
     chat_topic = np.where((topic_b >= 0) & (rng.random(nc) < 0.5), topic_b, topic_a)
@@ -493,13 +509,32 @@ def simulate(cfg: WorldConfig | dict | None = None) -> World:
 
     gt = _ground_truth(
         cfg, catalog, users, conversation_truth, sens, blocked, p_pass, impressions, impression_truth,
-        in_scope[imp_user], policy, lift_by_node, node_idx, region[imp_user], arm[imp_user],
+        in_scope[imp_user], policy, lift_by_node, node_idx, region[imp_user], arm[imp_user], int(outside.sum()),
     )
     gt["generation_seconds"] = round(time.perf_counter() - t0, 2)
     return World(users, messages, impressions, filter_decisions, labels, conversation_truth, impression_truth, gt, cfg)
 
 
-def _ground_truth(cfg, catalog, users, conv, sens, blocked, p_pass, imp, itruth, scope_i, policy, lift_by_node, node_idx, region_i, arm_i) -> dict:
+def _outside_interest(cfg, rng, conv_user, conv_s, topic_a, iab, node_idx, imp_user, shown_s, shown_at, start) -> np.ndarray:
+    """Per impression, the node an outside interest sends it to (-1: none): the user's most recent
+    conversation with an IAB topic within chat_window_days before the impression, any region and
+    filter decision, taken with probability `outside_interest` (from `outside_interest_since` on)."""
+    node = np.array([node_idx.get(iab[k], -1) for k in topic_a])
+    uc = np.flatnonzero(node >= 0)
+    ckey = conv_user[uc].astype(np.float64) * 1e9 + conv_s[uc]
+    o = np.argsort(ckey, kind="stable")
+    uc, ckey = uc[o], ckey[o]
+    pos = np.searchsorted(ckey, imp_user.astype(np.float64) * 1e9 + shown_s, side="right") - 1
+    cand = uc[np.maximum(pos, 0)]
+    recent = (pos >= 0) & (conv_user[cand] == imp_user) & (shown_s - conv_s[cand] <= cfg.chat_window_days * 86400)
+    if cfg.outside_interest_since is not None:
+        recent &= np.asarray(shown_at >= pd.Timestamp(cfg.outside_interest_since, tz="UTC"))
+    hit = recent & (rng.random(len(imp_user)) < cfg.outside_interest)
+    return np.where(hit, node[cand], -1)
+
+
+def _ground_truth(cfg, catalog, users, conv, sens, blocked, p_pass, imp, itruth, scope_i, policy, lift_by_node, node_idx, region_i, arm_i,
+                  n_outside: int = 0) -> dict:
     excl_user = users["region"].isin(cfg.excluded_regions).to_numpy()
     uidx = pd.Index(users["user_id"])
     conv_excl = excl_user[uidx.get_indexer(conv["user_id"])]
@@ -577,6 +612,7 @@ def _ground_truth(cfg, catalog, users, conv, sens, blocked, p_pass, imp, itruth,
             "conversations_mixed": int(conv["topic_b"].notna().sum()),
             "impressions": int(len(imp)),
             "impressions_chat_targeted": int(ct.sum()),
+            "impressions_outside_interest": int(n_outside),
             "clicks": int(imp["clicked"].sum()),
         },
         "topics": [

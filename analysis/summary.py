@@ -159,6 +159,7 @@ class AuditSummary:
         else:
             why = self._why(LEAKAGE, M.LEAK_RATE) or "no sensitive conversation has a filter decision"
             parts.append(f"The leak rate past the filter could not be estimated in this run ({why}).")
+        design = self._exposure_design()
         viol = self._m(LEAKAGE, M.VIOLATION_IMPRESSIONS)
         why = self._why(LEAKAGE, M.VIOLATION_IMPRESSIONS)
         viol = viol[viol["estimate"].notna()] if len(viol) else viol
@@ -174,7 +175,28 @@ class AuditSummary:
                 if total > 0
                 else "No chat-derived ad signal was found in the excluded regions."
             )
+        flags = self._m(LEAKAGE, M.VIOLATION_FLAG)
+        flagged = flags[(flags["estimate"] == 1) & flags["group"].map(lambda g: (g or {}).get("region") != "ALL excluded")] if len(flags) else flags
+        by_exposure = [g["region"] for g in flagged["group"]] if len(flagged) and not (len(viol) and int(np.nansum(viol["estimate"].astype(float)))) else []
+        if design == "failed":
+            parts.append("The black-box exposure test failed its pre-policy placebo or negative-control check: exposure to a topic's ads "
+                         "rose after conversations where no chat could have caused it, so its detections"
+                         + (f" (including the flags of {_join(by_exposure)})" if by_exposure else "")
+                         + " cannot be told apart from interest that comes from outside the chat and are not reported as leakage.")
+        elif by_exposure:
+            assessed = True
+            parts.append(f"The black-box exposure test (placebo and negative controls null) flags {_join(by_exposure)}: ads there follow "
+                         "conversation topics, though it cannot tell chat flow from outside interest that began with the policy date.")
         return Answer("leakage", q, " ".join(parts), assessed, src)
+
+    def _exposure_design(self) -> str | None:
+        """'failed' when a placebo / negative-control check of the black-box design failed, 'passed' when all
+        that ran passed, None when none ran."""
+        c = self._m(LEAKAGE, M.EXPOSURE_CHECK)
+        if not len(c):
+            return None
+        v = c["group"].map(lambda g: (g or {}).get("verdict"))
+        return "failed" if (v == "failed").any() else ("passed" if (v == "passed").any() else None)
 
     def _leak_sentence_clustered(self) -> str | None:
         """The leak rates whose intervals hold when a filter's misses cluster by user and the detector errs
@@ -237,6 +259,12 @@ class AuditSummary:
                 f"({ci_text(d['ci_low'], d['ci_high'])}) relative to excluded regions ({how})"
             )
             s += ", a statistically significant lift." if sig and d["estimate"] > 0 else (", a significant drop." if sig else ", not distinguishable from no effect.")
+            pt = self._m(LIFT, M.PRETREND_P)
+            pt = pt[pt["estimate"].notna()] if len(pt) else pt
+            if len(pt) and pt["estimate"].iloc[0] < 0.05:  # parallel trends fail: the DiD cannot hold, so it is not the answer
+                s = (f"Included and excluded regions already trended apart before the policy date (pre-trend test over regions, "
+                     f"p = {pt['estimate'].iloc[0]:.3f}), so the difference-in-differences cannot attribute a change to the policy "
+                     f"(it gives {_signed_pct(d['estimate'])}, {ci_text(d['ci_low'], d['ci_high'])}, shown in stage 04 only).")
             parts.append(s)
         else:
             parts.append(f"The difference-in-differences could not be estimated in this run ({self._why(LIFT, M.DID_REL) or 'no estimate'}).")
@@ -297,24 +325,43 @@ class AuditSummary:
 
     def caveats(self) -> list[str]:
         out = []
-        if len(self._m(LIFT, M.DID_REL)):
+        if len(self._m(LIFT, M.DID_REL)) or len(self._m(LIFT, M.REGION_DID_REL)):
             out.append(
-                "The difference-in-differences and per-category lift estimates are observational: they assume "
-                "included and excluded regions would have trended alike without the policy (pre-trend tests shown in stage 04)."
+                "The difference-in-differences is observational: it assumes included and excluded regions would have trended alike "
+                "(in relative terms) without the policy; the pre-trend test over regions is shown in stage 04. Its interval treats "
+                "regions, not users, as the units, because the policy was switched on by region."
+            )
+        if len(self._m(LIFT, M.CATEGORY_REL_LIFT)):
+            out.append(
+                "Per-ad-category lifts compare chat-targeted with other impressions of the same category: associations, not "
+                "effects, and not headlined here (stage 04 lists them with their own caveat)."
             )
         if len(self._m(LIFT, M.AB_REL)):
             out.append("The holdout comparison is randomized (users assigned to arms), and is the stronger evidence on lift.")
-        ri = self._m(LIFT, M.RANDOMIZATION_P)
+        ri = self._m(LIFT, M.REGION_RI_P)
+        ri = ri if len(ri) else self._m(LIFT, M.RANDOMIZATION_P)
         if len(ri):
             n = ri.iloc[0]["n"]
             out.append(
-                f"Randomization inference over regions uses {int(n) if pd.notna(n) else 'few'} region clusters: with so few clusters "
-                "its p-value is coarse, and user-clustered standard errors may understate region-level uncertainty."
+                f"Inference over regions rests on {int(n) if pd.notna(n) else 'few'} region clusters: intervals are wide and the "
+                "randomization p-value is coarse; regions were not assigned at random, so it treats the assignment as if they were."
             )
-        if len(self._m(LEAKAGE, M.LEAK_RATE_CORRECTED)):
+        design = self._exposure_design()
+        if design == "failed":
+            out.append("The black-box exposure test's pre-policy placebo or negative controls were not null: its detections are "
+                       "not evidence of leakage (interest from outside the chat, seen through other signals, would look the same).")
+        elif design == "passed":
+            out.append("The black-box exposure test passed its pre-policy placebo and negative-control checks; it still cannot tell "
+                       "chat flow from outside interest that begins with the policy date itself.")
+        if len(self._m(LEAKAGE, M.LEAK_RATE_PPI)):
+            out.append(
+                "Leak rates combine the detector's scores on every conversation with the labeled sample within each filter "
+                "decision (PPI++): valid for a random labeled sample whatever the detector's errors; users are the clusters."
+            )
+        elif len(self._m(LEAKAGE, M.LEAK_RATE_CORRECTED)):
             out.append(
                 "Where sensitivity is detected by our classifier rather than labeled, leak rates are corrected for the "
-                "detector's measured error (Rogan–Gladen); the corrected CIs carry both uncertainties."
+                "detector's measured error (Rogan–Gladen, which assumes it errs alike among passed and blocked conversations)."
             )
         out.append(f"Counts describing fewer than {self.k} users are suppressed; no transcript text or user id appears in this report.")
         if self.rd.exists("ground_truth"):

@@ -47,6 +47,7 @@ LEAK_RATE_PPI = "leak_rate_ppi"  # PPI++ stratified by filter decision (headline
 LEAK_UPPER_BOUND = "leak_rate_upper_bound"  # one-sided upper bound; group carries the compliance verdict
 LABEL_BUDGET = "label_budget"  # labeled conversations needed to show a rate below the tolerance
 VIOLATION_FAMILY_TESTS = "violation_family_tests"  # tests in the one Holm family (false alarms <= alpha)
+EXPOSURE_CHECK = "exposure_design_check"  # placebo / negative-control check: min Holm p; group carries passed / failed
 # stage 04: headline lifts (estimate with CI, truth when simulated)
 DID_ABS, DID_REL, DID_REL_FIELLER = "did_abs_lift", "did_rel_lift", "did_rel_lift_fieller"
 CUPED_ABS, CUPED_REL, CUPED_REL_FIELLER = "cuped_abs_lift", "cuped_rel_lift", "cuped_rel_lift_fieller"
@@ -54,7 +55,8 @@ AB_ABS, AB_REL, AB_REL_FIELLER = "ab_abs_lift", "ab_rel_lift", "ab_rel_lift_fiel
 AB_CUPED_ABS, AB_CUPED_REL = "ab_cuped_abs_lift", "ab_cuped_rel_lift"
 DID_P = "did_p_value"
 CUPED_VARIANCE_REDUCTION = "cuped_variance_reduction"
-PRETREND_P = "pretrend_p_value"
+PRETREND_P = "pretrend_p_value"  # linear pre-trend slope over regions (CR3)
+PRETREND_P_USER = "pretrend_p_value_user_clustered"  # joint F, users as clusters (comparison)
 RANDOMIZATION_P = "randomization_p_value"
 AB_SRM_P, AB_SRM_FLAG = "ab_srm_p_value", "ab_srm_flag"
 AB_PERMUTATION_P = "ab_permutation_p_value"
@@ -70,9 +72,9 @@ METRICS: dict[str, frozenset[str]] = {
     MAPPING: frozenset({PREVALENCE_FLAGGED, *DETECTOR, TIER1_ACCURACY, TIER1_ACCURACY_CONVERSATION, TIER1_RECALL, TOPICS_BY_SOURCE, OVERRIDE_APPLIED}),
     LEAKAGE: frozenset({LEAK_RATE, LEAK_RATE_CP, TOLERANCE_P, TOLERANCE_P_HOLM, TOLERANCE_P_BH, LEAK_RATE_DETECTOR_RAW,
                         LEAK_RATE_CORRECTED, EXPOSURE_EFFECT, EXPOSURE_P, EXPOSURE_P_GLM, VIOLATION_IMPRESSIONS, VIOLATION_FLAG,
-                        LEAK_RATE_CLUSTERED, LEAK_RATE_PPI, LEAK_UPPER_BOUND, LABEL_BUDGET, VIOLATION_FAMILY_TESTS}),
+                        LEAK_RATE_CLUSTERED, LEAK_RATE_PPI, LEAK_UPPER_BOUND, LABEL_BUDGET, VIOLATION_FAMILY_TESTS, EXPOSURE_CHECK}),
     LIFT: frozenset({DID_ABS, DID_REL, DID_REL_FIELLER, CUPED_ABS, CUPED_REL, CUPED_REL_FIELLER, AB_ABS, AB_REL, AB_REL_FIELLER,
-                     AB_CUPED_ABS, AB_CUPED_REL, IMPRESSIONS, DID_P, CUPED_VARIANCE_REDUCTION, PRETREND_P, RANDOMIZATION_P,
+                     AB_CUPED_ABS, AB_CUPED_REL, IMPRESSIONS, DID_P, CUPED_VARIANCE_REDUCTION, PRETREND_P, PRETREND_P_USER, RANDOMIZATION_P,
                      AB_SRM_P, AB_SRM_FLAG, AB_PERMUTATION_P, AB_CUPED_VARIANCE_REDUCTION, AB_MDE_REL, AB_CUPED_MDE_REL,
                      CATEGORY_REL_LIFT, CATEGORIES_SIGNIFICANT_BH, REGION_DID_REL, REGION_DID_P, REGION_RI_P}),
 }

@@ -10,7 +10,7 @@ import pandas as pd
 from analysis.contract.art9 import ART9, label_matrix
 from analysis.impressions import chat_flag
 from analysis.util.regions import DEFAULT_EXCLUDED, DEFAULT_POLICY_DATE, is_excluded
-from analysis.util.taxonomy import descendants, load_taxonomy
+from analysis.util.taxonomy import load_taxonomy
 
 CHAT_SOURCE = "ai_chat"
 GROUPS = ("all", "included", "excluded")
@@ -42,9 +42,18 @@ def related_nodes(nodes, taxonomy: pd.DataFrame | None = None) -> set[str]:
     branch (Video Gaming > PC Games for ads in Video Gaming) is about the same ads."""
     tax = load_taxonomy() if taxonomy is None else taxonomy
     parent = tax.set_index("id")["parent_id"].to_dict()
+    children: dict[str, list[str]] = {}
+    for c, p in parent.items():
+        if isinstance(p, str):
+            children.setdefault(p, []).append(c)
     out: set[str] = set()
     for n in map(str, nodes):
-        out |= descendants(n, tax)
+        todo = [n]  # the node and everything below it
+        while todo:
+            x = todo.pop()
+            if x not in out:
+                out.add(x)
+                todo.extend(children.get(x, []))
         p = parent.get(n)
         while isinstance(p, str):
             out.add(p)
@@ -147,6 +156,11 @@ class ExposureData:
         return cls(uid, ~is_excluded(u["region"], excluded_regions).to_numpy(), u["region"].astype(str).to_numpy(),
                    key[order], node[order], pd.Index(node_cat.categories.astype(str)), None if chat is None else chat[order],
                    origin, int((policy - origin).total_seconds()), int(sec.max()) if len(sec) else 0)
+
+    @property
+    def start_s(self) -> int:
+        """Time of the first impression (seconds since `origin`)."""
+        return int((self.key & ((1 << SHIFT) - 1)).min()) if len(self.key) else 0
 
     def seconds(self, ts: pd.Series) -> np.ndarray:
         return ((pd.to_datetime(ts, utc=True) - self.origin).dt.total_seconds().to_numpy()).astype(np.int64)

@@ -24,12 +24,14 @@ class ExposureResult:
     window_days: float
     min_cell: int = 10
     n_permutations: int | None = None  # sets the smallest attainable permutation p-value, 1 / (B + 1)
+    checks: pd.DataFrame | None = None  # placebo / negative-control checks of the design (analysis.leakage.checks)
+    caveat: str = ""  # what the checks say about the detections
 
     def summary(self) -> pd.DataFrame:
 
-        cols = ["category", "kind", "design", "region_group", "n_treated", "n_control", "effect", "ci_low", "ci_high",
+        cols = ["category", "kind", "window", "design", "region_group", "n_treated", "n_control", "effect", "ci_low", "ci_high",
                 "p_permutation", "p_glm", "glm_odds_ratio", "p_bh", "detected"]
-        t = self.table[cols].copy()
+        t = self.table[[c for c in cols if c in self.table]].copy()
         return suppress_small_cells(t, ["n_treated", "n_control"], k=self.min_cell, complementary=False)
 
     def to_frame(self) -> pd.DataFrame:
@@ -39,12 +41,14 @@ class ExposureResult:
         """Effects with CIs, sensitive categories beside the positive controls."""
         import matplotlib.pyplot as plt
 
-        t = self.table[(self.table["design"] == design) & (self.table["region_group"] == group)].dropna(subset=["effect"])
+        t = self.table[(self.table["design"] == design) & (self.table["region_group"] == group)
+                       & (self.table.get("window", "policy") == "policy")].dropna(subset=["effect"])
         t = t.sort_values(["kind", "category"], ascending=[False, True]).reset_index(drop=True)
         if ax is None:
             _, ax = plt.subplots(figsize=(7.5, 0.42 * max(len(t), 3) + 1))
         y = np.arange(len(t))[::-1]
-        for kind, col, name in (("sensitive", "tab:red", "Art. 9 category"), ("control", "tab:green", "positive control")):
+        for kind, col, name in (("sensitive", "tab:red", "Art. 9 category"), ("control", "tab:green", "positive control"),
+                                ("negative_control", "tab:gray", "negative control (far ad node)")):
             m = (t["kind"] == kind).to_numpy()
             if m.any():
                 e = t[m]
@@ -55,7 +59,8 @@ class ExposureResult:
         else:
             ax.legend(frameon=False, fontsize=8)
         ax.axvline(0, color="k", lw=0.8)
-        ax.set_yticks(y, [f"{c} ({'control' if k == 'control' else 'Art. 9'})" for c, k in zip(t["category"], t["kind"])])
+        tag = {"control": "control", "negative_control": "negative control"}
+        ax.set_yticks(y, [f"{c} ({tag.get(k, 'Art. 9')})" for c, k in zip(t["category"], t["kind"])])
         ax.set_xlabel(f"change in share of the category's ads after vs before, treated minus {'matched' if design == 'matched' else 'excluded-region'} (pp)")
         ax.set_title(f"Black-box exposure ({design}, {group} regions), {self.window_days:g}-day windows, 95% CI")
         ax.figure.tight_layout()
@@ -91,12 +96,29 @@ class ExposureTest:
         self.min_users, self.seed, self.glm, self.exclusive_nodes = min_users, seed, glm, exclusive_nodes
 
     def fit(self, data: ExposureData, conversations: pd.DataFrame, member: pd.DataFrame, ad_nodes: dict[str, list[str]],
-            kinds: dict[str, str] | None = None, *, groups: np.ndarray | None = None, did: bool = True) -> ExposureResult:
+            kinds: dict[str, str] | None = None, *, groups: np.ndarray | None = None, did: bool = True,
+            placebo: bool = False) -> ExposureResult:
         """`conversations`: conversation_id, user_id, started_at; `member`: conversation x category booleans
-        (index conversation_id); `ad_nodes`: category -> IAB ids; `kinds`: category -> sensitive/control.
-        `groups` (a label per user code, None = left out) replaces the included/excluded split, e.g. to
-        test each excluded region on its own (then without the `did` design)."""
-        rng = np.random.default_rng(self.seed)
+        (index conversation_id); `ad_nodes`: category -> IAB ids; `kinds`: category -> sensitive/control/
+        negative_control. `groups` (a label per user code, None = left out) replaces the included/excluded
+        split, e.g. to test each excluded region on its own (then without the `did` design).
+
+        `placebo`: the same test before the policy date, where no chat -> ad flow exists by construction:
+        treated users' first conversation about c falls in [first impression + w, policy - w), so both of
+        their windows end before the policy date; controls have no conversation about c from w before
+        that window to w after it. Rows carry `window` = "policy" or "placebo"."""
+        w = int(self.window_days * 86400)
+        if placebo:
+            lo, hi = data.start_s + w, data.policy_s - w
+            if hi - lo < 7 * 86400:
+                raise ValueError(f"placebo window too short: the log starts {(data.policy_s - data.start_s) / 86400:.0f} days before "
+                                 f"the policy date; a pre-policy placebo with {self.window_days:g}-day windows needs at least "
+                                 f"{2 * self.window_days + 7:g}")
+            excl_lo, excl_hi = lo - w, hi + w
+        else:
+            lo, hi = data.policy_s, np.iinfo(np.int64).max
+            excl_lo, excl_hi = lo - w, hi
+        rng = np.random.default_rng(self.seed + (1 if placebo else 0))
         if groups is None:
             labels, glist = np.where(data.included, "included", "excluded").astype(object), ["included", "excluded"]
         else:
@@ -109,7 +131,6 @@ class ExposureTest:
         conv, ucode = conv[ok], ucode[ok]
         t_conv = data.seconds(conv["started_at"])
         M = member.reindex(conv.index).fillna(False).to_numpy(dtype=bool)
-        w = int(self.window_days * 86400)
         shared = pd.Series([n for nodes in ad_nodes.values() for n in set(nodes)]).value_counts()
         has_imp = np.bincount((data.key >> SHIFT).astype(np.int64), minlength=len(data.user_ids)) > 0
         rows = []
@@ -119,15 +140,15 @@ class ExposureTest:
             nodes = [n for n in ad_nodes[c] if not (self.exclusive_nodes and shared.get(n, 0) > 1)]
             cs = data.cumulative(np.asarray(data.nodes.isin(nodes)))
             m = M[:, j]
-            post = m & (t_conv >= data.policy_s)
-            # treated: first conversation about c at or after the policy date
+            post = m & (t_conv >= lo) & (t_conv < hi)
+            # treated: first conversation about c at or after the (placebo) date
             tu, tt = ucode[post], t_conv[post]
             o = np.lexsort((tt, tu))
             tu, tt = tu[o], tt[o]
             first = np.r_[True, tu[1:] != tu[:-1]] if len(tu) else np.zeros(0, dtype=bool)
             tu, tt = tu[first], tt[first]
             recent = np.zeros(len(data.user_ids), dtype=bool)
-            recent[ucode[m & (t_conv >= data.policy_s - w)]] = True
+            recent[ucode[m & (t_conv >= excl_lo) & (t_conv < excl_hi)]] = True
             never = np.flatnonzero(~recent & has_imp)
             per_group = {}
             for g in glist:
@@ -152,6 +173,7 @@ class ExposureTest:
                     row["p_permutation"] = self._region_p(data, pair, per_group["included"][2], per_group["excluded"][2])
                 rows.append(row)
         t = pd.DataFrame(rows)
+        t["window"] = "placebo" if placebo else "policy"
         t["p_bh"] = np.nan
         for (k, d, g), idx in t.groupby(["kind", "design", "region_group"]).groups.items():
             ok = t.loc[idx, "p_permutation"].notna()
@@ -315,6 +337,7 @@ def regional_exposure(data: ExposureData, conversations: pd.DataFrame, conversat
             pair = (deltas(tu[tr], tt[tr], tn[tr]), deltas(cu[clean], ct[clean], cn[clean]))
         rows.append(test._compare("any_chat_topic", "control", "region", r, pair, rng))
     out = pd.DataFrame(rows)
+    out["window"] = "policy"
     out["p_bh"] = np.nan
     ok = out["p_permutation"].notna() if len(out) else pd.Series(dtype=bool)
     if len(out) and ok.any():
@@ -343,6 +366,7 @@ def violations(data: ExposureData, exposure: ExposureResult | None = None, *, mi
     tests = pd.DataFrame(columns=["test", "region", "p_value"])
     if exposure is not None:
         e = exposure.table
+        e = e[(e.get("window", "policy") == "policy") & (e["kind"] != "negative_control")]
         reg = e[e["design"] == "region"].set_index("region_group")
         g["exposure_effect"] = g["region"].map(reg["effect"])
         grp = e[(e["design"] == "matched") & (e["region_group"] == "excluded")]

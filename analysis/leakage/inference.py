@@ -235,7 +235,9 @@ class PPILeakRate:
         # one-sided bounds: the upper end of the 1 - 2 alpha two-sided set (lower end for the lower bound)
         return {"n": int(y[labeled].sum()), "n_labeled": int(labeled.sum()), "clusters": G, "rate": rate, "ci_low": lo, "ci_high": hi,
                 "upper_1s": hi1, "lower_1s": lo1 if lo1 > 0 else 0.0, "lambda_passed": lam_used["P"], "lambda_blocked": lam_used["B"],
-                "labeled_leaks": int((y & labeled & passed).sum()), "n_eff_passed": neff}
+                "labeled_leaks": int((y & labeled & passed).sum()), "n_eff_passed": neff,
+                # variance relative to the labeled-only binomial one (PPI gain x user clustering): the label budget's factor
+                "variance_factor": n_lab["P"] / neff if neff > 0 else np.nan}
 
 
 def label_budget(rate: float, tolerance: float, prevalence: float, *, variance_factor: float = 1.0, alpha: float = 0.05,

@@ -10,6 +10,7 @@ from scipy import stats
 
 from analysis.contract.art9 import ART9, label_matrix
 from analysis.contract.settings import LeakageSettings
+from analysis.leakage.checks import design_caveat, design_checks, negative_control_pairs
 from analysis.leakage.corrected import CorrectedLeakage, CorrectedResult
 from analysis.leakage.curves import detector_threshold_curve, filter_threshold_curve
 from analysis.leakage.data import (
@@ -105,8 +106,10 @@ class LeakageReport:
         return self.whitebox.to_frame() if self.whitebox is not None else pd.DataFrame()
 
 
-def analyse(inputs: LeakageInputs, settings: LeakageSettings | None = None, *, ad_nodes: dict | None = None) -> LeakageReport:
-    """Every estimator of the stage; parts the inputs cannot support are skipped with a note."""
+def analyse(inputs: LeakageInputs, settings: LeakageSettings | None = None, *, ad_nodes: dict | None = None,
+            glm: bool = True) -> LeakageReport:
+    """Every estimator of the stage; parts the inputs cannot support are skipped with a note. `glm=False`
+    leaves out the exposure test's GLM odds ratios (reference only; simulation studies skip them)."""
     s = settings or LeakageSettings()
     alpha, tolerance, min_cell_users, n_boot, seed = s.alpha, s.leak_tolerance, s.min_cell_users, s.n_boot, s.seed
     policy_date, excluded_regions, control_topics = s.policy_date, s.excluded_regions, s.control_topics
@@ -176,12 +179,30 @@ def analyse(inputs: LeakageInputs, settings: LeakageSettings | None = None, *, a
         if member.shape[1] == len(ART9):
             notes.append("conversation categories carry no iab_ids: positive controls skipped")
         kinds = {**{c: "sensitive" for c in ART9}, **{c: "control" for c in controls}}
-        exp = ExposureTest(exposure_window_days, n_permutations, alpha, max(20, min_cell_users), seed).fit(
-            data, conv.reset_index(drop=True), member, {**nodes, **controls}, kinds)
+        all_nodes = {**nodes, **controls}
+        # negative controls: each category's conversations against an ad node chat targeting cannot move
+        neg = negative_control_pairs({c: all_nodes[c] for c in member.columns}, pd.Series(np.bincount(data.node, minlength=len(data.nodes)),
+                                     index=data.nodes), _conversation_nodes(inputs.categories))
+        member = pd.concat([member, pd.DataFrame({name: member[c] for name, (c, _) in neg.items()}, index=member.index)], axis=1)
+        kinds |= {name: "negative_control" for name in neg}
+        all_nodes |= {name: [n] for name, (_, n) in neg.items()}
+        test = ExposureTest(exposure_window_days, n_permutations, alpha, max(20, min_cell_users), seed, glm=glm)
+        exp = test.fit(data, conv.reset_index(drop=True), member, all_nodes, kinds)
+        real = [c for c in member.columns if kinds.get(c) != "negative_control"]
+        try:  # the same test before the policy date, where no chat -> ad flow exists
+            plc = test.fit(data, conv.reset_index(drop=True), member[real], all_nodes, kinds, placebo=True)
+            exp.table = pd.concat([exp.table, plc.table], ignore_index=True)
+        except ValueError as e:
+            notes.append(f"exposure placebo skipped: {e}")
+        if not neg:
+            notes.append("no ad node qualifies as a negative control (all lie near a category or a conversation's topic)")
         regional = regional_exposure(data, conv.reset_index(drop=True), primary_nodes(inputs.categories),
                                      window_days=exposure_window_days, n_permutations=n_permutations, alpha=alpha,
                                      min_users=max(20, min_cell_users), seed=seed)
         exp.table = pd.concat([exp.table, regional], ignore_index=True)
+        exp.checks = design_checks(exp.table, alpha, min_p=1 / (n_permutations + 1))
+        exp.caveat = design_caveat(exp.checks)
+        notes.append(f"black-box exposure design: {exp.caveat}")
         viol = violations(data, exp, min_cell=min_cell_users, alpha=alpha)
         if viol.attrs["underpowered"]:
             notes.append("violation check: " + viol.attrs["family"].split(". ", 1)[1])
@@ -235,13 +256,32 @@ def _cluster_aware(passed: pd.Series, lab_member: pd.DataFrame, conv: pd.DataFra
         a = clus[clus["region_group"] == "all"].set_index("category")
         prev = lab_member.mean()
         rate = ppi.table.set_index("category")["rate"] if ppi is not None else a["rate"]
+        # the estimator's variance relative to labeled-only binomial: PPI++'s (the detector's quality and user
+        # clustering, measured on this run) when it ran, else the design effect of user clustering alone
+        vf = ppi.table.set_index("category")["variance_factor"].reindex(a.index) if ppi is not None else a["deff"]
         budget = pd.DataFrame({
             "category": a.index, "rate": rate.reindex(a.index).to_numpy(), "prevalence": prev.reindex(a.index).to_numpy(),
-            "labels_now": len(ids), "design_effect": a["deff"].to_numpy(),
+            "labels_now": len(ids), "design_effect": a["deff"].to_numpy(), "variance_factor": vf.to_numpy(float),
+            "basis": "PPI++ (detector + labels)" if ppi is not None else "labels only (design effect)",
         })
-        budget["labels_needed"] = [label_budget(r, s.leak_tolerance, max(p, 1e-9), variance_factor=d, alpha=s.alpha)
-                                   if pd.notna(r) else np.nan for r, p, d in zip(budget["rate"], budget["prevalence"], budget["design_effect"])]
+        budget["variance_factor"] = budget["variance_factor"].fillna(budget["design_effect"])
+        budget["labels_needed"] = [label_budget(r, s.leak_tolerance, max(p, 1e-9), variance_factor=v, alpha=s.alpha)
+                                   if pd.notna(r) else np.nan for r, p, v in zip(budget["rate"], budget["prevalence"], budget["variance_factor"])]
     return clus, ppi, budget
+
+
+def _conversation_nodes(categories: pd.DataFrame) -> set[str]:
+    """Every IAB id stage 02 gave any conversation (`iab_ids` lists or an `iab_id` column)."""
+    col = next((c for c in ("iab_ids", "iab_id", "iab") if c in categories), None)
+    if col is None:
+        return set()
+    out: set[str] = set()
+    for v in categories[col]:
+        if isinstance(v, (list, tuple, set, np.ndarray)):
+            out.update(map(str, v))
+        elif isinstance(v, str) and v:
+            out.add(v)
+    return out
 
 
 def _differential_check(v: pd.DataFrame) -> pd.DataFrame:

@@ -93,13 +93,21 @@ def record_metrics(report, run_dir: RunDir | str, ground_truth: dict | None = No
     if report.label_budget is not None:
         for r in report.label_budget.itertuples():
             m.add(M.LABEL_BUDGET, r.labels_needed if np.isfinite(r.labels_needed) else None,
-                  group={"category": r.category, "tolerance": report.settings.leak_tolerance}, n=r.labels_now)
+                  group={"category": r.category, "tolerance": report.settings.leak_tolerance, "basis": r.basis}, n=r.labels_now)
     if report.exposure is not None:
         for r in report.exposure.table.itertuples():
             grp = {"category": r.category, "kind": r.kind, "design": r.design, "region_group": r.region_group}
+            if getattr(r, "window", "policy") == "placebo":
+                grp["window"] = "pre-policy placebo"
             m.add(M.EXPOSURE_EFFECT, r.effect, group=grp, ci=(r.ci_low, r.ci_high), n=r.n_treated)
             m.add(M.EXPOSURE_P, r.p_permutation, group=grp, n=r.n_treated)
             m.add(M.EXPOSURE_P_GLM, r.p_glm, group=grp, n=r.n_treated)
+        checks = report.exposure.checks
+        for r in (checks.itertuples() if checks is not None else ()):
+            # the design's checks: a failed one means the exposure test's detections are not evidence of leakage
+            m.add(M.EXPOSURE_CHECK, None if pd.isna(r.min_p_holm) else r.min_p_holm, n=r.tests,
+                  group={"check": r.check, "verdict": "failed" if r.failed else ("passed" if r.tests and r.can_fail else
+                                                                                   ("cannot fail (too few permutations)" if r.tests else "not run"))})
     for metric, reason in report.skipped.items():
         m.skip(metric, reason)
     if report.violations is not None and "violation_impressions" not in report.skipped:

@@ -130,6 +130,54 @@ def validate_leakage_world(world_config: dict, *, sensitivity: float = 0.9, spec
     return out
 
 
+def exposure_world_rows(world_config: dict, *, alpha: float = 0.05, n_permutations: int = 999, sensitivity: float = 0.9,
+                        specificity: float = 0.995) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Simulate one world and run the black-box design as stage 03 does (positive and negative controls,
+    the policy window and the pre-policy placebo, each excluded region's own test, the violation
+    family and the design checks), on the true sensitive categories. Returns (exposure rows, design
+    checks, violations), each tagged with the world's seed and mode."""
+    from analysis.leakage.report import analyse  # the stage's own wiring, so the study runs what ships
+    from analysis.contract.settings import LeakageSettings
+
+    w = simulate(world_config)
+    inp = inputs_from_world(w, sensitivity=sensitivity, specificity=specificity, seed=w.config.seed)
+    cats = inp.categories.copy()
+    y = label_matrix(w.conversation_truth["art9"], ART9)
+    for j, c in enumerate(ART9):  # the black box on the true categories: the design, not the detector, is under test
+        cats[f"flag_{c}"] = y[:, j]
+    inp = LeakageInputs(inp.conversations, inp.users, cats, inp.impressions, None, None, None)
+    s = LeakageSettings(policy_date=w.config.policy_date, excluded_regions=tuple(w.config.excluded_regions), alpha=alpha,
+                        exposure_window_days=w.config.chat_window_days, exposure_permutations=n_permutations, seed=w.config.seed)
+    rep = analyse(inp, s, glm=False)
+    tag = {"seed": w.config.seed, "mode": world_config.get("mode", "default") if not world_config.get("outside_interest_since")
+           else "outside_interest_from_policy"}
+    return rep.exposure.table.assign(**tag), rep.exposure.checks.assign(**tag), rep.violations.assign(**tag)
+
+
+def category_lift_rows(world_config: dict, *, alpha: float = 0.05, min_users: int = 10) -> pd.DataFrame:
+    """Simulate one world and run stage 04's per-category lift: one row per tested ad category with the
+    estimate, its CI (as shipped: user-clustered, t with users - 1 df) and the CI with the df of the
+    smaller side (chat-targeted users - 1, or other users - 1), and the category's true lift parameter."""
+    from analysis.lift.categories import CategoryLift
+
+    w = simulate(world_config)
+    d = aggregate(w.impressions, w.users, policy_date=w.config.policy_date, excluded_regions=w.config.excluded_regions)
+    t = CategoryLift(alpha, min_users).fit(d).table
+    t = t[t["tested"]].copy()
+    truth = w.ground_truth["lift"]["by_category_matched_lift"]
+    t["truth"] = t["ad_category"].map(truth)
+    q = stats.t.ppf(1 - alpha / 2, 1000)
+    se = (t["rel_ci_high"] - t["rel_ci_low"]) / (2 * q)  # near enough: the shipped df is in the thousands
+    df_min = np.minimum(t["users_chat"], t["users_other"]) - 1
+    qm = stats.t.ppf(1 - alpha / 2, df_min)
+    t["covers"] = (t["rel_ci_low"] <= t["truth"]) & (t["truth"] <= t["rel_ci_high"])
+    t["covers_df_min"] = (t["rel_lift"] - qm * se <= t["truth"]) & (t["truth"] <= t["rel_lift"] + qm * se)
+    t["covers_fieller"] = (t["rel_ci_fieller_low"] <= t["truth"]) & (t["truth"] <= t["rel_ci_fieller_high"])
+    t["seed"] = w.config.seed
+    return t[["seed", "ad_category", "users_chat", "users_other", "n_chat_impressions", "rel_lift", "rel_ci_low", "rel_ci_high",
+              "truth", "covers", "covers_df_min", "covers_fieller"]]
+
+
 def validate_lift_world(world_config: dict, *, expected_holdout_share: float | None = None, alpha: float = 0.05, n_permutations: int = 200) -> dict:
     """Simulate one world, run the headline estimators, and compare with its truth.
 
