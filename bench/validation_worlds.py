@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from analysis.validation import studies as V  # noqa: E402
-from analysis.validation.adversarial import LEAK_KINDS, LIFT_KINDS  # noqa: E402
+from analysis.validation.adversarial import LEAK_KINDS, LIFT_KINDS, WEEKLY_KINDS  # noqa: E402
 
 
 def _job(args):
@@ -37,6 +37,14 @@ def _job(args):
         out = V.lift_rows(kind, seeds)
     elif what == "leak":
         out = V.leak_rows(kind, seeds)
+    elif what == "pretrend":
+        out = V.pretrend_rows(kind, seeds)
+    elif what == "budget":
+        out = V.budget_rows(kind, seeds)
+    elif what == "category":  # full simulator, default-world sizes: per-category observational lifts
+        from analysis.validation.worlds import category_lift_rows
+
+        out = pd.concat([category_lift_rows({"seed": int(s)}) for s in seeds], ignore_index=True).assign(kind=kind)
     else:
         out = V.leak_rows(kind, seeds, target_rate=0.01, n_boot=0).assign(kind=f"{kind}@tolerance")
     out.to_parquet(path)
@@ -49,6 +57,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--chunk", type=int, default=100)
     ap.add_argument("--tolerance-worlds", type=int, default=300, help="worlds per kind with every rate on the tolerance")
+    ap.add_argument("--pretrend-worlds", type=int, default=200, help="weekly worlds per kind for the pre-trend tests")
+    ap.add_argument("--budget-worlds", type=int, default=40, help="pilot + labeled worlds per kind for the label budget's power")
+    ap.add_argument("--category-worlds", type=int, default=30, help="default-size simulated worlds for the per-category lifts")
+    ap.add_argument("--only", default="lift,leak,tolerance,pretrend,budget,category", help="comma-separated studies to run (tables print from every row present)")
     ap.add_argument("--rows", type=Path, default=ROOT / "bench" / "out" / "validation_worlds", help="per-chunk rows (parquet)")
     a = ap.parse_args()
     a.rows.mkdir(parents=True, exist_ok=True)
@@ -58,7 +70,14 @@ def main() -> None:
             (("lift", LIFT_KINDS), ("leak", LEAK_KINDS)) for i, c in chunks for k in kinds]
     jobs += [("tolerance", k, c, a.rows / f"tolerance_{k}_{i:05d}_{len(c)}.parquet") for i, c in chunks for k in LEAK_KINDS
              if i < a.tolerance_worlds]
-    todo = [j for j in jobs if not j[3].exists()]
+    jobs += [("pretrend", k, c, a.rows / f"pretrend_{k}_{i:05d}_{len(c)}.parquet") for i, c in chunks for k in WEEKLY_KINDS
+             if i < a.pretrend_worlds]
+    jobs += [("budget", k, c[: a.budget_worlds - i], a.rows / f"budget_{k}_{i:05d}_{min(len(c), a.budget_worlds - i)}.parquet")
+             for i, c in chunks for k in ("benign", "correlated_detector") if i < a.budget_worlds]
+    jobs += [("category", "default", np.arange(i, min(i + 5, a.category_worlds)) + 400_000, a.rows / f"category_default_{i:05d}.parquet")
+             for i in range(0, a.category_worlds, 5)]
+    only = set(a.only.split(","))
+    todo = [j for j in jobs if not j[3].exists() and j[0] in only]
     t0 = time.perf_counter()
     with ProcessPoolExecutor(a.workers) as ex:
         for path in ex.map(_job, todo):
@@ -66,10 +85,36 @@ def main() -> None:
     secs = time.perf_counter() - t0
     read = lambda what: pd.concat([pd.read_parquet(j[3]) for j in jobs if j[0] == what and j[3].exists()], ignore_index=True)  # noqa: E731
     done = {what: {k: sum(len(c) for w, kk, c, p in jobs if w == what and kk == k and p.exists()) for k in kinds}
-            for what, kinds in (("lift", LIFT_KINDS), ("leak", LEAK_KINDS), ("tolerance", LEAK_KINDS))}
-    lift, leak, tol = read("lift"), read("leak"), read("tolerance")
+            for what, kinds in (("lift", LIFT_KINDS), ("leak", LEAK_KINDS), ("tolerance", LEAK_KINDS), ("pretrend", WEEKLY_KINDS))}
     f = {"floatfmt": ".3f", "index": False}
     print(f"# validation worlds: worlds per kind present {done}\n")
+    if any(done["pretrend"].values()):
+        print("## Pre-trend tests (weekly worlds, no effect; region_trend: included regions drift 0.5%/week)\n")
+        print(V.summarize_pretrend(read("pretrend")).to_markdown(**f) + "\n")
+    cat = [pd.read_parquet(j[3]) for j in jobs if j[0] == "category" and j[3].exists()]
+    if cat:
+        c = pd.concat(cat, ignore_index=True)
+        print(f"## Per-category observational lift ({c['seed'].nunique()} default-size worlds, {len(c)} category CIs)\n")
+        cols = ["covers", "covers_df_min", "covers_fieller"]
+        print(c[cols].mean().to_frame("pooled coverage").T.to_markdown(**f) + "\n")
+        per = c.groupby("ad_category").agg(worlds=("covers", "size"), users_chat=("users_chat", "median"),
+                                           bias=("rel_lift", "mean"), truth=("truth", "mean"), **{k: (k, "mean") for k in cols})
+        per["bias"] = per["bias"] - per["truth"]
+        print(per.sort_values("covers").reset_index().to_markdown(**f) + "\n")
+    bud = [pd.read_parquet(j[3]) for j in jobs if j[0] == "budget" and j[3].exists()]
+    if bud:
+        b = pd.concat(bud, ignore_index=True)
+        print("## Label budget: share 'shown below' when labeled at the budget (true rate 2%, tolerance 5%, planned power 0.8)\n")
+        g = b.groupby(["kind", "basis"], sort=False)
+        out = g.agg(verdicts=("shown_below", "size"), power=("shown_below", "mean"), median_labels=("labels_needed", "median"),
+                    median_variance_factor_ppi=("variance_factor_ppi", "median"), median_deff=("deff", "median"),
+                    capped=("capped", "mean")).reset_index()
+        out["mc_se"] = np.sqrt(out["power"] * (1 - out["power"]) / out["verdicts"])
+        print(out.to_markdown(**f) + "\n")
+        print(b.groupby(["kind", "basis", "category"], sort=False)["shown_below"].mean().unstack("category").reset_index().to_markdown(**f) + "\n")
+    if not all(any(done[w].values()) for w in ("lift", "leak", "tolerance")):
+        return
+    lift, leak, tol = read("lift"), read("leak"), read("tolerance")
     print(f"(asked: {a.worlds} per kind, {a.tolerance_worlds} per kind at the tolerance; {len(todo)} chunks run now in {secs:.0f} s on {a.workers} workers)\n")
     print("## Lift: false-positive rate (null worlds) and coverage of the true relative lift\n")
     print(V.summarize_lift(lift).to_markdown(**f))

@@ -245,3 +245,184 @@ class RegionDiD:
         idx = np.argsort(rng.random((self.n_permutations, R)), axis=1)[:, :k]
         np.put_along_axis(A, idx, True, axis=1)
         return A, False, total
+
+
+# ------------------------------------------------------------------------ event study
+
+
+def region_week_cells(user_week: pd.DataFrame, users: pd.DataFrame):
+    """(regions, included per region, weeks, clicks (R, W), impressions (R, W)) from LiftData.user_week
+    and LiftData.users (index = user code; columns region, included)."""
+    uw = user_week.join(users[["region", "included"]], on="user")
+    inc = uw.groupby("region")["included"].agg(["min", "max"])
+    if (inc["min"] != inc["max"]).any():
+        raise ValueError(f"regions both included and excluded: {list(inc.index[inc['min'] != inc['max']])}")
+    g = uw.groupby(["region", "week"])[["clicks", "impressions"]].sum()
+    C = g["clicks"].unstack("week", fill_value=0).sort_index(axis=1)
+    N = g["impressions"].unstack("week", fill_value=0).reindex_like(C).fillna(0)
+    return (C.index.to_numpy().astype(str), inc["min"].reindex(C.index).to_numpy(bool), C.columns.to_numpy(int),
+            C.to_numpy(float), N.to_numpy(float))
+
+
+def _loo_gaps(A: np.ndarray, C: np.ndarray, N: np.ndarray):
+    """For each assignment row of A (K, R): the included-minus-excluded gap in log pooled CTR per week (K, W),
+    and the same with each region left out of its own group (K, R, W; NaN where the group would be empty)."""
+    Af = A.astype(float)
+    Bf = 1.0 - Af
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lg = lambda M: np.log(M @ C) - np.log(M @ N)  # noqa: E731
+        la, lb = lg(Af), lg(Bf)
+        gap = la - lb
+        ca, na, cb, nb = Af @ C, Af @ N, Bf @ C, Bf @ N  # (K, W)
+        # region r left out of its own group
+        la_loo = np.log(ca[:, None, :] - C[None]) - np.log(na[:, None, :] - N[None])
+        lb_loo = np.log(cb[:, None, :] - C[None]) - np.log(nb[:, None, :] - N[None])
+        gap_loo = np.where(A[:, :, None], la_loo - lb[:, None, :], la[:, None, :] - lb_loo)
+    return gap, gap_loo
+
+
+def _cr3(stat: np.ndarray, stat_loo: np.ndarray, A: np.ndarray):
+    """CR3 (jackknife over regions, per group) variance of a statistic and its Welch-Satterthwaite df.
+    stat: (K, ...) per assignment; stat_loo: (K, R, ...) with region r left out."""
+    var = np.zeros(stat.shape)
+    dfden = np.zeros(stat.shape)
+    for M in (A, ~A):
+        G = M.sum(axis=1).astype(float)
+        shape = (len(G),) + (1,) * (stat.ndim - 1)
+        m = M.reshape(M.shape + (1,) * (stat.ndim - 1))
+        mean = np.where(m, stat_loo, 0.0).sum(axis=1) / G.reshape(shape)
+        ss = np.where(m, (stat_loo - mean[:, None]) ** 2, 0.0).sum(axis=1)
+        comp = ((G - 1) / G).reshape(shape) * ss
+        var += comp
+        dfden += comp**2 / np.maximum(G - 1, 1).reshape(shape)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return var, var**2 / dfden
+
+
+@dataclass
+class RegionEventStudyResult:
+    """Week-by-week multiplicative DiD against the reference week, inferred over regions, and the
+    region-level pre-trend test (linear slope of the included-excluded gap over the pre-period weeks)."""
+
+    coefs: pd.DataFrame  # week, estimate (log ratio of CTR ratios), se, ci_low, ci_high, p_value, df, period
+    ref_week: int
+    pretrend_slope: float  # per week, log scale
+    pretrend_se: float
+    pretrend_df: float
+    pretrend_p: float  # CR3 t test of slope = 0
+    pretrend_p_randomization: float  # studentized, over regions
+    regions_included: int
+    regions_excluded: int
+    pretrend_f: float = np.nan  # no joint F: with ~20 regions the pre-period covariance cannot be estimated
+    scale: str = "log CTR ratio gap vs. reference week"
+
+    def summary(self) -> pd.DataFrame:
+        pre = self.coefs[self.coefs["period"] == "pre"]
+        post = self.coefs[self.coefs["period"] == "post"]
+        return pd.DataFrame({
+            "weeks_pre": [len(pre)], "weeks_post": [len(post)],
+            "pretrend_slope_per_week": [self.pretrend_slope], "pretrend_p": [self.pretrend_p],
+            "pretrend_p_randomization": [self.pretrend_p_randomization],
+            "regions": [f"{self.regions_included} included + {self.regions_excluded} excluded"],
+            "mean_post_coef": [post["estimate"].mean()],
+            "pre_coefs_outside_CI_of_0": [int(((pre["ci_low"] > 0) | (pre["ci_high"] < 0)).sum())],
+        })
+
+    def to_frame(self) -> pd.DataFrame:
+        return self.coefs.copy()
+
+    def plot(self, ax=None, truth: float | None = None):
+        """Coefficients with their region-level CIs; `truth` is a relative lift (drawn as log(1 + truth))."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(9, 3.4))
+        c = self.coefs
+        ax.axhline(0, color="k", lw=0.8)
+        ax.axvline(-0.5, color="k", ls="--", lw=1)
+        for per, col, lab in (("pre", "tab:gray", "pre-period (placebo)"), ("post", "tab:blue", "post-period")):
+            s = c[c["period"] == per]
+            ax.errorbar(s["week"], s["estimate"], yerr=[s["estimate"] - s["ci_low"], s["ci_high"] - s["estimate"]], fmt="o",
+                        color=col, ms=4, capsize=2, label=lab)
+        ax.plot([self.ref_week], [0], "o", mfc="white", color="k", ms=5, label=f"reference week {self.ref_week}")
+        if truth is not None and truth > -1:
+            ax.axhline(math.log1p(truth), color="tab:green", ls=":", lw=1.5, label="true effect (simulation)")
+        ax.set_xlabel("weeks since the policy date")
+        ax.set_ylabel(self.scale)
+        ax.set_title(f"Event study over {self.regions_included} + {self.regions_excluded} regions "
+                     f"(pre-trend slope p = {self.pretrend_p:.3f}, CR3)", fontsize=10)
+        ax.legend(frameon=False, fontsize=8)
+        ax.figure.tight_layout()
+        return ax.figure
+
+
+class RegionEventStudy:
+    """Event study at the level the policy was assigned: for each week w, theta_w = gap_w - gap_ref with
+    gap = log pooled CTR of included minus excluded regions (a multiplicative DiD per week), CR3 over
+    regions with Welch-Satterthwaite df. Pre-trend test: the OLS slope of gap_w on w over the pre-period
+    weeks, CR3 t test and studentized randomization over regions. A joint F-test of every pre-period
+    coefficient is not used: with ~20 regions its covariance (one dimension per pre week) is not estimable.
+    """
+
+    def __init__(self, ref_week: int = -1, alpha: float = 0.05, n_permutations: int = 2000, max_exact: int = 5000, seed: int = 0):
+        self.ref_week, self.alpha, self.n_permutations, self.max_exact, self.seed = ref_week, alpha, n_permutations, max_exact, seed
+
+    def fit(self, data=None, *, cells=None) -> RegionEventStudyResult:
+        """`data`: LiftData (user_week, users), or `cells` = (regions, included, weeks, clicks (R, W), impressions (R, W))."""
+        regions, inc, weeks, C, N = cells if cells is not None else region_week_cells(data.user_week, data.users)
+        keep = (N > 0).all(axis=0)
+        if not keep.all():  # a week in which some region has no impressions cannot be compared
+            weeks, C, N = weeks[keep], C[:, keep], N[:, keep]
+        k, m = int(inc.sum()), int((~inc).sum())
+        if k < 2 or m < 2:
+            raise ValueError(f"a region-level event study needs at least two included and two excluded regions; have {k} and {m}")
+        if self.ref_week not in weeks:
+            raise ValueError(f"reference week {self.ref_week} has no impressions in every region")
+        pre = weeks < 0
+        if pre.sum() < 3:
+            raise ValueError(f"the pre-trend test needs at least 3 pre-period weeks; have {int(pre.sum())}")
+        A0 = inc[None, :]
+        gap, gap_loo = _loo_gaps(A0, C, N)
+        ref = int(np.flatnonzero(weeks == self.ref_week)[0])
+        th, th_loo = gap - gap[:, [ref]], gap_loo - gap_loo[:, :, [ref]]
+        var, df = _cr3(th, th_loo, A0)
+        others = weeks != self.ref_week
+        est, se, dfw = th[0, others], np.sqrt(var[0, others]), df[0, others]
+        q = stats.t.ppf(1 - self.alpha / 2, np.maximum(dfw, 1))
+        wk = weeks[others]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            coefs = pd.DataFrame({"week": wk, "estimate": est, "se": se, "ci_low": est - q * se, "ci_high": est + q * se,
+                                  "p_value": 2 * stats.t.sf(np.abs(est / se), np.maximum(dfw, 1)), "df": dfw,
+                                  "period": np.where(wk < 0, "pre", "post")})
+        # pre-trend slope: OLS of the gap on week over pre-period weeks, for each assignment
+        x = weeks[pre].astype(float)
+        h = (x - x.mean()) / ((x - x.mean()) ** 2).sum()
+
+        def slope_t(A):
+            g, gl = _loo_gaps(A, C, N)
+            b, bl = g[:, pre] @ h, gl[:, :, pre] @ h
+            v, d = _cr3(b, bl, A)
+            return b, v, d
+
+        b, v, d = slope_t(A0)
+        b, v, d = float(b[0]), float(v[0]), float(d[0])
+        t_obs = b / math.sqrt(v)
+        p = float(2 * stats.t.sf(abs(t_obs), max(d, 1)))
+        A, exact = self._assignments(len(regions), k)
+        bb, vv, _ = slope_t(A)
+        tt = bb / np.sqrt(vv)
+        extreme = int(np.sum(np.abs(tt) >= abs(t_obs) - 1e-9 * max(1.0, abs(t_obs))))
+        p_ri = extreme / len(A) if exact else (1 + extreme) / (1 + len(A))
+        return RegionEventStudyResult(coefs, self.ref_week, b, math.sqrt(v), d, p, float(p_ri), k, m)
+
+    def _assignments(self, R: int, k: int):
+        total = math.comb(R, k)
+        if total <= self.max_exact:
+            A = np.zeros((total, R), dtype=bool)
+            for i, comb in enumerate(combinations(range(R), k)):
+                A[i, list(comb)] = True
+            return A, True
+        rng = np.random.default_rng(self.seed)
+        A = np.zeros((self.n_permutations, R), dtype=bool)
+        np.put_along_axis(A, np.argsort(rng.random((self.n_permutations, R)), axis=1)[:, :k], True, axis=1)
+        return A, False

@@ -18,7 +18,7 @@ from analysis.lift.did import (
     RandomizationResult,
     RegionRandomization,
 )
-from analysis.lift.regional import RegionDiD, RegionDiDResult
+from analysis.lift.regional import RegionDiD, RegionDiDResult, RegionEventStudy, RegionEventStudyResult
 from analysis.util.taxonomy import load_taxonomy
 
 # ----------------------------------------------------------------------- the stage
@@ -29,13 +29,14 @@ class LiftReport:
     """All engagement-lift estimates of one audit run."""
     data: LiftData
     did: DiDResult | None  # None when the log lacks a group x period cell (e.g. no excluded regions)
-    event_study: EventStudyResult | None
+    event_study: RegionEventStudyResult | None  # over regions (the policy's units): its pre-trend test is the check
     randomization: RandomizationResult | None
     cuped: TwoGroupResult | None  # included vs excluded, post period, pre-period CTR covariate (diagnostic only:
     # regions are not randomized, so a pooled theta carries their baseline difference; never a headline)
     ab: ABResult | None
     categories: CategoryLiftResult | None
     region_did: RegionDiDResult | None = None  # the headline: inference over regions, the units the policy was assigned to
+    event_study_users: EventStudyResult | None = None  # user-clustered (comparison: ignores region-level shocks)
     notes: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # headline metric -> why it could not be computed
     ground_truth: dict | None = None  # a simulated world's truth, attached by the stage after estimation
@@ -98,7 +99,9 @@ def analyse(data: LiftData, settings: LiftSettings | None = None, *, event_study
         notes.append(f"region-level DiD ({region_did.clusters}): {region_did.caveat}")
     pu = data.per_user()
     cuped = attempt("region CUPED", lambda: Cuped(alpha).fit_users(pu, pu["included"].to_numpy(), "region CUPED (diagnostic: regions not randomized)"))
-    es = attempt("event study", lambda: EventStudy(alpha=alpha).fit(data)) if event_study and did is not None else None
+    es_users = attempt("event study", lambda: EventStudy(alpha=alpha).fit(data)) if event_study and did is not None else None
+    es = attempt("region-level event study", lambda: RegionEventStudy(alpha=alpha, seed=seed).fit(data)) \
+        if event_study and did is not None else None
     ri = attempt("randomization inference", lambda: RegionRandomization(n_permutations=n_permutations, seed=seed).fit(data)) if did is not None else None
     ab = None
     if data.users["arm"].notna().any():
@@ -120,8 +123,9 @@ def analyse(data: LiftData, settings: LiftSettings | None = None, *, event_study
     if ab is not None:
         notes += [f"A/B: {w}" for w in ab.warnings]
     if es is not None and es.pretrend_p < alpha:
-        notes.append(f"pre-trend test rejects parallel trends (p = {es.pretrend_p:.3g}): the DiD and region CUPED estimates are suspect")
-    return LiftReport(data, did, es, ri, cuped, ab, cats, region_did=region_did, notes=notes, skipped=skipped)
+        notes.append(f"pre-trend test over regions rejects parallel trends (slope {es.pretrend_slope:+.4f} log CTR per week, "
+                     f"p = {es.pretrend_p:.3g}): the DiD estimates are suspect")
+    return LiftReport(data, did, es, ri, cuped, ab, cats, region_did=region_did, event_study_users=es_users, notes=notes, skipped=skipped)
 
 
 def _why_no_did(data: LiftData) -> str | None:

@@ -62,8 +62,13 @@ def record_metrics(report, run_dir: RunDir | str, ground_truth: dict | None = No
         m.add(M.DID_P, report.did.p_value, n=nd)
     if report.cuped is not None:
         m.add(M.CUPED_VARIANCE_REDUCTION, report.cuped.variance_reduction, n=report.cuped.n_treated + report.cuped.n_control)
-    if report.event_study is not None:
-        m.add(M.PRETREND_P, report.event_study.pretrend_p)
+    es = report.event_study
+    if es is not None:  # over regions: the policy's units; clusters beside it
+        m.add(M.PRETREND_P, es.pretrend_p, n=es.regions_included + es.regions_excluded,
+              group={"test": "linear pre-trend slope, CR3 over regions", "regions_included": es.regions_included,
+                     "regions_excluded": es.regions_excluded})
+    if report.event_study_users is not None:
+        m.add(M.PRETREND_P_USER, report.event_study_users.pretrend_p, group={"test": "joint F, users as clusters"})
     if report.randomization is not None:
         m.add(M.RANDOMIZATION_P, report.randomization.p_value, n=report.randomization.n_regions)
     if report.ab is not None:

@@ -144,6 +144,60 @@ def did_user_clustered(up: pd.DataFrame, alpha: float = 0.05) -> dict:
             "counterfactual_ctr": p[3] - did}
 
 
+# ------------------------------------------------------------------------------ weekly (event study)
+
+WEEKLY_KINDS = LIFT_KINDS + ("region_trend",)
+
+
+@dataclass
+class WeeklyWorld:
+    """User-week sufficient statistics of one world (for the event study and its pre-trend test)."""
+
+    user_week: pd.DataFrame  # user, week, impressions, clicks
+    users: pd.DataFrame  # index = user code: region, included
+    kind: str
+    seed: int
+
+    def cells(self):
+        from analysis.lift.regional import region_week_cells
+
+        return region_week_cells(self.user_week, self.users)
+
+
+def weekly_world(kind: str = "benign", seed: int = 0, *, n_users: int = 6000, impressions_per_user: float = 400.0,
+                 weeks_pre: int = 15, weeks_post: int = 15, lift: float = 0.0, base_ctr: float = 0.02, shock_sd: float = 0.03,
+                 trend: float = 0.005) -> WeeklyWorld:
+    """One world by week (weeks -weeks_pre .. weeks_post - 1), with a common multiplicative season. Kinds as
+    `lift_world` (shocks are region x week, lognormal SD `shock_sd`), plus `region_trend`: included
+    regions' CTR drifts by `trend` per week relative to excluded ones (parallel trends fail)."""
+    if kind not in WEEKLY_KINDS:
+        raise ValueError(f"unknown weekly world kind {kind!r}; choose one of {WEEKLY_KINDS}")
+    rng = np.random.default_rng(seed)
+    inc_w, exc_w = (dict(list(INCLUDED_REGIONS.items())[:4]), dict(list(EXCLUDED_REGIONS.items())[:4])) if kind == "few_regions" \
+        else (INCLUDED_REGIONS, EXCLUDED_REGIONS)
+    regions = list(inc_w) + list(exc_w)
+    region_inc = np.array([True] * len(inc_w) + [False] * len(exc_w))
+    excluded = rng.random(n_users) < 0.35
+    r = np.where(excluded, len(inc_w) + rng.choice(len(exc_w), size=n_users, p=np.array(list(exc_w.values())) / sum(exc_w.values())),
+                 rng.choice(len(inc_w), size=n_users, p=np.array(list(inc_w.values())) / sum(inc_w.values())))
+    R, weeks = len(regions), np.arange(-weeks_pre, weeks_post)
+    W = len(weeks)
+    baseline = np.where(region_inc, 1.25, 1.0) * rng.lognormal(0, 0.10, size=R) if kind == "regional_baseline" else np.ones(R)
+    shock = rng.lognormal(-shock_sd**2 / 2, shock_sd, size=(R, W)) if kind in ("region_shocks", "few_regions") else np.ones((R, W))
+    drift = np.exp(np.outer(region_inc * trend, weeks)) if kind == "region_trend" else np.ones((R, W))
+    season = 1 + 0.06 * np.sin(2 * np.pi * (weeks + 15) / 52)
+    activity = rng.lognormal(-0.7**2 / 2, 0.7, size=n_users)
+    imp = rng.poisson(impressions_per_user / W * activity[:, None], size=(n_users, W))
+    user_ctr = base_ctr * rng.lognormal(-0.5**2 / 2, 0.5, size=n_users)
+    p = user_ctr[:, None] * (baseline[:, None] * shock * drift)[r] * season[None, :]
+    p = np.clip(p * np.where(region_inc[r][:, None] & (weeks >= 0)[None, :], 1 + lift, 1.0), 0, 1)
+    clk = rng.binomial(imp, p)
+    u, wk = np.nonzero(imp)
+    uw = pd.DataFrame({"user": u, "week": weeks[wk], "impressions": imp[u, wk], "clicks": clk[u, wk]})
+    users = pd.DataFrame({"region": np.array(regions)[r], "included": region_inc[r]})
+    return WeeklyWorld(uw, users, kind, seed)
+
+
 # ------------------------------------------------------------------------------------ leak
 
 

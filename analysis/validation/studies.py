@@ -48,6 +48,46 @@ def lift_rows(kind: str, seeds, *, lift: float = 0.05, n_permutations: int = 100
     return pd.DataFrame(rows)
 
 
+def pretrend_rows(kind: str, seeds, *, n_permutations: int = 200) -> pd.DataFrame:
+    """Per weekly world without a policy effect: the pre-trend tests' p-values (region-level slope, CR3 t
+    and studentized randomization; today's user-clustered joint F) and the region event study's
+    post-period coverage of 0 (no effect) averaged over weeks. In `region_trend` worlds a rejection is
+    a detection; elsewhere it is a false positive."""
+    from analysis.lift.did import EventStudy
+    from analysis.lift.regional import RegionEventStudy
+    from analysis.validation.adversarial import weekly_world
+
+    rows = []
+    for s in seeds:
+        w = weekly_world(kind, int(s))
+        r = RegionEventStudy(alpha=ALPHA, n_permutations=n_permutations, max_exact=n_permutations, seed=int(s)).fit(w)
+        u = EventStudy(alpha=ALPHA).fit(w)
+        pre_r = r.coefs[r.coefs["period"] == "pre"]
+        pre_u = u.coefs[u.coefs["period"] == "pre"]
+        rows.append({"kind": kind, "seed": int(s), "region_slope_p": r.pretrend_p, "region_slope_ri_p": r.pretrend_p_randomization,
+                     "region_slope_df": r.pretrend_df, "user_f_p": u.pretrend_p,
+                     # per-week placebo coefficients: share whose 95% CI excludes 0 (each week a null in these worlds)
+                     "region_week_reject": float(((pre_r["ci_low"] > 0) | (pre_r["ci_high"] < 0)).mean()),
+                     "user_week_reject": float(((pre_u["ci_low"] > 0) | (pre_u["ci_high"] < 0)).mean())})
+    return pd.DataFrame(rows)
+
+
+def summarize_pretrend(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per kind: rejection rate at alpha of each pre-trend test, and of the per-week placebo coefficients."""
+    out = []
+    for kind, g in rows.groupby("kind", sort=False):
+        for name, col in (("region slope, CR3 t (new)", "region_slope_p"), ("region slope, studentized RI (new)", "region_slope_ri_p"),
+                          ("joint F, user-clustered (before)", "user_f_p")):
+            f = rate(g[col] < ALPHA)
+            out.append({"kind": kind, "test": name, "worlds": f[2], "rejection": f[0], "mc_se": f[1]})
+        for name, col in (("per-week placebo coefficient, CR3 over regions (new)", "region_week_reject"),
+                          ("per-week placebo coefficient, user-clustered (before)", "user_week_reject")):
+            x = g[col].to_numpy(float)
+            out.append({"kind": kind, "test": name, "worlds": len(x), "rejection": float(x.mean()),
+                        "mc_se": float(x.std(ddof=1) / np.sqrt(len(x)))})
+    return pd.DataFrame(out)
+
+
 def leak_rows(kind: str, seeds, *, target_rate: float | None = None, tolerance: float = 0.01, n_boot: int = 500) -> pd.DataFrame:
     """Per world and category: coverage of Wilson and the user-clustered interval (labeled sample),
     PPI (stratified by filter decision) and Rogan-Gladen (today's corrected estimate), and each
@@ -78,6 +118,37 @@ def leak_rows(kind: str, seeds, *, target_rate: float | None = None, tolerance: 
                 "clustered_width": a["ci_high"] - a["ci_low"], "ppi_width": b["ci_high"] - b["ci_low"],
                 "clustered_verdict": a["verdict"], "ppi_verdict": b["verdict"],
             })
+    return pd.DataFrame(rows)
+
+
+def budget_rows(kind: str, seeds, *, rate: float = 0.02, tolerance: float = 0.05, power: float = 0.8,
+                n_conversations: int = 24000) -> pd.DataFrame:
+    """Does the label budget deliver its power? Per world and category (every true rate = `rate` <
+    `tolerance`): on a pilot world (25% labeled) the variance factor PPI++ measures (and the design
+    effect alone); the budget at the true rate with each; then a fresh world labeled at each budget,
+    where the verdict should be 'shown below' with probability ~`power` if the factor is right."""
+    from analysis.leakage.inference import label_budget
+
+    rows = []
+    for s in seeds:
+        w = leak_world(kind, int(s), target_rate=rate, n_conversations=n_conversations)
+        pp = PPILeakRate(ALPHA, tolerance).fit(w.passed, w.member, w.labeled, w.score, w.user, categories=w.categories).table
+        cl = ClusteredLeakRate(ALPHA, tolerance).fit(w.passed[w.labeled], w.member[w.labeled], w.user[w.labeled], categories=w.categories).table
+        prev = w.member.mean(axis=0)
+        need = {}
+        for basis, vf in (("ppi", pp["variance_factor"].to_numpy()), ("deff", cl["deff"].to_numpy())):
+            need[basis] = [label_budget(rate, tolerance, p, variance_factor=v, alpha=ALPHA, power=power) for p, v in zip(prev, vf)]
+        for basis in ("ppi", "deff"):
+            for j, c in enumerate(w.categories):
+                n = need[basis][j]
+                share = min(1.0, n / n_conversations) if np.isfinite(n) else 1.0
+                w2 = leak_world(kind, int(s) + 500_000 + 1000 * j + (0 if basis == "ppi" else 1), target_rate=rate,
+                                n_conversations=n_conversations, label_share=share)
+                t = PPILeakRate(ALPHA, tolerance).fit(w2.passed, w2.member[:, [j]], w2.labeled, w2.score[:, [j]], w2.user,
+                                                      categories=[c]).table.iloc[0]
+                rows.append({"kind": kind, "seed": int(s), "category": c, "basis": basis, "labels_needed": n, "label_share": share,
+                             "capped": bool(np.isfinite(n) and n > n_conversations), "variance_factor_ppi": pp["variance_factor"].iloc[j],
+                             "deff": cl["deff"].iloc[j], "shown_below": t["verdict"] == "shown below"})
     return pd.DataFrame(rows)
 
 
