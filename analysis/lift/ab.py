@@ -277,6 +277,10 @@ class ABTest:
                 f"small arm (fewer than {self.MIN_ARM_USERS} users or {self.MIN_ARM_CLICKS} post-period clicks): the "
                 "delta-method CIs are too narrow at this size; rely on the permutation p-value for the test"
             )
+        if placebo is not None and placebo.p_value < 0.10:
+            # a chance imbalance between the arms carries into the plain post-period lift; CUPED adjusts for it
+            warnings.append(f"the arms already differed before the policy date (pre-period placebo {placebo.rel_lift:+.1%}, "
+                            f"p = {placebo.p_value:.2g}): the plain A/B lift carries that imbalance; use the CUPED lift (the headline)")
         srm_flag = bool(p_srm < self.srm_alpha) if np.isfinite(p_srm) else False
         if srm_flag:
             warnings.append(f"sample ratio mismatch (p = {p_srm:.2g}): the arms are not the split the design promised; the A/B lift is not trustworthy")

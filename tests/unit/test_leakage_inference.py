@@ -85,3 +85,18 @@ def test_bad_input_is_named():
         ClusteredLeakRate().fit(w.passed[:10], w.member, w.user)
     with pytest.raises(ValueError, match="tolerance"):
         ClusteredLeakRate(tolerance=0)
+
+
+def test_ppi_variance_factor_measures_the_detectors_quality_for_the_label_budget():
+    """The budget's factor is PPI++'s variance relative to labels alone: well below 1 with a sharp detector,
+    about 1 (no gain, only clustering) with a detector that does not know the category."""
+    sharp = leak_world("benign", 3, sensitivity=0.995, specificity=0.9995)
+    useless = leak_world("benign", 3, sensitivity=0.1, specificity=0.9)
+    f = {}
+    for name, w in (("sharp", sharp), ("useless", useless)):
+        t = PPILeakRate().fit(w.passed, w.member, w.labeled, w.score, w.user, categories=w.categories).table
+        f[name] = t["variance_factor"].to_numpy()
+    assert np.median(f["sharp"]) < 0.6, f["sharp"]
+    assert np.all(f["useless"] > 0.85) and np.median(f["useless"]) < 1.3, f["useless"]
+    # the budget follows the factor
+    assert label_budget(0.004, 0.01, 0.03, variance_factor=np.median(f["sharp"])) < label_budget(0.004, 0.01, 0.03)

@@ -49,3 +49,28 @@ def test_sentences_carry_the_numbers_of_the_stage_outputs(fake_run):
     assert bool(t.loc["did_rel_lift", "covers_truth"]) and not bool(t.loc["leak_rate", "covers_truth"])
 
 
+
+
+def test_summary_withholds_what_the_design_checks_say_cannot_hold(tmp_path):
+    """A failed placebo / negative-control check: exposure-based violation flags are not reported as
+    leakage; a rejected pre-trend test over regions: the DiD is not the lift answer (issue 14)."""
+    flag = {"metric": "violation_flag", "group": {"region": "DE"}, "estimate": 1}
+    viol = {"metric": "violation_impressions", "group": {"region": "DE"}, "estimate": 0}
+    check = lambda v: {"metric": "exposure_design_check", "group": {"check": "placebo", "verdict": v}, "estimate": 0.001 if v == "failed" else 0.8, "n": 20}  # noqa: E731
+    did = {"metric": "region_did_rel_lift", "group": {"estimand": "included_post", "regions_included": 9, "regions_excluded": 11},
+           "estimate": 0.08, "ci_low": 0.02, "ci_high": 0.14}
+    for verdict, pre_p in (("failed", 0.01), ("passed", 0.4)):
+        run = tmp_path / verdict
+        _metrics(run, "03_leakage", [flag, viol, check(verdict)])
+        _metrics(run, "04_engagement_lift", [did, {"metric": "pretrend_p_value", "estimate": pre_p}])
+        s = AuditSummary(run)
+        a = {x.key: x.sentence for x in s.answers()}
+        if verdict == "failed":
+            assert "failed its pre-policy placebo" in a["leakage"] and "not reported as leakage" in a["leakage"]
+            assert "flags DE" not in a["leakage"]
+            assert "already trended apart" in a["lift"] and "statistically significant lift" not in a["lift"]
+            assert any("not evidence of leakage" in c for c in s.caveats())
+        else:
+            assert "flags DE" in a["leakage"]
+            assert "statistically significant lift" in a["lift"] and "trended apart" not in a["lift"]
+            assert any("passed its pre-policy placebo" in c for c in s.caveats())
