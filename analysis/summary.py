@@ -185,8 +185,11 @@ class AuditSummary:
                          + " cannot be told apart from interest that comes from outside the chat and are not reported as leakage.")
         elif by_exposure:
             assessed = True
-            parts.append(f"The black-box exposure test (placebo and negative controls null) flags {_join(by_exposure)}: ads there follow "
-                         "conversation topics, though it cannot tell chat flow from outside interest that began with the policy date.")
+            parts.append(f"The black-box exposure test flags {_join(by_exposure)}: ads there follow conversation topics"
+                         + (" (its placebo and negative controls were null), though it cannot tell chat flow from outside interest that "
+                            "began with the policy date." if design == "passed" else
+                            ", but its design could not be checked (no placebo or negative control ran), so this may be interest "
+                            "from outside the chat."))
         return Answer("leakage", q, " ".join(parts), assessed, src)
 
     def _exposure_design(self) -> str | None:
