@@ -37,6 +37,7 @@ from scipy import stats
 from scipy.optimize import brentq
 from scipy.special import expit, logit, ndtr
 
+from analysis.lift.regional import region_week_cells
 from analysis.simulate import EXCLUDED_REGIONS, INCLUDED_REGIONS
 
 LIFT_KINDS = ("benign", "region_shocks", "regional_baseline", "few_regions")
@@ -159,8 +160,6 @@ class WeeklyWorld:
     seed: int
 
     def cells(self):
-        from analysis.lift.regional import region_week_cells
-
         return region_week_cells(self.user_week, self.users)
 
 

@@ -14,10 +14,11 @@ import numpy as np
 import pandas as pd
 
 from analysis.leakage.corrected import CorrectedLeakage
-from analysis.leakage.inference import ClusteredLeakRate, PPILeakRate
+from analysis.leakage.inference import ClusteredLeakRate, PPILeakRate, label_budget
 from analysis.lift.ab import Cuped
-from analysis.lift.regional import RegionDiD
-from analysis.validation.adversarial import did_user_clustered, leak_world, lift_world
+from analysis.lift.did import EventStudy
+from analysis.lift.regional import RegionDiD, RegionEventStudy
+from analysis.validation.adversarial import did_user_clustered, leak_world, lift_world, weekly_world
 
 ALPHA = 0.05
 
@@ -53,10 +54,6 @@ def pretrend_rows(kind: str, seeds, *, n_permutations: int = 200) -> pd.DataFram
     and studentized randomization; today's user-clustered joint F) and the region event study's
     post-period coverage of 0 (no effect) averaged over weeks. In `region_trend` worlds a rejection is
     a detection; elsewhere it is a false positive."""
-    from analysis.lift.did import EventStudy
-    from analysis.lift.regional import RegionEventStudy
-    from analysis.validation.adversarial import weekly_world
-
     rows = []
     for s in seeds:
         w = weekly_world(kind, int(s))
@@ -127,8 +124,6 @@ def budget_rows(kind: str, seeds, *, rate: float = 0.02, tolerance: float = 0.05
     `tolerance`): on a pilot world (25% labeled) the variance factor PPI++ measures (and the design
     effect alone); the budget at the true rate with each; then a fresh world labeled at each budget,
     where the verdict should be 'shown below' with probability ~`power` if the factor is right."""
-    from analysis.leakage.inference import label_budget
-
     rows = []
     for s in seeds:
         w = leak_world(kind, int(s), target_rate=rate, n_conversations=n_conversations)

@@ -11,6 +11,7 @@ import pandas as pd
 from scipy import stats
 
 from analysis.contract.art9 import ART9, label_matrix
+from analysis.contract.settings import LeakageSettings
 from analysis.impressions import aggregate, chat_flag
 from analysis.leakage.corrected import CorrectedLeakage
 from analysis.leakage.data import (
@@ -23,8 +24,10 @@ from analysis.leakage.data import (
     validation_counts,
 )
 from analysis.leakage.exposure import ExposureTest, regional_exposure
+from analysis.leakage.report import analyse
 from analysis.leakage.whitebox import WhiteBoxLeakage
 from analysis.lift.ab import ABTest, Cuped
+from analysis.lift.categories import CategoryLift
 from analysis.lift.did import DiffInDiff, RegionRandomization
 from analysis.simulate import simulate
 from analysis.util.regions import is_excluded
@@ -136,9 +139,6 @@ def exposure_world_rows(world_config: dict, *, alpha: float = 0.05, n_permutatio
     the policy window and the pre-policy placebo, each excluded region's own test, the violation
     family and the design checks), on the true sensitive categories. Returns (exposure rows, design
     checks, violations), each tagged with the world's seed and mode."""
-    from analysis.leakage.report import analyse  # the stage's own wiring, so the study runs what ships
-    from analysis.contract.settings import LeakageSettings
-
     w = simulate(world_config)
     inp = inputs_from_world(w, sensitivity=sensitivity, specificity=specificity, seed=w.config.seed)
     cats = inp.categories.copy()
@@ -158,8 +158,6 @@ def category_lift_rows(world_config: dict, *, alpha: float = 0.05, min_users: in
     """Simulate one world and run stage 04's per-category lift: one row per tested ad category with the
     estimate, its CI (as shipped: user-clustered, t with users - 1 df) and the CI with the df of the
     smaller side (chat-targeted users - 1, or other users - 1), and the category's true lift parameter."""
-    from analysis.lift.categories import CategoryLift
-
     w = simulate(world_config)
     d = aggregate(w.impressions, w.users, policy_date=w.config.policy_date, excluded_regions=w.config.excluded_regions)
     t = CategoryLift(alpha, min_users).fit(d).table
