@@ -37,12 +37,15 @@ report: $(STAMP) $(WORLD)/ground_truth.json
 	$(PY) -m analysis run --config configs/default.yaml
 
 # the three test tiers (docs/architecture.md): unit (< 2 min), integration (papermill, pipeline, engines),
-# validation (simulation studies); CI runs all of them
+# validation (simulation studies); CI runs all of them. Tests run in TEST_WORKERS processes (pytest-xdist),
+# a test file per worker so that its module fixtures are built once; TEST_WORKERS=0 runs them in-process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 test: $(STAMP) browser
-	$(PY) -m pytest tests/unit tests/integration tests/validation
+	$(PYTEST) tests/unit tests/integration tests/validation
 
 test-fast: $(STAMP)
-	$(PY) -m pytest tests/unit
+	$(PYTEST) tests/unit
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
