@@ -34,8 +34,21 @@ class LexiconDetector:
         self._neutral = [wrap(rx) for rx in self.spec.neutralize]
         self._strong = {c: [wrap(rx) for rx in k.strong] for c, k in self.spec.categories.items()}
         self._weak = {c: [wrap(rx) for rx in k.weak] for c, k in self.spec.categories.items()}
+        # one alternation per list, same boundaries: it matches somewhere iff one of its patterns does, so
+        # a text it misses skips that list's patterns (most texts miss most lists; ~2x faster, same hits)
+        def alt(rxs):
+            try:
+                return wrap("|".join(f"(?:{rx})" for rx in rxs)) if rxs else None
+            except re.error:  # a pattern that cannot sit in an alternation (a global flag): no shortcut
+                return None
+
+        self._any_neutral = alt(self.spec.neutralize)
+        self._any = {c: alt([*k.strong, *k.weak]) for c, k in self.spec.categories.items()}
 
     def neutralize(self, text: str) -> str:
+        # no neutral phrase anywhere: every pattern in turn sees the unchanged text and finds none
+        if self._any_neutral is not None and not self._any_neutral.search(text):
+            return text
         for rx in self._neutral:
             text = rx.sub(lambda m: " " * len(m.group(0)), text)
         return text
@@ -44,6 +57,9 @@ class LexiconDetector:
         t = self.neutralize(clean_text(text))
         strong, weak = {}, {}
         for c in self.spec.categories:
+            if self._any[c] is not None and not self._any[c].search(t):
+                strong[c], weak[c] = [], []
+                continue
             strong[c] = sorted({m.group(0).lower() for rx in self._strong[c] for m in rx.finditer(t)})
             weak[c] = sorted({m.group(0).lower() for rx in self._weak[c] for m in rx.finditer(t)} - set(strong[c]))
         return LexiconHits(strong, weak)

@@ -258,3 +258,18 @@ def test_cross_fit_calibrates_heads_and_gives_rare_categories_the_lexicon_rule(s
     np.testing.assert_array_equal(a.scores.to_numpy(), b.scores.to_numpy())
     np.testing.assert_array_equal(a.scores[rare].to_numpy(), np.where(hit, r["p_hit"], r["p_miss"]))
     assert (a.flags[rare].to_numpy() == hit).all() or r["p_hit"] <= r["p_miss"]
+
+
+def test_lexicon_shortcut_finds_exactly_what_every_pattern_finds(lex):
+    """The per-list alternation only skips lists that cannot match: same hits as running every pattern."""
+    from analysis.detector.features import LexiconDetector
+
+    slow = LexiconDetector()
+    slow._any, slow._any_neutral = {c: None for c in slow._any}, None
+    texts = [t for t in FALSE_ALARMS] + [t for _, t in TRUE_HITS] + [
+        "fix the race condition in my code. also, I was diagnosed with cancer and I'm scared",
+        "the Soviet Union and the european union; my union rep says the strike is on",
+        "healthy recipes for my diabetic mom; a health check endpoint", "", "plain text about spreadsheets",
+    ]
+    assert lex.counts(texts).equals(slow.counts(texts))
+    assert all(lex.hits(t) == slow.hits(t) for t in texts)
