@@ -31,13 +31,13 @@ SHARES = (0.9, 0.95, 0.98)
 
 
 def main() -> None:
-    import torch
-
     import fit_defaults
+    import torch
+    from detector_finetune import FOUR, SEED, calibrate, lr_oof
+
     from analysis.contract.art9 import ART9, label_matrix
     from analysis.detector.evaluation import evaluate_detector
     from analysis.detector.model import REAL_CHAT_FITTING, SensitiveDetector, _head_matrix
-    from detector_finetune import FOUR, SEED, calibrate, lr_oof
 
     torch.set_num_threads(1)
     lab = fit_defaults.load_labels()
@@ -47,7 +47,7 @@ def main() -> None:
     trn, tst = np.flatnonzero(tr), np.flatnonzero(~tr)
     folds = np.full(len(lab), -1)
     folds[tr] = fit_defaults.grouped_folds(lab[tr].reset_index(drop=True))
-    z, fitted = {}, {}
+    z = {}
     for be in ("static", "minilm"):
         det = SensitiveDetector(backend=be, fitting=REAL_CHAT_FITTING)
         H = _head_matrix(det.features(docs), det.cats)

@@ -53,6 +53,7 @@ STATIC_GRID = {"lr": [0.003, 0.02], "epochs": 8}
 def gold_arrays(cache_dir: str | None):
     """Labels, documents, segments, MiniLM segment vectors, static token ids, lexicon counts, folds."""
     import fit_defaults
+
     from analysis.contract.art9 import ART9, label_matrix
     from analysis.detector.features import LexiconDetector
     from analysis.detector.text import segments
@@ -254,7 +255,6 @@ def pooled(V, owner, n):
 def main() -> None:
     import torch
 
-    import fit_defaults
     from analysis.detector.evaluation import evaluate_detector
     from analysis.detector.model import REAL_CHAT_FITTING, SensitiveDetector, _head_matrix
 
