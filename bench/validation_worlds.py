@@ -95,7 +95,7 @@ def main() -> None:
     if cat:
         c = pd.concat(cat, ignore_index=True)
         print(f"## Per-category observational lift ({c['seed'].nunique()} default-size worlds, {len(c)} category CIs)\n")
-        cols = ["covers", "covers_df_min", "covers_fieller"]
+        cols = [k for k in ("covers", "covers_df_min", "covers_fieller") if k in c]
         print(c[cols].mean().to_frame("pooled coverage").T.to_markdown(**f) + "\n")
         per = c.groupby("ad_category").agg(worlds=("covers", "size"), users_chat=("users_chat", "median"),
                                            bias=("rel_lift", "mean"), truth=("truth", "mean"), **{k: (k, "mean") for k in cols})

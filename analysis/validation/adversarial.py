@@ -197,6 +197,47 @@ def weekly_world(kind: str = "benign", seed: int = 0, *, n_users: int = 6000, im
     return WeeklyWorld(uw, users, kind, seed)
 
 
+# ------------------------------------------------------------------------ per-category lift
+
+
+@dataclass
+class CategoryWorld:
+    """Included-region, post-period user x category x (chat-targeted or not) cells, the form of
+    `LiftData.category_cells`, and each category's true relative lift of chat-targeted impressions."""
+
+    category_cells: pd.DataFrame  # user, ad_category, chat, impressions, clicks
+    truth: dict
+    seed: int
+
+
+def category_world(seed: int = 0, *, n_users: int = 3900, n_categories: int = 32, other_impressions: float = 1.5,
+                   chat_impressions: float = 23.0, lift: float = 0.40, lift_sd: float = 0.3, base_ctr: float = 0.02,
+                   params_seed: int = 0) -> CategoryWorld:
+    """Per-category cells with the default world's sizes (~3,900 included users; per category ~2,500
+    users with other impressions of it, 12-190 with chat-targeted ones) and its mechanics: lognormal ad
+    activity (SD 0.7) and user CTR (SD 0.5), a per-category CTR multiplier (SD 0.3), chat-targeted
+    impressions' CTR x (1 + the category's lift) (lognormal SD 0.3 around 0.40). The categories (lift,
+    multiplier, share of users who chat about it: 0.3%-5%) are fixed by `params_seed`, so coverage can
+    be read per category over worlds; `seed` draws the users and their clicks."""
+    prm = np.random.default_rng(params_seed)
+    cat_mult = prm.lognormal(-0.3**2 / 2, 0.3, size=n_categories)
+    lifts = lift * prm.lognormal(-lift_sd**2 / 2, lift_sd, size=n_categories)
+    chat_users = np.geomspace(0.003, 0.05, n_categories)
+    rng = np.random.default_rng(seed)
+    activity = rng.lognormal(-0.7**2 / 2, 0.7, size=n_users)
+    user_ctr = base_ctr * rng.lognormal(-0.5**2 / 2, 0.5, size=n_users)
+    parts = []
+    for k in range(n_categories):
+        n_o = rng.poisson(other_impressions * activity)
+        n_c = np.where(rng.random(n_users) < chat_users[k], rng.poisson(chat_impressions * activity), 0)
+        p = np.clip(user_ctr * cat_mult[k], 0, 1)
+        for chat, n, pp in ((False, n_o, p), (True, n_c, np.clip(p * (1 + lifts[k]), 0, 1))):
+            m = n > 0
+            parts.append(pd.DataFrame({"user": np.flatnonzero(m), "ad_category": f"k{k:02d}", "chat": chat,
+                                       "impressions": n[m], "clicks": rng.binomial(n[m], pp[m])}))
+    return CategoryWorld(pd.concat(parts, ignore_index=True), {f"k{k:02d}": float(lifts[k]) for k in range(n_categories)}, seed)
+
+
 # ------------------------------------------------------------------------------------ leak
 
 

@@ -10,15 +10,19 @@ turns rows into coverage / false-positive rates with their Monte Carlo SEs.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from analysis.leakage.corrected import CorrectedLeakage
 from analysis.leakage.inference import ClusteredLeakRate, PPILeakRate, label_budget
 from analysis.lift.ab import Cuped
+from analysis.lift.categories import CategoryLift
 from analysis.lift.did import EventStudy
 from analysis.lift.regional import RegionDiD, RegionEventStudy
-from analysis.validation.adversarial import did_user_clustered, leak_world, lift_world, weekly_world
+from analysis.validation.adversarial import category_world, did_user_clustered, leak_world, lift_world, weekly_world
 
 ALPHA = 0.05
 
@@ -145,6 +149,25 @@ def budget_rows(kind: str, seeds, *, rate: float = 0.02, tolerance: float = 0.05
                              "capped": bool(np.isfinite(n) and n > n_conversations), "variance_factor_ppi": pp["variance_factor"].iloc[j],
                              "deff": cl["deff"].iloc[j], "shown_below": t["verdict"] == "shown below"})
     return pd.DataFrame(rows)
+
+
+def category_rows(seeds, *, min_users: int = 10) -> pd.DataFrame:
+    """Per world and tested category of `category_world`: stage 04's per-category lift, its CI, the truth,
+    the standardized error z = (estimate - truth) / SE and whether the CI covers."""
+    rows = []
+    for s in seeds:
+        w = category_world(int(s))
+        t = CategoryLift(ALPHA, min_users).fit(SimpleNamespace(category_cells=w.category_cells)).table
+        t = t[t["tested"]].copy()
+        t["truth"] = t["ad_category"].map(w.truth)
+        # standardized error on the interval's own (log) scale
+        with np.errstate(divide="ignore"):  # an unbounded interval (a side without clicks once a user is left out): z = 0
+            se = (np.log1p(t["rel_ci_high"]) - np.log1p(t["rel_ci_low"])) / (2 * stats.t.ppf(1 - ALPHA / 2, t["df"]))
+            t["z"] = (np.log1p(t["rel_lift"]) - np.log1p(t["truth"])) / se
+        t["covers"] = (t["rel_ci_low"] <= t["truth"]) & (t["truth"] <= t["rel_ci_high"])
+        t["seed"] = int(s)
+        rows.append(t[["seed", "ad_category", "users_chat", "users_other", "rel_lift", "rel_ci_low", "rel_ci_high", "truth", "z", "covers"]])
+    return pd.concat(rows, ignore_index=True)
 
 
 def rate(x) -> tuple[float, float, int]:
