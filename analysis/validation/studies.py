@@ -140,13 +140,13 @@ def budget_rows(kind: str, seeds, *, rate: float = 0.02, tolerance: float = 0.05
         for basis in ("ppi", "deff"):
             for j, c in enumerate(w.categories):
                 n = need[basis][j]
-                share = min(1.0, n / n_conversations) if np.isfinite(n) else 1.0
+                share = min(0.95, n / n_conversations) if np.isfinite(n) else 0.95  # PPI needs some unlabeled ones
                 w2 = leak_world(kind, int(s) + 500_000 + 1000 * j + (0 if basis == "ppi" else 1), target_rate=rate,
                                 n_conversations=n_conversations, label_share=share)
                 t = PPILeakRate(ALPHA, tolerance).fit(w2.passed, w2.member[:, [j]], w2.labeled, w2.score[:, [j]], w2.user,
                                                       categories=[c]).table.iloc[0]
                 rows.append({"kind": kind, "seed": int(s), "category": c, "basis": basis, "labels_needed": n, "label_share": share,
-                             "capped": bool(np.isfinite(n) and n > n_conversations), "variance_factor_ppi": pp["variance_factor"].iloc[j],
+                             "capped": bool(np.isfinite(n) and n > 0.95 * n_conversations), "variance_factor_ppi": pp["variance_factor"].iloc[j],
                              "deff": cl["deff"].iloc[j], "shown_below": t["verdict"] == "shown below"})
     return pd.DataFrame(rows)
 
