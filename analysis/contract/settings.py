@@ -10,6 +10,7 @@ settings.exposure_permutations)`); the stage module does that wiring.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, ClassVar, Mapping
 
@@ -97,7 +98,7 @@ class TopicSettings(StageSettings):
     max_documents: int | None = None  # a seeded sample of at most this many conversations (None: all)
     representation: str = "mmr"  # mmr | keybert | ctfidf: the words topic labels are made of
     top_n_words: int = 10
-    min_df: int = 2  # a keyword must occur in at least this many documents (drops names, typos, ids)
+    min_df: float = 0.002  # a keyword must occur in at least this share of documents (>= 1: this many), and in 2 (drops names, typos, ids)
     max_chars: int = 2000
     cache_dir: str | None = None  # embeddings + static model cache (None: data/cache of the checkout)
     engine: str = "pandas"  # pandas | dask (clean, embed and assign on a Dask cluster; docs/scale.md)
@@ -115,8 +116,15 @@ class TopicSettings(StageSettings):
             raise ValueError("n_components and n_neighbors must be at least 2")
         if not -1 <= self.outlier_threshold <= 1:
             raise ValueError("outlier_threshold is a cosine similarity in [-1, 1]")
+        if self.min_df <= 0 or (self.min_df >= 1 and self.min_df != int(self.min_df)):
+            raise ValueError(f"min_df is a share of documents in (0, 1) or a whole count >= 1, got {self.min_df}")
         if not 0 <= self.opening_weight <= 1:
             raise ValueError(f"opening_weight is a share in [0, 1], got {self.opening_weight}")
+
+    def min_document_count(self, n: int) -> int:
+        """Documents (of `n`) a keyword must occur in: `min_df` as a share or a count, at least 2, at most n // 20."""
+        want = int(self.min_df) if self.min_df >= 1 else max(2, math.ceil(self.min_df * n))
+        return min(want, max(1, n // 20))
 
     def cluster_sizes(self, n_fit: int) -> tuple[int, int]:
         mts = self.min_topic_size or max(10, int(round(0.0025 * n_fit)))

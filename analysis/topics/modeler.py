@@ -56,7 +56,7 @@ class TopicModeler:
             n_epochs=s.umap_epochs,
         )
         hdb = HDBSCAN(min_cluster_size=mts, min_samples=ms, metric="euclidean", cluster_selection_method="eom", prediction_data=False)
-        vec = CountVectorizer(stop_words=stop_words(), ngram_range=(1, 2), min_df=min(s.min_df, max(1, n_fit // 20)), token_pattern=TOKEN_PATTERN)
+        vec = CountVectorizer(stop_words=stop_words(), ngram_range=(1, 2), min_df=s.min_document_count(n_fit), token_pattern=TOKEN_PATTERN)
         return BERTopic(
             embedding_model=bertopic_backend(embedder),
             umap_model=umap,
@@ -195,7 +195,7 @@ class TopicModeler:
         t0 = time.perf_counter()
         _silence_bertopic()
         vec = bt.vectorizer_model
-        vec.set_params(min_df=min(s.min_df, max(1, n // 20)))
+        vec.set_params(min_df=s.min_document_count(n))
         bt.update_topics(texts, topics=list(final), top_n_words=s.top_n_words, vectorizer_model=vec, ctfidf_model=bt.ctfidf_model, representation_model=self._representation())
         n_out = int((final == -1).sum())
         outl = [((fit_emb[final[fit_pos] == -1].sum(axis=0, dtype=np.float64) + out_sum) / n_out).astype(np.float32)] if n_out else []

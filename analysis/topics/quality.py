@@ -67,6 +67,42 @@ def agreement(pred: Sequence, truth: Sequence) -> dict[str, float]:
     pred, truth = np.asarray(pred), np.asarray(truth).astype(str)
     return {"ari": float(adjusted_rand_score(truth, pred)), "nmi": float(normalized_mutual_info_score(truth, pred))}
 
+def tier1_purity(topics: Sequence, tier1: Sequence) -> dict[str, float | int]:
+    """How well topics separate IAB tier-1s, over conversations with a tier-1 label (None/NaN: none).
+
+    `purity`: share of labeled conversations in a topic (not -1) whose label is their topic's
+    majority label. `purity_loo`: the same with the majority taken over the *other* labeled
+    conversations of the topic (ties: the alphabetically first label; no other label: a miss), so
+    splitting the corpus into tiny topics cannot raise it. `labeled_in_topics`: how many labeled
+    conversations are in a topic; `labeled_outlier_share`: the share of labeled ones in topic -1.
+    """
+    t = pd.Series(np.asarray(topics)).astype(int)
+    y = pd.Series(np.asarray(tier1, dtype=object))
+    lab = y.notna() & (y.astype(str) != "nan")
+    if len(t) != len(y):
+        raise ValueError(f"{len(t)} topics but {len(y)} tier-1 labels")
+    if not lab.any():
+        return {"purity": float("nan"), "purity_loo": float("nan"), "labeled_in_topics": 0, "labeled_outlier_share": float("nan")}
+    inside = lab & (t != -1)
+    d = pd.DataFrame({"t": t[inside], "y": y[inside].astype(str)})
+    counts = d.groupby(["t", "y"]).size().rename("n").reset_index()
+    top = counts.sort_values(["t", "n", "y"], ascending=[True, False, True]).drop_duplicates("t").set_index("t")
+    purity = float((d["y"].to_numpy() == top.loc[d["t"], "y"].to_numpy()).mean()) if len(d) else float("nan")
+    # leave-one-out: remove the conversation's own label from its topic's counts
+    by_topic = counts.groupby("t")
+    labels_of = {k: g[["y", "n"]].to_numpy() for k, g in by_topic}
+    hits = 0
+    for tt, yy in d.itertuples(index=False):
+        best, best_n = None, 0
+        for lbl, n in sorted(labels_of[tt], key=lambda r: r[0]):
+            n = n - (lbl == yy)
+            if n > best_n:
+                best, best_n = lbl, n
+        hits += best == yy
+    return {"purity": purity, "purity_loo": float(hits / len(d)) if len(d) else float("nan"), "labeled_in_topics": int(len(d)),
+            "labeled_outlier_share": float(1 - inside.sum() / lab.sum())}
+
+
 def quality_table(s, conv, docs, topic_all, final, fit_pos, outlier_before, outlier_after, npmi, words, timings, embed_stats) -> pd.DataFrame:
     rows = []
 

@@ -195,3 +195,26 @@ def test_settings_are_validated():
         TopicSettings(outlier_strategy="magic")
     with pytest.raises(ValueError, match="unknown topic setting"):
         TopicSettings.from_dict({"n_topics": 3})
+
+
+def test_tier1_purity_counts_majorities_and_leave_one_out_cannot_be_bought_by_tiny_topics():
+    from analysis.topics.quality import tier1_purity
+
+    # topic 0: a, a, b (majority a); topic 1: one label; topic 2: one label; -1 is the outlier topic
+    p = tier1_purity([0, 0, 0, 1, 1, -1, 2], ["a", "a", "b", "c", None, "a", "d"])
+    assert p["purity"] == 0.8 and p["labeled_in_topics"] == 5
+    assert p["purity_loo"] == 0.4  # a, a hit (tie a/b -> a); b misses; the single-label topics predict nothing
+    assert abs(p["labeled_outlier_share"] - 1 / 6) < 1e-12
+    # one topic per conversation: purity 1, leave-one-out 0
+    singles = tier1_purity(list(range(6)), list("aabbcc"))
+    assert singles["purity"] == 1.0 and singles["purity_loo"] == 0.0
+
+
+def test_min_df_is_a_share_of_documents_with_a_floor_of_two():
+    from analysis.contract.settings import TopicSettings
+
+    s = TopicSettings()
+    assert s.min_document_count(17_545) == 36 and s.min_document_count(200) == 2 and s.min_document_count(30) == 1
+    assert TopicSettings(min_df=5).min_document_count(1000) == 5
+    with pytest.raises(ValueError, match="min_df"):
+        TopicSettings(min_df=2.5)
