@@ -11,7 +11,10 @@ A topic of "writing help" holds cover letters (Careers), essays (Education) and 
   the embedding cache serves them), and the same head with the static model (every word, cheap);
 - **model**: a multinomial logistic regression over the 37 tier-1 ids and `NONE`, fitted on
   labeled conversations plus one prototype per tier-1 (its "use for" line of the gold-set
-  guideline, `analysis/data/iab_tier1_guide.yaml`), so a tier-1 without labels is still reachable;
+  guideline, `analysis/data/iab_tier1_guide.yaml`), so a tier-1 without labels is still reachable,
+  blended with a similarity-weighted vote of the `knn_k` nearest labeled conversations (on the
+  `backend` head and segment-mean part of the features): the vote keeps small, tight groups of
+  labels (law-firm pages, game scripts) that one linear boundary per class blurs;
 - **tier-2**: the child of the predicted tier-1 whose IAB text (label, path, synonyms,
   description) is most similar to the conversation's head vector (the tier-1 itself when it has
   no children); its cosine is the tier-2 score.
@@ -37,6 +40,7 @@ from analysis.detector.features import embed_texts
 from analysis.detector.text import segments
 from analysis.mapping.labels import id_hash
 from analysis.mapping.mapper import node_texts
+from analysis.util.embeddings import STATIC_PCA_DIMS
 from analysis.util.taxonomy import load_taxonomy
 
 NONE = "none"
@@ -87,7 +91,8 @@ def conversation_features(documents: Sequence[str], backend: str = "minilm", cac
 
 
 def prototype_features(backend: str = "minilm", cache_dir=None) -> tuple[np.ndarray, list[str]]:
-    """One feature row per tier-1 from its guide line ("<name>: <use>"), and the tier-1 ids."""
+    """One feature row per tier-1 from its guide line ("<name>: <use>"), and the tier-1 ids (the
+    backend part is repeated for the segment mean: a guide line is one segment)."""
     tax = load_taxonomy()
     names = dict(zip(tax["id"], tax["label"]))
     guide = tier1_guide()
@@ -105,10 +110,15 @@ class ConversationCategorizer:
     backend: str = "minilm"
     C: float = 2.0
     prototype_weight: float = 3.0  # each tier-1 prototype counts as this many labeled conversations
+    knn_weight: float = 0.35  # share of the kNN vote in the probabilities (0: logistic regression only)
+    knn_k: int = 10
+    knn_temperature: float = 20.0  # vote weight exp(temperature * cosine)
     seed: int = 0
     classes: np.ndarray | None = None
     coef: np.ndarray | None = None
     intercept: np.ndarray | None = None
+    knn_vectors: np.ndarray | None = None  # unit [head | segment mean] of the labeled conversations
+    knn_labels: np.ndarray | None = None
     fitted_on: str = ""
     cache_dir: str | None = None
     meta: dict = field(default_factory=dict)
@@ -127,21 +137,48 @@ class ConversationCategorizer:
         w = np.concatenate([np.ones(len(y)), np.full(len(pid), self.prototype_weight)])
         m = LogisticRegression(C=self.C, max_iter=3000, random_state=self.seed).fit(Xa, ya, sample_weight=w)
         self.classes, self.coef, self.intercept = m.classes_.astype(str), m.coef_.astype(np.float32), m.intercept_.astype(np.float32)
+        # float16-rounded now so that a saved and reloaded model (float16 on disk) predicts the same
+        self.knn_vectors = self._knn_part(X, P.shape[1]).astype(np.float16).astype(np.float32)
+        self.knn_labels = y.astype(str)
         self.fitted_on = source or f"{len(y)} labeled conversations"
         return self
+
+    @staticmethod
+    def _knn_part(X: np.ndarray, n_cols: int) -> np.ndarray:
+        """Unit [head | segment mean] rows of features laid out [head d | segment mean d | static head]."""
+        d = (n_cols - STATIC_PCA_DIMS) // 2
+        V = np.asarray(X[:, : 2 * d], dtype=np.float32)
+        return V / np.maximum(np.linalg.norm(V, axis=1, keepdims=True), 1e-12)
+
+    def _knn_proba(self, X: np.ndarray) -> np.ndarray:
+        """Similarity-weighted vote of the `knn_k` nearest labeled conversations, over `classes`."""
+        V = self._knn_part(X, self.coef.shape[1])
+        S = V @ self.knn_vectors.T
+        k = min(self.knn_k, S.shape[1])
+        nn = np.argpartition(-S, k - 1, axis=1)[:, :k]
+        w = np.exp(self.knn_temperature * (np.take_along_axis(S, nn, 1) - 1.0))  # shifted: no overflow
+        col = {c: j for j, c in enumerate(self.classes)}
+        lab = np.array([col[c] for c in self.knn_labels])[nn]
+        out = np.zeros((len(X), len(self.classes)))
+        np.add.at(out, (np.repeat(np.arange(len(X)), k), lab.ravel()), w.ravel())
+        return out / np.maximum(out.sum(axis=1, keepdims=True), 1e-300)
 
     def cross_fit(self, X: np.ndarray, y: Sequence[str], folds: np.ndarray) -> pd.DataFrame:
         """Out-of-fold probabilities: each row scored by a model fitted on the other folds (NaN-free,
         columns = the classes of the model fitted on all rows)."""
         y = np.asarray([str(v) for v in y], dtype=object)
-        full = ConversationCategorizer(self.backend, self.C, self.prototype_weight, self.seed, cache_dir=self.cache_dir).fit(X, y)
+        full = self._blank().fit(X, y)
         out = pd.DataFrame(0.0, index=np.arange(len(y)), columns=full.classes)
         for k in np.unique(folds):
             te = folds == k
-            m = ConversationCategorizer(self.backend, self.C, self.prototype_weight, self.seed, cache_dir=self.cache_dir).fit(X[~te], y[~te])
+            m = self._blank().fit(X[~te], y[~te])
             p = m.predict_proba(X[te])
             out.loc[np.flatnonzero(te), p.columns] = p.to_numpy()
         return out
+
+    def _blank(self) -> "ConversationCategorizer":
+        return ConversationCategorizer(self.backend, self.C, self.prototype_weight, self.knn_weight, self.knn_k, self.knn_temperature,
+                                       self.seed, cache_dir=self.cache_dir)
 
     # ---- predicting
     def predict_proba(self, X: np.ndarray) -> pd.DataFrame:
@@ -153,7 +190,10 @@ class ConversationCategorizer:
         z = X @ self.coef.T + self.intercept
         z -= z.max(axis=1, keepdims=True)
         p = np.exp(z)
-        return pd.DataFrame(p / p.sum(axis=1, keepdims=True), columns=self.classes)
+        p /= p.sum(axis=1, keepdims=True)
+        if self.knn_weight > 0 and self.knn_vectors is not None and len(self.knn_vectors):
+            p = (1 - self.knn_weight) * p + self.knn_weight * self._knn_proba(X)
+        return pd.DataFrame(p, columns=self.classes)
 
     def categorize(self, feats: Features, proba: pd.DataFrame | None = None, taxonomy: pd.DataFrame | None = None) -> pd.DataFrame:
         """Per row: tier1_id (None for NONE), tier1_label ("none" for NONE), tier1_score (its
@@ -186,10 +226,12 @@ class ConversationCategorizer:
     # ---- persistence
     def save(self, path: str | Path) -> Path:
         p = Path(path)
-        meta = {"backend": self.backend, "C": self.C, "prototype_weight": self.prototype_weight, "seed": self.seed,
-                "fitted_on": self.fitted_on, **self.meta}
+        meta = {"backend": self.backend, "C": self.C, "prototype_weight": self.prototype_weight, "knn_weight": self.knn_weight,
+                "knn_k": self.knn_k, "knn_temperature": self.knn_temperature, "seed": self.seed, "fitted_on": self.fitted_on, **self.meta}
+        kv = np.zeros((0, 0), np.float16) if self.knn_vectors is None else self.knn_vectors.astype(np.float16)
+        kl = np.zeros(0, dtype=str) if self.knn_labels is None else np.asarray(self.knn_labels, dtype=str)
         np.savez_compressed(p, classes=np.asarray(self.classes, dtype=str), coef=self.coef, intercept=self.intercept,
-                            meta=np.asarray(json.dumps(meta)))
+                            knn_vectors=kv, knn_labels=kl, meta=np.asarray(json.dumps(meta)))
         return p if p.suffix == ".npz" else p.with_suffix(p.suffix + ".npz")
 
     @classmethod
@@ -199,9 +241,14 @@ class ConversationCategorizer:
             raise FileNotFoundError(f"categorizer model {p} does not exist (data/labels/fit_categorizer.py writes the default)")
         z = np.load(p, allow_pickle=False)
         meta = json.loads(str(z["meta"]))
-        m = cls(backend=meta.pop("backend"), C=meta.pop("C"), prototype_weight=meta.pop("prototype_weight"), seed=meta.pop("seed"),
-                fitted_on=meta.pop("fitted_on"), cache_dir=cache_dir, meta=meta)
+        has_knn = "knn_vectors" in z.files and z["knn_vectors"].size > 0
+        m = cls(backend=meta.pop("backend"), C=meta.pop("C"), prototype_weight=meta.pop("prototype_weight"),
+                knn_weight=meta.pop("knn_weight", 0.0) if has_knn else 0.0, knn_k=meta.pop("knn_k", 10),
+                knn_temperature=meta.pop("knn_temperature", 20.0), seed=meta.pop("seed"), fitted_on=meta.pop("fitted_on"),
+                cache_dir=cache_dir, meta=meta)
         m.classes, m.coef, m.intercept = z["classes"].astype(str), z["coef"], z["intercept"]
+        if has_knn:
+            m.knn_vectors, m.knn_labels = z["knn_vectors"].astype(np.float32), z["knn_labels"].astype(str)
         return m
 
 

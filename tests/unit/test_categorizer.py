@@ -128,3 +128,17 @@ def test_readable_label_is_key_phrases_and_the_dominant_category():
     r = readable_labels(info, mix).set_index("topic")["readable_label"]
     assert r["1"] == "cover letter and job description (Careers 67%)"
     assert r["2"] == "flask and app (Technology & Computing 100%)"
+
+
+def test_knn_vote_blends_into_the_probabilities_and_survives_reload(fitted, tmp_path):
+    _, feats, y = fitted
+    knn_only = ConversationCategorizer(backend="static", C=4.0, knn_weight=1.0).fit(feats.X, y)
+    p = knn_only.predict_proba(feats.X)
+    assert (p.columns.to_numpy()[p.to_numpy().argmax(axis=1)] == np.asarray(y)).all()  # each row's nearest is itself
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-9)
+    lr_only = ConversationCategorizer(backend="static", C=4.0, knn_weight=0.0).fit(feats.X, y)
+    blend = ConversationCategorizer(backend="static", C=4.0, knn_weight=0.35).fit(feats.X, y)
+    np.testing.assert_allclose(blend.predict_proba(feats.X).to_numpy(),
+                               0.65 * lr_only.predict_proba(feats.X).to_numpy() + 0.35 * p.to_numpy(), rtol=1e-5, atol=1e-7)
+    back = ConversationCategorizer.load(blend.save(tmp_path / "b.npz"))
+    assert back.knn_weight == 0.35 and back.knn_vectors.shape == blend.knn_vectors.shape
