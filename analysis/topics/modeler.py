@@ -56,7 +56,8 @@ class TopicModeler:
             n_epochs=s.umap_epochs,
         )
         hdb = HDBSCAN(min_cluster_size=mts, min_samples=ms, metric="euclidean", cluster_selection_method="eom", prediction_data=False)
-        vec = CountVectorizer(stop_words=stop_words(), ngram_range=(1, 2), min_df=s.min_document_count(n_fit), token_pattern=TOKEN_PATTERN)
+        # BERTopic fits this on one concatenated document per topic: min_df here counts topics
+        vec = CountVectorizer(stop_words=stop_words(), ngram_range=(1, 2), min_df=min(2, max(1, n_fit // 20)), token_pattern=TOKEN_PATTERN)
         return BERTopic(
             embedding_model=bertopic_backend(embedder),
             umap_model=umap,
@@ -195,7 +196,7 @@ class TopicModeler:
         t0 = time.perf_counter()
         _silence_bertopic()
         vec = bt.vectorizer_model
-        vec.set_params(min_df=s.min_document_count(n))
+        vec.set_params(min_df=1, vocabulary=keyword_vocabulary(texts, s.min_document_count(n)))
         bt.update_topics(texts, topics=list(final), top_n_words=s.top_n_words, vectorizer_model=vec, ctfidf_model=bt.ctfidf_model, representation_model=self._representation())
         n_out = int((final == -1).sum())
         outl = [((fit_emb[final[fit_pos] == -1].sum(axis=0, dtype=np.float64) + out_sum) / n_out).astype(np.float32)] if n_out else []
@@ -263,6 +264,21 @@ class TopicModeler:
         keep = [c for c in ("conversation_id", "user_id", "region", "excluded", "started_at") if c in conv]
         model.meta.update({"n_documents": int(n), "n_fit": int(len(fit_pos)), "topics": int(len(topic_ids)), "cluster_sizes": list(s.cluster_sizes(len(fit_pos)))})
         return TopicsResult(assignments, topic_info, quality, model, docs, conv[keep].copy(), timings, s, embed_stats)
+
+def keyword_vocabulary(texts: list[str], min_documents: int) -> list[str] | None:
+    """Words and bigrams (stop words out) that occur in at least `min_documents` of the documents.
+
+    BERTopic's c-TF-IDF vectorizer sees one concatenated document per topic, so its own `min_df`
+    counts topics; document frequency has to be counted here. None when nothing qualifies."""
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    cv = CountVectorizer(stop_words=stop_words(), ngram_range=(1, 2), min_df=min_documents, token_pattern=TOKEN_PATTERN, binary=True)
+    try:
+        cv.fit(texts)
+    except ValueError:  # no word reaches min_documents (tiny corpora)
+        return None
+    return sorted(cv.vocabulary_)
+
 
 def stop_words() -> list[str]:
     from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
