@@ -67,10 +67,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--chunk", type=int, default=10)
     ap.add_argument("--rows", type=Path, default=ROOT / "bench" / "out" / "exposure_design")
+    ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated world kinds to run (tables print from every row present)")
     a = ap.parse_args()
     a.rows.mkdir(parents=True, exist_ok=True)
     chunks = [(i, np.arange(i, min(i + a.chunk, a.worlds)) + 300_000) for i in range(0, a.worlds, a.chunk)]
-    jobs = [(k, c, a.rows / f"{k}_{i:05d}_{len(c)}") for i, c in chunks for k in KINDS]
+    jobs = [(k, c, a.rows / f"{k}_{i:05d}_{len(c)}") for i, c in chunks for k in KINDS if k in a.kinds.split(",")]
     todo = [j for j in jobs if not j[2].with_suffix(".checks.parquet").exists()]
     t0 = time.perf_counter()
     with ProcessPoolExecutor(a.workers) as ex:
