@@ -81,6 +81,7 @@ def test_tolerance_tests_and_multiplicity(default_report):
 
 def test_positive_controls_show_flow_and_excluded_regions_show_none(default_report):
     e = default_report.exposure.table
+    e = e[e["window"] == "policy"]  # the pre-policy placebo rows are the design check's (tests/unit/test_exposure_checks.py)
     ctl = e[(e["kind"] == "control") & (e["design"] == "matched") & (e["region_group"] == "included")]
     assert len(ctl) == len(DEFAULT_CONTROLS)
     assert (ctl["p_permutation"] < 0.01).all() and (ctl["p_glm"] < 0.01).all()
