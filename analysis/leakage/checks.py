@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from statsmodels.stats.multitest import multipletests
 
 from analysis.leakage.data import related_nodes
+from analysis.util.stats import p_adjust
 from analysis.util.taxonomy import load_taxonomy
 
 CHECKS = {"placebo": "pre-policy placebo", "negative_control": "negative controls"}
@@ -67,7 +67,7 @@ def design_checks(table: pd.DataFrame, alpha: float = 0.05, min_p: float | None 
         row = {"check": check, "name": CHECKS[check], "tests": len(t), "min_p_holm": np.nan, "failed": False, "significant": "",
                "can_fail": not (min_p is not None and len(t) and min_p * len(t) >= alpha)}
         if len(t):
-            ph = multipletests(t["p_permutation"].astype(float), alpha=alpha, method="holm")[1]
+            ph = p_adjust(t["p_permutation"].astype(float), "holm", alpha)
             sig = ph < alpha
             row.update(min_p_holm=float(ph.min()), failed=bool(sig.any()),
                        significant="; ".join(f"{c} ({d}, {g})" for c, d, g in

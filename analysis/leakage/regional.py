@@ -18,7 +18,8 @@ from itertools import combinations
 
 import numpy as np
 import pandas as pd
-from statsmodels.stats.multitest import multipletests
+
+from analysis.util.stats import p_adjust
 
 
 def _assignments(R: int, k: int, n_perm: int, max_exact: int, rng):
@@ -100,7 +101,7 @@ def violation_family(tests: pd.DataFrame, *, alpha: float = 0.05, chat_impressio
     ok = t["p_value"].notna()
     t["p_holm"] = np.nan
     if ok.any():
-        t.loc[ok, "p_holm"] = multipletests(t.loc[ok, "p_value"].astype(float), alpha=alpha, method="holm")[1]
+        t.loc[ok, "p_holm"] = p_adjust(t.loc[ok, "p_value"].astype(float), "holm", alpha)
     t["significant"] = t["p_holm"] < alpha
     chat = chat_impressions if chat_impressions is not None else pd.Series(dtype=float)
     regions = sorted(set(t["region"]) | set(chat.index))

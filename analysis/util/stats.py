@@ -5,6 +5,7 @@ Thin wrappers over statsmodels / scipy so every stage computes these the same wa
 
 from __future__ import annotations
 
+import gc
 import math
 
 import numpy as np
@@ -33,7 +34,13 @@ def proportion(k: int, n: int, alpha: float, method: str = "wilson") -> tuple[fl
 
 def p_adjust(p, method: str, alpha: float = 0.05) -> np.ndarray:
     """Multiplicity-adjusted p-values (statsmodels `multipletests`: holm, fdr_bh, ...)."""
-    return multipletests(np.asarray(p, dtype=float), alpha=alpha, method=method)[1]
+    # statsmodels' Holm step calls gc.collect(): a full collection takes ~1 s in a process holding
+    # torch and a run's tables. Frozen objects are skipped by it; unfreezing hands them back unchanged.
+    gc.freeze()
+    try:
+        return multipletests(np.asarray(p, dtype=float), alpha=alpha, method=method)[1]
+    finally:
+        gc.unfreeze()
 
 
 def ratio_ci(num: float, den: float, var_num: float, var_den: float, cov: float = 0.0, *, df: float | None = None, alpha: float = 0.05) -> dict:
