@@ -218,3 +218,14 @@ def test_min_df_is_a_share_of_documents_with_a_floor_of_two():
     assert TopicSettings(min_df=5).min_document_count(1000) == 5
     with pytest.raises(ValueError, match="min_df"):
         TopicSettings(min_df=2.5)
+
+
+def test_keyword_vocabulary_counts_documents_not_topics():
+    """BERTopic's c-TF-IDF vectorizer sees one concatenation per topic; the keyword floor must count
+    documents (a share of 50k documents once exceeded the topic count and crashed the stage)."""
+    from analysis.topics.modeler import keyword_vocabulary
+
+    docs = ["mortgage rates question"] * 3 + ["sourdough starter"] * 2 + ["zebra"]
+    v = keyword_vocabulary(docs, 3)
+    assert "mortgage" in v and "mortgage rates" in v and "sourdough" not in v and "zebra" not in v
+    assert keyword_vocabulary(docs, 10) is None  # nothing reaches the floor: no restriction
