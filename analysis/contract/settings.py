@@ -98,7 +98,7 @@ class TopicSettings(StageSettings):
     max_documents: int | None = None  # a seeded sample of at most this many conversations (None: all)
     representation: str = "mmr"  # mmr | keybert | ctfidf: the words topic labels are made of
     top_n_words: int = 10
-    min_df: float = 0.002  # a keyword must occur in at least this share of documents (>= 1: this many), and in 2 (drops names, typos, ids)
+    min_df: float = 0.002  # share of documents a keyword must occur in (a count if 1 or more; at least 2: drops names, typos, ids)
     max_chars: int = 2000
     cache_dir: str | None = None  # embeddings + static model cache (None: data/cache of the checkout)
     engine: str = "pandas"  # pandas | dask (clean, embed and assign on a Dask cluster; docs/scale.md)

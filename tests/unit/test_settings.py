@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import fields
 
 import nbformat
+import papermill
 import pytest
 import yaml
 
@@ -24,6 +25,9 @@ def test_every_stage_notebook_has_settings_and_a_generated_parameters_cell():
     for p in nbs:
         cell, nb = _parameters_cell(p)
         assert cell.source == parameters_cell(p.stem), f"{p.name}: run `make notebook-params` (the cell differs from {STAGE_SETTINGS[p.stem].__name__})"
+        # papermill must see every setting (it skips lines holding two '=', e.g. a '>=' in a comment)
+        seen = {q["name"] for q in papermill.inspect_notebook(str(p)).values()}
+        assert seen - {"run_dir"} == {f.name for f in fields(STAGE_SETTINGS[p.stem])}, p.name
         code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
         assert f"{STAGE_SETTINGS[p.stem].__name__}.from_namespace(globals())" in code, p.name
 
