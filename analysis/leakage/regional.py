@@ -13,25 +13,10 @@
 
 from __future__ import annotations
 
-import math
-from itertools import combinations
-
 import numpy as np
 import pandas as pd
 
-from analysis.util.stats import p_adjust
-
-
-def _assignments(R: int, k: int, n_perm: int, max_exact: int, rng):
-    total = math.comb(R, k)
-    if total <= max_exact:
-        A = np.zeros((total, R), dtype=bool)
-        for i, comb in enumerate(combinations(range(R), k)):
-            A[i, list(comb)] = True
-        return A, True, total
-    A = np.zeros((n_perm, R), dtype=bool)
-    np.put_along_axis(A, np.argsort(rng.random((n_perm, R)), axis=1)[:, :k], True, axis=1)
-    return A, False, total
+from analysis.util.stats import p_adjust, region_assignments
 
 
 def _studentized(A: np.ndarray, s: np.ndarray, s2: np.ndarray, n: np.ndarray) -> np.ndarray:
@@ -75,7 +60,7 @@ def region_permutation_test(y, region, included, *, n_permutations: int = 4999, 
     s2 = np.bincount(code, weights=y * y)
     n = np.bincount(code).astype(float)
     t_obs = float(_studentized(inc_r[None, :], s, s2, n)[0])
-    A, exact, total = _assignments(len(regs), k, n_permutations, max_exact, np.random.default_rng(seed))
+    A, exact, total = region_assignments(len(regs), k, max_exact, n_permutations, seed)
     t = _studentized(A, s, s2, n)
     extreme = int(np.sum(np.abs(t) >= abs(t_obs) - 1e-9 * max(1, abs(t_obs))))
     p = extreme / len(A) if exact else (1 + extreme) / (1 + len(A))

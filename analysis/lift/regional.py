@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from itertools import combinations
 
 import numpy as np
 import pandas as pd
 from scipy import stats
+
+from analysis.util.stats import region_assignments
 
 
 @dataclass
@@ -206,7 +207,7 @@ class RegionDiD:
         q = stats.t.ppf(1 - self.alpha / 2, df)
         t_obs = theta / se
         p = float(2 * stats.t.sf(abs(t_obs), df))
-        A, exact, total = self._assignments(len(cells.region), k)
+        A, exact, total = region_assignments(len(cells.region), k, self.max_exact, self.n_permutations, self.seed)
         th_a, var_a, _, _ = _jackknife(A, c, n)
         t_a = th_a / np.sqrt(var_a)
         tol = 1e-9 * max(1.0, abs(t_obs))
@@ -232,19 +233,6 @@ class RegionDiD:
             regions_included=k, regions_excluded=m, counterfactual_ctr=cf, abs_lift=ctr_post - cf, alpha=self.alpha,
             caveat="; ".join(caveats), cells=table,
         )
-
-    def _assignments(self, R: int, k: int):
-        total = math.comb(R, k)
-        if total <= self.max_exact:
-            A = np.zeros((total, R), dtype=bool)
-            for i, comb in enumerate(combinations(range(R), k)):
-                A[i, list(comb)] = True
-            return A, True, total
-        rng = np.random.default_rng(self.seed)
-        A = np.zeros((self.n_permutations, R), dtype=bool)
-        idx = np.argsort(rng.random((self.n_permutations, R)), axis=1)[:, :k]
-        np.put_along_axis(A, idx, True, axis=1)
-        return A, False, total
 
 
 # ------------------------------------------------------------------------ event study
@@ -408,21 +396,9 @@ class RegionEventStudy:
         b, v, d = float(b[0]), float(v[0]), float(d[0])
         t_obs = b / math.sqrt(v)
         p = float(2 * stats.t.sf(abs(t_obs), max(d, 1)))
-        A, exact = self._assignments(len(regions), k)
+        A, exact, _ = region_assignments(len(regions), k, self.max_exact, self.n_permutations, self.seed)
         bb, vv, _ = slope_t(A)
         tt = bb / np.sqrt(vv)
         extreme = int(np.sum(np.abs(tt) >= abs(t_obs) - 1e-9 * max(1.0, abs(t_obs))))
         p_ri = extreme / len(A) if exact else (1 + extreme) / (1 + len(A))
         return RegionEventStudyResult(coefs, self.ref_week, b, math.sqrt(v), d, p, float(p_ri), k, m)
-
-    def _assignments(self, R: int, k: int):
-        total = math.comb(R, k)
-        if total <= self.max_exact:
-            A = np.zeros((total, R), dtype=bool)
-            for i, comb in enumerate(combinations(range(R), k)):
-                A[i, list(comb)] = True
-            return A, True
-        rng = np.random.default_rng(self.seed)
-        A = np.zeros((self.n_permutations, R), dtype=bool)
-        np.put_along_axis(A, np.argsort(rng.random((self.n_permutations, R)), axis=1)[:, :k], True, axis=1)
-        return A, False

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import math
+from itertools import combinations
 
 import numpy as np
 from scipy import stats
@@ -67,3 +68,18 @@ def ratio_ci(num: float, den: float, var_num: float, var_den: float, cov: float 
 
 def fmt_ci(ci, digits: int = 3) -> str:
     return f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def region_assignments(R: int, k: int, max_exact: int, n_permutations: int, seed: int):
+    """Assignments of k of R regions to treatment for randomization inference: all C(R, k) when there
+    are at most `max_exact` (exact test), else `n_permutations` seeded draws. Returns (A, exact, C(R, k))."""
+    total = math.comb(R, k)
+    if total <= max_exact:
+        A = np.zeros((total, R), dtype=bool)
+        for i, comb in enumerate(combinations(range(R), k)):
+            A[i, list(comb)] = True
+        return A, True, total
+    rng = np.random.default_rng(seed)
+    A = np.zeros((n_permutations, R), dtype=bool)
+    np.put_along_axis(A, np.argsort(rng.random((n_permutations, R)), axis=1)[:, :k], True, axis=1)
+    return A, False, total
