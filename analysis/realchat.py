@@ -28,7 +28,7 @@ from analysis.contract.art9 import ART9
 from analysis.contract.schemas import DataError
 from analysis.ingest.inputs import load_inputs
 from analysis.mapping.labels import read_labels
-from analysis.simulate import EXCLUDED_REGIONS, GENERIC_AD_NODES, INCLUDED_REGIONS, World
+from analysis.simulate import EXCLUDED_REGIONS, GENERIC_AD_NODES, INCLUDED_REGIONS, World, lift_truth
 from analysis.util.regions import DEFAULT_EXCLUDED, DEFAULT_POLICY_DATE
 from analysis.util.taxonomy import load_taxonomy
 
@@ -267,15 +267,6 @@ def _ground_truth(cfg, users, conv, sens, blocked, p_pass, imp, itruth, region_i
                                          "leak_rate_realized": float((~blocked[mm]).mean()) if mm.any() else None,
                                          "n_conversations": int(mm.sum())}
         leak[c] = row
-    p1_all, p0_all = itruth["p_click"].to_numpy(), itruth["p_click_counterfactual"].to_numpy()
-
-    def ratio(mask):
-        if not mask.any():
-            return {"abs": None, "rel": None, "ctr_treated": None, "ctr_counterfactual": None, "n_impressions": 0}
-        p1, p0 = p1_all[mask], p0_all[mask]
-        return {"abs": float(p1.mean() - p0.mean()), "rel": float(p1.mean() / p0.mean() - 1),
-                "ctr_treated": float(p1.mean()), "ctr_counterfactual": float(p0.mean()), "n_impressions": int(mask.sum())}
-
     excl_i = np.isin(region_i, cfg.excluded_regions)
     inc_post = (~excl_i) & (imp["shown_at"] >= policy).to_numpy()
     ct = itruth["chat_targeted"].to_numpy()
@@ -291,15 +282,8 @@ def _ground_truth(cfg, users, conv, sens, blocked, p_pass, imp, itruth, region_i
         },
         "topics": [],
         "leakage": leak,
-        "lift": {
-            "estimand_note": "as in the simulated world (analysis.simulate): expected CTR with the policy vs the baseline ad without chat lift",
-            "lift_matched_param": cfg.lift_matched,
-            "included_post": ratio(inc_post),
-            "treatment_arm": ratio(inc_post & (arm_i == "treatment")),
-            "holdout_arm": ratio(inc_post & (arm_i == "holdout")),
-            "chat_matched": ratio(ct),
-            "by_category_matched_lift": {n: float(lift_by_node[i]) for n, i in node_idx.items()},
-        },
+        "lift": lift_truth(itruth, inc_post, arm_i, lift_by_node, node_idx, cfg.lift_matched,
+                           note="as in the simulated world (analysis.simulate): expected CTR with the policy vs the baseline ad without chat lift"),
         "violations": {
             "violation_regions": cfg.violation_regions,
             "chat_targeted_impressions_in_excluded_regions": int((ct & excl_i).sum()),

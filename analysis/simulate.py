@@ -533,6 +533,39 @@ def _outside_interest(cfg, rng, conv_user, conv_s, topic_a, iab, node_idx, imp_u
     return np.where(hit, node[cand], -1)
 
 
+LIFT_ESTIMAND_NOTE = (
+    "Impression-weighted expected CTR with the policy vs. the same impressions without it "
+    "(counterfactual: the baseline ad category, no chat lift). 'included_post' is the policy's "
+    "effect on included-region impressions after the policy date (intent-to-treat over arms); "
+    "'treatment_arm' restricts to the treatment arm (the A/B estimand); 'chat_matched' is the "
+    "CTR lift of chat-targeted impressions themselves."
+)
+
+
+def lift_truth(itruth: pd.DataFrame, inc_post: np.ndarray, arm: np.ndarray, lift_by_node: np.ndarray, node_idx: dict,
+               lift_matched: float, note: str = LIFT_ESTIMAND_NOTE) -> dict:
+    """The ground truth's `lift` block: expected CTR with vs without the policy (`itruth`'s p_click and
+    p_click_counterfactual) over included post-policy impressions, per arm, and chat-targeted ones."""
+    p1_all, p0_all = itruth["p_click"].to_numpy(), itruth["p_click_counterfactual"].to_numpy()
+
+    def ratio(mask):
+        if not mask.any():
+            return {"abs": None, "rel": None, "ctr_treated": None, "ctr_counterfactual": None, "n_impressions": 0}
+        p1, p0 = p1_all[mask], p0_all[mask]
+        return {"abs": float(p1.mean() - p0.mean()), "rel": float(p1.mean() / p0.mean() - 1),
+                "ctr_treated": float(p1.mean()), "ctr_counterfactual": float(p0.mean()), "n_impressions": int(mask.sum())}
+
+    return {
+        "estimand_note": note,
+        "lift_matched_param": lift_matched,
+        "included_post": ratio(inc_post),
+        "treatment_arm": ratio(inc_post & (arm == "treatment")),
+        "holdout_arm": ratio(inc_post & (arm == "holdout")),
+        "chat_matched": ratio(itruth["chat_targeted"].to_numpy()),
+        "by_category_matched_lift": {n: float(lift_by_node[i]) for n, i in node_idx.items()},
+    }
+
+
 def _ground_truth(cfg, catalog, users, conv, sens, blocked, p_pass, imp, itruth, scope_i, policy, lift_by_node, node_idx, region_i, arm_i,
                   n_outside: int = 0) -> dict:
     excl_user = users["region"].isin(cfg.excluded_regions).to_numpy()
@@ -563,35 +596,9 @@ def _ground_truth(cfg, catalog, users, conv, sens, blocked, p_pass, imp, itruth,
             }
         leak[c] = row
 
-    def ratio(mask):
-        p1, p0 = itruth["p_click"].to_numpy()[mask], itruth["p_click_counterfactual"].to_numpy()[mask]
-        if not mask.any():
-            return {"abs": None, "rel": None, "ctr_treated": None, "ctr_counterfactual": None, "n_impressions": 0}
-        return {
-            "abs": float(p1.mean() - p0.mean()),
-            "rel": float(p1.mean() / p0.mean() - 1),
-            "ctr_treated": float(p1.mean()),
-            "ctr_counterfactual": float(p0.mean()),
-            "n_impressions": int(mask.sum()),
-        }
-
     inc_post = (~excl_i) & post
     ct = itruth["chat_targeted"].to_numpy()
-    lift = {
-        "estimand_note": (
-            "Impression-weighted expected CTR with the policy vs. the same impressions without it "
-            "(counterfactual: the baseline ad category, no chat lift). 'included_post' is the policy's "
-            "effect on included-region impressions after the policy date (intent-to-treat over arms); "
-            "'treatment_arm' restricts to the treatment arm (the A/B estimand); 'chat_matched' is the "
-            "CTR lift of chat-targeted impressions themselves."
-        ),
-        "lift_matched_param": cfg.lift_matched,
-        "included_post": ratio(inc_post),
-        "treatment_arm": ratio(inc_post & (arm_i == "treatment")),
-        "holdout_arm": ratio(inc_post & (arm_i == "holdout")),
-        "chat_matched": ratio(ct),
-        "by_category_matched_lift": {n: float(lift_by_node[i]) for n, i in node_idx.items()},
-    }
+    lift = lift_truth(itruth, inc_post, arm_i, lift_by_node, node_idx, cfg.lift_matched)
     kinds = {t["key"]: t["kind"] for t in catalog}
     src = itruth.loc[ct, "source_conversation_id"]
     src_topics = conv.set_index("conversation_id").loc[src, "topic"].to_numpy() if len(src) else np.array([])
