@@ -125,27 +125,32 @@ class EventStudyResult:
         return self.coefs.copy()
 
     def plot(self, ax=None, truth: float | None = None):
-        import matplotlib.pyplot as plt
+        return plot_event_study(self.coefs, self.ref_week, ax=ax, truth=truth, ylabel="CTR gap vs. reference week",
+                                title=f"Event study (pre-trend F-test p = {self.pretrend_p:.3f})")
 
-        if ax is None:
-            fig, ax = plt.subplots(figsize=(9, 3.4))
-        c = self.coefs
-        colors = np.where(c["period"] == "pre", "tab:gray", "tab:blue")
-        ax.axhline(0, color="k", lw=0.8)
-        ax.axvline(-0.5, color="k", ls="--", lw=1)
-        for col in ("tab:gray", "tab:blue"):
-            s = c[colors == col]
-            ax.errorbar(s["week"], s["estimate"], yerr=[s["estimate"] - s["ci_low"], s["ci_high"] - s["estimate"]], fmt="o", color=col, ms=4, capsize=2,
-                        label="pre-period (placebo)" if col == "tab:gray" else "post-period")
-        ax.plot([self.ref_week], [0], "o", mfc="white", color="k", ms=5, label=f"reference week {self.ref_week}")
-        if truth is not None:
-            ax.axhline(truth, color="tab:green", ls=":", lw=1.5, label="true effect (simulation)")
-        ax.set_xlabel("weeks since the policy date")
-        ax.set_ylabel("CTR gap vs. reference week")
-        ax.set_title(f"Event study (pre-trend F-test p = {self.pretrend_p:.3f})", fontsize=10)
-        ax.legend(frameon=False, fontsize=8)
-        ax.figure.tight_layout()
-        return ax.figure
+
+def plot_event_study(coefs: pd.DataFrame, ref_week: int, *, ax=None, truth: float | None = None, ylabel: str, title: str):
+    """Event-study coefficients (week, period, estimate, ci_low, ci_high) with their CIs, the reference
+    week at 0 and, in a simulation, the true effect on the coefficients' scale."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9, 3.4))
+    ax.axhline(0, color="k", lw=0.8)
+    ax.axvline(-0.5, color="k", ls="--", lw=1)
+    for per, col, lab in (("pre", "tab:gray", "pre-period (placebo)"), ("post", "tab:blue", "post-period")):
+        s = coefs[coefs["period"] == per]
+        ax.errorbar(s["week"], s["estimate"], yerr=[s["estimate"] - s["ci_low"], s["ci_high"] - s["estimate"]], fmt="o",
+                    color=col, ms=4, capsize=2, label=lab)
+    ax.plot([ref_week], [0], "o", mfc="white", color="k", ms=5, label=f"reference week {ref_week}")
+    if truth is not None:
+        ax.axhline(truth, color="tab:green", ls=":", lw=1.5, label="true effect (simulation)")
+    ax.set_xlabel("weeks since the policy date")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(frameon=False, fontsize=8)
+    ax.figure.tight_layout()
+    return ax.figure
 
 
 class EventStudy:

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from analysis.lift.did import plot_event_study
 from analysis.util.stats import region_assignments
 
 
@@ -321,27 +322,9 @@ class RegionEventStudyResult:
 
     def plot(self, ax=None, truth: float | None = None):
         """Coefficients with their region-level CIs; `truth` is a relative lift (drawn as log(1 + truth))."""
-        import matplotlib.pyplot as plt
-
-        if ax is None:
-            _, ax = plt.subplots(figsize=(9, 3.4))
-        c = self.coefs
-        ax.axhline(0, color="k", lw=0.8)
-        ax.axvline(-0.5, color="k", ls="--", lw=1)
-        for per, col, lab in (("pre", "tab:gray", "pre-period (placebo)"), ("post", "tab:blue", "post-period")):
-            s = c[c["period"] == per]
-            ax.errorbar(s["week"], s["estimate"], yerr=[s["estimate"] - s["ci_low"], s["ci_high"] - s["estimate"]], fmt="o",
-                        color=col, ms=4, capsize=2, label=lab)
-        ax.plot([self.ref_week], [0], "o", mfc="white", color="k", ms=5, label=f"reference week {self.ref_week}")
-        if truth is not None and truth > -1:
-            ax.axhline(math.log1p(truth), color="tab:green", ls=":", lw=1.5, label="true effect (simulation)")
-        ax.set_xlabel("weeks since the policy date")
-        ax.set_ylabel(self.scale)
-        ax.set_title(f"Event study over {self.regions_included} + {self.regions_excluded} regions "
-                     f"(pre-trend slope p = {self.pretrend_p:.3f}, CR3)", fontsize=10)
-        ax.legend(frameon=False, fontsize=8)
-        ax.figure.tight_layout()
-        return ax.figure
+        return plot_event_study(self.coefs, self.ref_week, ax=ax, truth=math.log1p(truth) if truth is not None and truth > -1 else None,
+                                ylabel=self.scale, title=f"Event study over {self.regions_included} + {self.regions_excluded} regions "
+                                                         f"(pre-trend slope p = {self.pretrend_p:.3f}, CR3)")
 
 
 class RegionEventStudy:
