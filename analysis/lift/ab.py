@@ -15,13 +15,14 @@ from statsmodels.stats.proportion import (
 )
 
 from analysis.impressions import ARMS, LiftData
-from analysis.util.stats import fmt_ci, ratio_ci
+from analysis.lift.estimate import LiftEstimate
+from analysis.util.stats import ratio_ci
 
 # ---------------------------------------------------------------------------- CUPED
 
 
 @dataclass
-class TwoGroupResult:
+class TwoGroupResult(LiftEstimate):
     """Ratio-metric (CTR) comparison of two groups of users, optionally CUPED-adjusted."""
 
     label: str
@@ -30,33 +31,16 @@ class TwoGroupResult:
     ctr_treated: float
     ctr_control: float
     theta: float
-    abs_lift: float
-    se: float
-    ci: tuple[float, float]
-    p_value: float
-    df: float
-    rel_lift: float
-    rel_se: float
-    rel_ci_delta: tuple[float, float]
-    rel_ci_fieller: tuple[float, float]
     se_unadjusted: float
     variance_reduction: float  # 1 - Var(adjusted) / Var(unadjusted) of the abs lift
 
     def summary(self) -> pd.DataFrame:
-        return pd.DataFrame(
-            {
-                "estimator": [self.label],
-                "abs_lift": [self.abs_lift],
-                "abs_ci": [fmt_ci(self.ci, 5)],
-                "rel_lift": [self.rel_lift],
-                "rel_ci_delta": [fmt_ci(self.rel_ci_delta)],
-                "rel_ci_fieller": [fmt_ci(self.rel_ci_fieller)],
-                "p_value": [self.p_value],
-                "theta": [self.theta],
-                "variance_reduction": [self.variance_reduction],
-                "users (T / C)": [f"{self.n_treated} / {self.n_control}"],
-            }
-        )
+        return pd.DataFrame({
+            **self._summary_columns(self.label),
+            "theta": [self.theta],
+            "variance_reduction": [self.variance_reduction],
+            "users (T / C)": [f"{self.n_treated} / {self.n_control}"],
+        })
 
     def to_frame(self) -> pd.DataFrame:
         row = {}
@@ -161,8 +145,10 @@ class Cuped:
         cov = -(c.var_p - theta * c.cov_pq) / c.n
         rel = ratio_ci(diff, c.ctr_post, var, c.var_p / c.n, cov, df=df, alpha=self.alpha)
         return TwoGroupResult(
-            label, t.n, c.n, t.ctr_post, c.ctr_post, theta, diff, se, (diff - q * se, diff + q * se), p, df,
-            rel["ratio"], rel["se"], rel["delta_ci"], rel["fieller_ci"], math.sqrt(var0), 1 - var / var0,
+            abs_lift=diff, se=se, ci=(diff - q * se, diff + q * se), p_value=p, df=df,
+            rel_lift=rel["ratio"], rel_se=rel["se"], rel_ci_delta=rel["delta_ci"], rel_ci_fieller=rel["fieller_ci"],
+            label=label, n_treated=t.n, n_control=c.n, ctr_treated=t.ctr_post, ctr_control=c.ctr_post, theta=theta,
+            se_unadjusted=math.sqrt(var0), variance_reduction=1 - var / var0,
         )
 
     @staticmethod

@@ -12,42 +12,26 @@ import statsmodels.api as sm
 from scipy import sparse, stats
 
 from analysis.impressions import LiftData
-from analysis.util.stats import fmt_ci, ratio_ci
+from analysis.lift.estimate import LiftEstimate
+from analysis.util.stats import ratio_ci
 
 # --------------------------------------------------------------------------------- DiD
 
 
 @dataclass
-class DiDResult:
+class DiDResult(LiftEstimate):
     """2x2 difference-in-differences of impression-weighted CTR (estimand: truth `included_post`)."""
 
-    abs_lift: float
-    se: float
-    ci: tuple[float, float]
-    p_value: float
-    df: int
     counterfactual_ctr: float
-    rel_lift: float
-    rel_se: float
-    rel_ci_delta: tuple[float, float]
-    rel_ci_fieller: tuple[float, float]
     n_users: int
     cells: pd.DataFrame
     model: object = field(repr=False, default=None)
 
     def summary(self) -> pd.DataFrame:
-        return pd.DataFrame(
-            {
-                "estimator": ["DiD (included vs excluded, pre vs post)"],
-                "abs_lift": [self.abs_lift],
-                "abs_ci": [fmt_ci(self.ci, 5)],
-                "rel_lift": [self.rel_lift],
-                "rel_ci_delta": [fmt_ci(self.rel_ci_delta)],
-                "rel_ci_fieller": [fmt_ci(self.rel_ci_fieller)],
-                "p_value": [self.p_value],
-                "users (clusters)": [self.n_users],
-            }
-        )
+        return pd.DataFrame({
+            **self._summary_columns("DiD (included vs excluded, pre vs post)"),
+            "users (clusters)": [self.n_users],
+        })
 
     def to_frame(self) -> pd.DataFrame:
         return pd.DataFrame(
