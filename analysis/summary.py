@@ -24,6 +24,15 @@ from analysis.util.taxonomy import load_taxonomy
 
 # what the answers headline (issue 14): inference at the unit of assignment / clustering
 HEADLINE_METRICS = (M.LEAK_RATE_PPI, M.LEAK_RATE_CLUSTERED, M.REGION_DID_REL, M.AB_CUPED_REL)
+METRIC_LABELS = {
+    M.LEAK_RATE_PPI: "Leak rate (PPI++)",
+    M.LEAK_RATE_CLUSTERED: "Leak rate (labeled sample, users as clusters)",
+    M.LEAK_RATE: "Leak rate (labeled sample)",
+    M.REGION_DID_REL: "Lift, included regions after the policy (DiD over regions)",
+    M.AB_CUPED_REL: "Lift, treatment vs holdout (randomized, CUPED)",
+    M.DID_REL: "Lift, included regions after the policy (DiD, users as clusters)",
+    M.AB_REL: "Lift, treatment vs holdout (randomized)",
+}
 
 QUESTIONS = {
     "topics": "What do people talk about with the AI?",
@@ -311,20 +320,45 @@ class AuditSummary:
         all-region, all-category figures the answers rest on (HEADLINE_METRICS when the run has them; the
         comparisons, e.g. Rogan-Gladen and the user-clustered DiD, and per-region / per-ad-category rows
         are in the stage reports)."""
+        t = self._truth_rows(headline)
+        t["group"] = t["group"].map(lambda g: ", ".join(f"{k}={v}" for k, v in (g or {}).items()))
+        return t
+
+    def truth_table(self) -> pd.DataFrame:
+        """estimates_vs_truth() as a stakeholder reads it: what was estimated, the estimate with its 95% CI
+        and the planted truth in percent, and whether the interval holds the truth."""
+        t = self._truth_rows(headline=True)
+        what = [METRIC_LABELS.get(met, met) + (f", {c.replace('_', ' ')}" if (c := (g or {}).get("category")) else "")
+                for met, g in zip(t["metric"], t["group"])]
+        return pd.DataFrame({
+            "estimate": [pct(x) for x in t["estimate"]],
+            "95% CI": [f"{100 * lo:.1f}–{100 * hi:.1f}%" for lo, hi in zip(t["ci_low"], t["ci_high"])],
+            "truth": [pct(x) for x in t["truth"]],
+            "CI holds the truth": ["yes" if c else "no" for c in t["covers_truth"]],
+        }, index=pd.Index(what, name="estimated"))
+
+    def _truth_rows(self, headline: bool) -> pd.DataFrame:
+        cols = ["stage", "metric", "group", "estimate", "ci_low", "ci_high", "truth", "covers_truth"]
         m = self.metrics
-        if not len(m):
-            return m
-        t = m[m["truth"].notna() & m["ci_low"].notna()].copy()
+        t = m[m["truth"].notna() & m["ci_low"].notna()].copy() if len(m) else m
         if not len(t):  # a real dataset: no metric carries a truth
-            return pd.DataFrame(columns=["stage", "metric", "group", "estimate", "ci_low", "ci_high", "truth", "covers_truth"])
+            return pd.DataFrame(columns=cols)
         if headline and t["metric"].isin(HEADLINE_METRICS).any():
             t = t[t["metric"].isin(HEADLINE_METRICS)]
         if headline:
             keep = t["group"].map(lambda g: not ({"region", "ad_category"} & set(g or {})) and (g or {}).get("region_group", "all") == "all")
             t = t[keep]
-        t["group"] = t["group"].map(lambda g: ", ".join(f"{k}={v}" for k, v in (g or {}).items()))
         t["covers_truth"] = (t["ci_low"] <= t["truth"]) & (t["truth"] <= t["ci_high"])
-        return t[["stage", "metric", "group", "estimate", "ci_low", "ci_high", "truth", "covers_truth"]].reset_index(drop=True)
+        return t[cols].reset_index(drop=True)
+
+    def headline_leak_metric(self) -> str:
+        """The leak-rate estimator the answers headline: PPI++, else the user-clustered labeled sample,
+        else the labeled sample's Wilson rate."""
+        for metric in (M.LEAK_RATE_PPI, M.LEAK_RATE_CLUSTERED):
+            sel = self._m(LEAKAGE, metric)
+            if len(sel) and sel["estimate"].notna().any():
+                return metric
+        return M.LEAK_RATE
 
     def caveats(self) -> list[str]:
         out = []
@@ -398,6 +432,12 @@ class AuditSummary:
         fig.tight_layout()
         return fig
 
+    def fig_leak_rates(self):
+        """Forest plot of the headline leak rate per sensitive category (all regions)."""
+        metric = self.headline_leak_metric()
+        return self.fig_estimates(LEAKAGE, [metric], label_key="category", region_group="all",
+                                  title=f"{METRIC_LABELS[metric]} by sensitive category")
+
     def fig_topics(self, top: int = 15):
         """Interactive bar chart of the largest topics (plotly, inlined)."""
         p = self.rd.topic_info
@@ -433,14 +473,17 @@ def _signed_pct(x) -> str:
 _PLOTLY_LOADED = False
 
 
-def show(fig) -> None:
-    """Show a figure in a notebook: matplotlib as an embedded PNG, plotly inlined; a note if absent."""
+def show(fig, missing: str = "Not available in this run (its stage did not run).") -> None:
+    """Show a figure or table in a notebook: matplotlib as an embedded PNG, plotly inlined; the
+    `missing` note when there is nothing (None or an empty table)."""
     from IPython.display import Markdown, display
 
-    if fig is None:
-        display(Markdown("*Not available in this run (its stage did not run).*"))
+    if fig is None or (isinstance(fig, pd.DataFrame) and fig.empty):
+        display(Markdown(f"*{missing}*"))
     elif hasattr(fig, "to_plotly_json"):
         show_plotly(fig)
+    elif isinstance(fig, pd.DataFrame):
+        display(fig)
     else:
         display(fig)
         plt.close(fig)

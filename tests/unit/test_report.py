@@ -74,3 +74,23 @@ def test_summary_withholds_what_the_design_checks_say_cannot_hold(tmp_path):
             assert "flags DE" in a["leakage"]
             assert "statistically significant lift" in a["lift"] and "trended apart" not in a["lift"]
             assert any("passed its pre-policy placebo" in c for c in s.caveats())
+
+
+def test_truth_table_names_each_headline_estimate_and_whether_its_interval_holds_the_truth(tmp_path):
+    """The stakeholder table: the headline estimators in words, percentages, and yes/no per row; the
+    leak-rate figure plots the estimator the answer headlines (PPI++ here), not the labeled-sample rate."""
+    _metrics(tmp_path, "03_leakage", [
+        {"metric": "leak_rate", "group": {"category": "health", "region_group": "all", "basis": "labels"}, "estimate": 0.5, "ci_low": 0.4, "ci_high": 0.6, "truth": 0.03},
+        {"metric": "leak_rate_ppi", "group": {"category": "health", "region_group": "all"}, "estimate": 0.031, "ci_low": 0.02, "ci_high": 0.045, "truth": 0.03},
+        {"metric": "leak_rate_ppi", "group": {"category": "religion", "region_group": "all"}, "estimate": 0.05, "ci_low": 0.04, "ci_high": 0.06, "truth": 0.014},
+    ])
+    s = AuditSummary(tmp_path)
+    t = s.truth_table()
+    assert list(t.index) == ["Leak rate (PPI++), health", "Leak rate (PPI++), religion"]
+    assert t.loc["Leak rate (PPI++), health"].tolist() == ["3.1%", "2.0–4.5%", "3.0%", "yes"]
+    assert t.loc["Leak rate (PPI++), religion", "CI holds the truth"] == "no"
+    assert s.headline_leak_metric() == "leak_rate_ppi"
+    fig = s.fig_leak_rates()
+    assert sorted(tl.get_text() for tl in fig.axes[0].get_yticklabels()) == ["health", "religion"]
+    assert sorted(fig.axes[0].lines[0].get_xdata()) == [0.031, 0.05]  # PPI++, not the labeled rate of 0.5
+    assert AuditSummary(tmp_path / "empty").truth_table().empty
