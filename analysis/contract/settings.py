@@ -150,6 +150,7 @@ class MappingSettings(StageSettings):
     cv_folds: int = 5  # refit by K-fold cross-fitting (validated out of fold over all labels); 1 or less: a tune_share split
     tune_share: float = 0.5
     labels_path: str | tuple[str, ...] | None = None  # labels file(s) instead of the ingested labels
+    labels_split: str | None = None  # keep only labels whose split column holds this value (the gold set: test)
     seed: int = SEED
     use_truth_topics: bool = False  # development only: the simulator's true topics instead of stage 01's
     cache_dir: str | None = None

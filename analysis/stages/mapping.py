@@ -15,6 +15,7 @@ import pandas as pd
 
 from analysis.contract import metric_names as M
 from analysis.contract.rundir import RunDir, StageInputError, project_path
+from analysis.contract.schemas import DataError
 from analysis.contract.settings import MappingSettings
 from analysis.contract.stages import MAPPING
 from analysis.detector.model import DetectorParams, FitOptions, SensitiveDetector
@@ -132,6 +133,12 @@ def _labels(rd: RunDir, s: MappingSettings, conv: pd.DataFrame, notes: list[str]
     labels = read_labels([project_path(p) for p in paths]) if paths else (pd.read_parquet(rd.labels) if rd.exists("labels") else None)
     if labels is None:
         return None
+    if s.labels_split is not None:
+        if "split" not in labels.columns:
+            raise DataError(paths[0] if paths else rd.labels, f"labels_split={s.labels_split!r} is set but the labels have no split column",
+                            column="split")
+        labels = labels[labels["split"].astype(str) == s.labels_split]
+        notes.append(f"labels restricted to split {s.labels_split!r}: {len(labels)} conversations")
     labels = labels[labels["conversation_id"].isin(conv["conversation_id"])].drop_duplicates("conversation_id")
     if not len(labels):
         notes.append("labels given but none matches a conversation: no validation")

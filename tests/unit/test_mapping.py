@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.contract.rundir import StageInputError
+from analysis.contract.rundir import RunDir, StageInputError
 from analysis.contract.schemas import DataError
 from analysis.contract.settings import MappingSettings
 from analysis.mapping.accuracy import tier1_accuracy
@@ -15,6 +15,7 @@ from analysis.mapping.labels import read_labels
 from analysis.mapping.mapper import TopicMapper, topic_info_from_assignments
 from analysis.mapping.overrides import Overrides
 from analysis.stages import mapping as mapping_stage
+from analysis.stages.mapping import _labels
 from analysis.util.taxonomy import TaxonomyError
 
 
@@ -94,3 +95,16 @@ def test_labels_from_several_files_and_their_errors(tmp_path):
     b.write_text("conversation_id,art9,iab_tier1\nc3,politics,Politcs\n")
     with pytest.raises(DataError, match=r"row 1, column 'iab_tier1': not an IAB 3.0 tier-1 id or name.*'Politcs'"):
         read_labels(b)
+
+
+def test_labels_split_keeps_one_split_and_refuses_labels_without_one(tmp_path):
+    """make sharegpt validates the shipped models on the gold set's frozen test split only."""
+    f = tmp_path / "gold.csv"
+    f.write_text("conversation_id,split,art9\nc1,train,health\nc2,test,\nc3,test,politics\nc4,test,\n")
+    conv = pd.DataFrame({"conversation_id": ["c1", "c2", "c3"]})
+    notes = []
+    lab = _labels(RunDir.of(tmp_path / "run"), MappingSettings(labels_path=str(f), labels_split="test"), conv, notes)
+    assert sorted(lab["conversation_id"]) == ["c2", "c3"] and "split 'test': 3 conversations" in notes[0]
+    f.write_text("conversation_id,art9\nc1,health\n")
+    with pytest.raises(DataError, match=r"gold\.csv: column 'split': labels_split='test' is set but the labels have no split column"):
+        _labels(RunDir.of(tmp_path / "run"), MappingSettings(labels_path=str(f), labels_split="test"), conv, [])

@@ -45,6 +45,16 @@ def test_default_config_sets_the_dataclass_defaults():
             assert v == default, f"configs/default.yaml {k}: {v!r}, but {STAGE_SETTINGS[stage].__name__}.{k} defaults to {default!r}"
 
 
+@pytest.mark.parametrize("config", ["real.yaml", "sharegpt.yaml"])
+def test_run_configs_set_only_declared_parameters_and_their_files_exist(config):
+    params = yaml.safe_load((PROJECT_ROOT / "configs" / config).read_text())["params"]
+    declared = {f.name for cls in STAGE_SETTINGS.values() for f in fields(cls)}
+    assert not set(params) - declared, f"configs/{config} sets parameters no stage declares: {sorted(set(params) - declared)}"
+    for key in ("labels_path", "overrides_file"):
+        for p in [params[key]] if isinstance(params.get(key), str) else params.get(key) or []:
+            assert (PROJECT_ROOT / p).exists(), f"configs/{config} {key}: {p} does not exist"
+
+
 def test_a_name_shared_by_stages_has_one_default_and_type():
     seen = {}
     for cls in STAGE_SETTINGS.values():
