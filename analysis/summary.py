@@ -23,7 +23,7 @@ from analysis.util.metrics import read_metrics
 from analysis.util.taxonomy import load_taxonomy
 
 # what the answers headline (issue 14): inference at the unit of assignment / clustering
-HEADLINE_METRICS = (M.LEAK_RATE_PPI, M.LEAK_RATE_CLUSTERED, M.REGION_DID_REL, M.AB_CUPED_REL)
+HEADLINE_METRICS = (M.LEAK_RATE_CLUSTERED, M.REGION_DID_REL, M.AB_CUPED_REL)
 METRIC_LABELS = {
     M.LEAK_RATE_PPI: "Leak rate (PPI++)",
     M.LEAK_RATE_CLUSTERED: "Leak rate (labeled sample, users as clusters)",
@@ -142,7 +142,7 @@ class AuditSummary:
         if headline:
             assessed = True
             parts.append(headline)
-            src = f"03_leakage: metrics/03_leakage.json ({M.LEAK_RATE_PPI} or {M.LEAK_RATE_CLUSTERED}, {M.LEAK_UPPER_BOUND}, violation_impressions)"
+            src = f"03_leakage: metrics/03_leakage.json ({M.LEAK_RATE_CLUSTERED}, {M.LEAK_UPPER_BOUND}, {M.LABEL_BUDGET}, violation_impressions)"
         elif len(lr):
             assessed = True
             lr = lr[lr["group"].map(lambda g: g.get("region_group", "all") in ("all", "included"))]
@@ -212,40 +212,44 @@ class AuditSummary:
 
     def _leak_sentence_clustered(self) -> str | None:
         """The leak rates whose intervals hold when a filter's misses cluster by user and the detector errs
-        where the filter errs: PPI++ by filter stratum (else the labeled sample, user-clustered), and the
-        compliance verdict of each category's one-sided upper bound against the tolerance."""
-        ppi = self._m(LEAKAGE, M.LEAK_RATE_PPI, region_group="all")
-        ppi = ppi[ppi["estimate"].notna()] if len(ppi) else ppi
-        lr = ppi if len(ppi) else self._m(LEAKAGE, M.LEAK_RATE_CLUSTERED, region_group="all")
+        where the filter errs (the labeled sample, users as clusters), and the compliance verdict of each
+        category's one-sided upper bound against the tolerance. PPI++ (detector scores + labels) is narrower
+        but fell to 0.92 coverage in some categories of adversarial worlds (docs/leakage.md): not headlined."""
+        lr = self._m(LEAKAGE, M.LEAK_RATE_CLUSTERED, region_group="all")
         lr = lr[lr["estimate"].notna()] if len(lr) else lr
         if not len(lr):
             return None
-        how = ("detector scores on every conversation calibrated by the labeled sample within each filter decision, PPI++"
-               if len(ppi) else "labeled sample")
         lr = lr.assign(category=lr["group"].map(lambda g: g.get("category"))).drop_duplicates("category")
         worst = lr.sort_values("estimate", ascending=False).iloc[0]
         name = SUMMARY_NAMES.get(worst["category"], worst["category"])
         users = (worst["group"] or {}).get("clusters")
         s = (
             f"{name} conversations passed the filter {pct(worst['estimate'])} of the time "
-            f"({ci_text(worst['ci_low'], worst['ci_high'])}; {how}" + (f", {int(users):,} users as clusters" if users else "")
+            f"({ci_text(worst['ci_low'], worst['ci_high'])}; labeled sample" + (f", {int(users):,} users as clusters" if users else "")
             + f"), the highest of the {_count(len(lr))} sensitive categories with data."
         )
         ub = self._m(LEAKAGE, M.LEAK_UPPER_BOUND)
-        ub = ub[ub["estimate"].notna()] if len(ub) else ub
+        ub = ub[ub["estimate"].notna() & ub["group"].map(lambda g: g.get("basis") == M.BOUND_BASIS_CLUSTERED)] if len(ub) else ub
         if len(ub):
             v = ub["group"].map(lambda g: g.get("verdict")).value_counts()
+            below, neither = int(v.get("shown below", 0)), int(v.get("not shown to exceed", 0))
             s += (
                 f" Against the {pct(self.tolerance, 0)} tolerance (one-sided 95% bounds): {int(v.get('exceeds', 0))} of {len(ub)} categories "
-                f"exceed it, {int(v.get('shown below', 0))} are shown below it, and {int(v.get('not shown to exceed', 0))} are "
+                f"exceed it, {below} {_are(below)} shown below it, and {neither} {_are(neither)} "
                 "neither shown below it nor shown to exceed it."
             )
+            open_ = set(ub[ub["group"].map(lambda g: g.get("verdict")) == "not shown to exceed"]["group"].map(lambda g: g.get("category")))
             budget = self._m(LEAKAGE, M.LABEL_BUDGET)
-            open_ = ub[ub["group"].map(lambda g: g.get("verdict")) == "not shown to exceed"]["group"].map(lambda g: g.get("category"))
-            if len(budget) and len(open_):
-                need = budget[budget["group"].map(lambda g: g.get("category")).isin(set(open_))]["estimate"].dropna()
-                if len(need):
-                    s += f" Showing those below it would take about {int(need.max()):,} labeled conversations at the current estimates."
+            if len(budget) and open_:
+                budget = budget[budget["group"].map(lambda g: g.get("category") in open_) & budget["estimate"].notna()]
+                by_basis = {b: int(x["estimate"].max()) for b, x in budget.groupby(budget["group"].map(lambda g: g.get("basis", "")))}
+                labels_only = next((n for b, n in by_basis.items() if b.startswith("labels only")), None)
+                with_scores = next((n for b, n in by_basis.items() if b.startswith("PPI++")), None)
+                if labels_only is not None:
+                    s += f" Showing those below it would take about {labels_only:,} labeled conversations at the current estimates"
+                    s += (f" ({with_scores:,} with the detector's scores, PPI++)." if with_scores is not None else ".")
+                elif with_scores is not None:
+                    s += f" Showing those below it would take about {with_scores:,} labeled conversations at the current estimates (with the detector's scores, PPI++)."
         return s
 
     def answer_lift(self) -> Answer:
@@ -352,13 +356,10 @@ class AuditSummary:
         return t[cols].reset_index(drop=True)
 
     def headline_leak_metric(self) -> str:
-        """The leak-rate estimator the answers headline: PPI++, else the user-clustered labeled sample,
-        else the labeled sample's Wilson rate."""
-        for metric in (M.LEAK_RATE_PPI, M.LEAK_RATE_CLUSTERED):
-            sel = self._m(LEAKAGE, metric)
-            if len(sel) and sel["estimate"].notna().any():
-                return metric
-        return M.LEAK_RATE
+        """The leak-rate estimator the answers headline: the user-clustered labeled sample, else (a run
+        from before it existed) the labeled sample's Wilson rate."""
+        sel = self._m(LEAKAGE, M.LEAK_RATE_CLUSTERED)
+        return M.LEAK_RATE_CLUSTERED if len(sel) and sel["estimate"].notna().any() else M.LEAK_RATE
 
     def caveats(self) -> list[str]:
         out = []
@@ -390,10 +391,12 @@ class AuditSummary:
         elif design == "passed":
             out.append("The black-box exposure test passed its pre-policy placebo and negative-control checks; it still cannot tell "
                        "chat flow from outside interest that begins with the policy date itself.")
-        if len(self._m(LEAKAGE, M.LEAK_RATE_PPI)):
+        if len(self._m(LEAKAGE, M.LEAK_RATE_CLUSTERED)):
             out.append(
-                "Leak rates combine the detector's scores on every conversation with the labeled sample within each filter "
-                "decision (PPI++): valid for a random labeled sample whatever the detector's errors; users are the clusters."
+                "Leak rates are estimated from the labeled sample with users as clusters: valid for a random labeled sample, "
+                "also when a filter's misses cluster by user. PPI++, which adds the detector's scores within each filter "
+                "decision, gives narrower intervals (stage 03) but fell short of 95% coverage in some categories of simulated worlds "
+                "built to break it, so it is not the headline."
             )
         elif len(self._m(LEAKAGE, M.LEAK_RATE_CORRECTED)):
             out.append(
@@ -454,6 +457,10 @@ class AuditSummary:
 
 def _not_run(key: str, question: str, stage_name: str, stage: str, source: str) -> Answer:
     return Answer(key, question, f"Not assessed in this run: the {stage_name} stage ({stage}) did not run.", False, source)
+
+
+def _are(n: int) -> str:
+    return "is" if n == 1 else "are"
 
 
 def _count(n: int) -> str:

@@ -45,6 +45,7 @@ VIOLATION_FLAG = "violation_flag"
 LEAK_RATE_CLUSTERED = "leak_rate_clustered"  # labeled sample, user-clustered Wilson (headline)
 LEAK_RATE_PPI = "leak_rate_ppi"  # PPI++ stratified by filter decision (headline)
 LEAK_UPPER_BOUND = "leak_rate_upper_bound"  # one-sided upper bound; group carries the compliance verdict
+BOUND_BASIS_CLUSTERED = "labels, user-clustered"  # the headline verdict's basis (PPI++'s is recorded beside it)
 LABEL_BUDGET = "label_budget"  # labeled conversations needed to show a rate below the tolerance
 VIOLATION_FAMILY_TESTS = "violation_family_tests"  # tests in the one Holm family (false alarms <= alpha)
 EXPOSURE_CHECK = "exposure_design_check"  # placebo / negative-control check: min Holm p; group carries passed / failed

@@ -79,8 +79,8 @@ def record_metrics(report, run_dir: RunDir | str, ground_truth: dict | None = No
             truth = None if truth is None or pd.isna(truth) else truth
             grp = {"category": r.category, "region_group": r.region_group, "basis": "labels", "clusters": int(r.clusters)}
             m.add(M.LEAK_RATE_CLUSTERED, r.rate, group=grp, ci=(r.ci_low, r.ci_high), truth=truth, n=r.n)
-            if r.region_group == "all" and report.ppi is None:
-                m.add(M.LEAK_UPPER_BOUND, r.upper_1s, group={"category": r.category, "basis": "labels, user-clustered",
+            if r.region_group == "all":  # the headline verdict (PPI++'s is recorded beside it, basis named)
+                m.add(M.LEAK_UPPER_BOUND, r.upper_1s, group={"category": r.category, "basis": M.BOUND_BASIS_CLUSTERED,
                                                               "verdict": r.verdict, "tolerance": report.settings.leak_tolerance}, n=r.n)
     if report.ppi is not None:
         for r in report.ppi.table.itertuples():

@@ -78,19 +78,31 @@ def test_summary_withholds_what_the_design_checks_say_cannot_hold(tmp_path):
 
 def test_truth_table_names_each_headline_estimate_and_whether_its_interval_holds_the_truth(tmp_path):
     """The stakeholder table: the headline estimators in words, percentages, and yes/no per row; the
-    leak-rate figure plots the estimator the answer headlines (PPI++ here), not the labeled-sample rate."""
+    leak-rate figure and sentence use the user-clustered labeled-sample rate (PPI++ is a companion:
+    it under-covers in some adversarial worlds), and the verdicts and label budget of that basis."""
+    ub = lambda c, v, basis: {"metric": "leak_rate_upper_bound", "group": {"category": c, "basis": basis, "verdict": v}, "estimate": 0.02}  # noqa: E731
     _metrics(tmp_path, "03_leakage", [
         {"metric": "leak_rate", "group": {"category": "health", "region_group": "all", "basis": "labels"}, "estimate": 0.5, "ci_low": 0.4, "ci_high": 0.6, "truth": 0.03},
-        {"metric": "leak_rate_ppi", "group": {"category": "health", "region_group": "all"}, "estimate": 0.031, "ci_low": 0.02, "ci_high": 0.045, "truth": 0.03},
-        {"metric": "leak_rate_ppi", "group": {"category": "religion", "region_group": "all"}, "estimate": 0.05, "ci_low": 0.04, "ci_high": 0.06, "truth": 0.014},
+        {"metric": "leak_rate_clustered", "group": {"category": "health", "region_group": "all", "clusters": 120}, "estimate": 0.031, "ci_low": 0.02, "ci_high": 0.045, "truth": 0.03},
+        {"metric": "leak_rate_clustered", "group": {"category": "religion", "region_group": "all", "clusters": 110}, "estimate": 0.05, "ci_low": 0.04, "ci_high": 0.06, "truth": 0.014},
+        {"metric": "leak_rate_ppi", "group": {"category": "religion", "region_group": "all"}, "estimate": 0.2, "ci_low": 0.19, "ci_high": 0.21, "truth": 0.014},
+        ub("health", "not shown to exceed", "labels, user-clustered"), ub("religion", "exceeds", "labels, user-clustered"),
+        ub("health", "exceeds", "PPI++ by filter stratum"), ub("religion", "exceeds", "PPI++ by filter stratum"),
+        {"metric": "label_budget", "group": {"category": "health", "basis": "labels only (design effect)"}, "estimate": 5000},
+        {"metric": "label_budget", "group": {"category": "health", "basis": "PPI++ (detector + labels)"}, "estimate": 3000},
     ])
     s = AuditSummary(tmp_path)
     t = s.truth_table()
-    assert list(t.index) == ["Leak rate (PPI++), health", "Leak rate (PPI++), religion"]
-    assert t.loc["Leak rate (PPI++), health"].tolist() == ["3.1%", "2.0–4.5%", "3.0%", "yes"]
-    assert t.loc["Leak rate (PPI++), religion", "CI holds the truth"] == "no"
-    assert s.headline_leak_metric() == "leak_rate_ppi"
+    name = "Leak rate (labeled sample, users as clusters)"
+    assert list(t.index) == [f"{name}, health", f"{name}, religion"]
+    assert t.loc[f"{name}, health"].tolist() == ["3.1%", "2.0–4.5%", "3.0%", "yes"]
+    assert t.loc[f"{name}, religion", "CI holds the truth"] == "no"
+    assert s.headline_leak_metric() == "leak_rate_clustered"
     fig = s.fig_leak_rates()
     assert sorted(tl.get_text() for tl in fig.axes[0].get_yticklabels()) == ["health", "religion"]
-    assert sorted(fig.axes[0].lines[0].get_xdata()) == [0.031, 0.05]  # PPI++, not the labeled rate of 0.5
+    assert sorted(fig.axes[0].lines[0].get_xdata()) == [0.031, 0.05]  # not the Wilson 0.5 nor PPI++'s 0.2
+    a = {x.key: x.sentence for x in s.answers()}["leakage"]
+    assert "Religion conversations passed the filter 5.0% of the time (95% CI 4.0–6.0%; labeled sample, 110 users as clusters)" in a
+    assert "1 of 2 categories exceed it, 0 are shown below it, and 1 is neither" in a
+    assert "about 5,000 labeled conversations at the current estimates (3,000 with the detector's scores, PPI++)" in a
     assert AuditSummary(tmp_path / "empty").truth_table().empty
