@@ -232,6 +232,19 @@ def test_threshold_choice_honours_a_precision_floor_where_one_can():
     assert choose_threshold(s, ~y, min_precision=0.99) == choose_threshold(s, ~y)
 
 
+def test_a_precision_floor_met_by_one_flag_at_the_top_does_not_count_under_a_recall_floor():
+    # only the top cut (1 flag, 1 right) reaches precision 0.8: the floor alone keeps it (recall 1/6);
+    # asking it to keep a quarter of the positives falls back to max F1 (precision 6/9, recall 1)
+    s = np.arange(1, 11) / 10
+    y = np.array([0, 1, 0, 1, 1, 0, 1, 1, 0, 1], dtype=bool)
+    assert choose_threshold(s, y, min_precision=0.8) > 0.9
+    assert choose_threshold(s, y, min_precision=0.8, min_recall=0.25) == choose_threshold(s, y) <= 0.2
+    # a cut reaching both floors is kept: the top four (precision 1, recall 4/7), not max F1's all ten
+    y2 = np.array([1, 1, 0, 1, 0, 0, 1, 1, 1, 1], dtype=bool)
+    assert 0.6 < choose_threshold(s, y2, min_precision=0.8, min_recall=0.25) <= 0.7
+    assert choose_threshold(s, y2) < 0.1
+
+
 def test_cross_fit_calibrates_heads_and_gives_rare_categories_the_lexicon_rule(small_labeled, tmp_path):
     """Heads carry a Platt calibration fitted on out-of-fold probabilities (calibrated scores are not the
     balanced heads' inflated ones: their mean is near the positive rate); a category below
