@@ -8,7 +8,8 @@ Training rows: `gold/labels.csv` rows whose `gold/split.csv` split is `train`, a
 (`sharegpt_art9_*.csv`, Art. 9 only, same rule) except those from a ShareGPT chat that has a part
 in the test split. Folds: 5, stratified (on each row's rarest positive category) and grouped by
 ShareGPT chat, seeded. `cross_fit` gives every training row an out-of-fold score and flag (the
-figures printed), Platt calibrations and thresholds (max F1 with out-of-fold precision >= 0.80)
+figures printed), Platt calibrations and thresholds (max F1 among cut-offs with out-of-fold precision >= 0.80 that keep
+>= 25% of the positives, else max F1)
 come from those out-of-fold scores, and the detector fitted on all training rows is what `--write`
 stores in `analysis/data/detector_default.json` (its `minilm` entry).
 
