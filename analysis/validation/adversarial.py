@@ -152,15 +152,37 @@ WEEKLY_KINDS = LIFT_KINDS + ("region_trend",)
 
 @dataclass
 class WeeklyWorld:
-    """User-week sufficient statistics of one world (for the event study and its pre-trend test)."""
+    """Per-user weekly counts of one world (for the event study and its pre-trend test)."""
 
-    user_week: pd.DataFrame  # user, week, impressions, clicks
-    users: pd.DataFrame  # index = user code: region, included
+    impressions: np.ndarray  # (users, weeks)
+    clicks: np.ndarray  # (users, weeks)
+    weeks: np.ndarray  # week numbers (negative = before the policy date)
+    region: np.ndarray  # region code per user
+    regions: np.ndarray  # region names
+    region_included: np.ndarray  # per region
     kind: str
     seed: int
 
+    @property
+    def users(self) -> pd.DataFrame:
+        """index = user code: region, included (the form of LiftData.users)."""
+        return pd.DataFrame({"region": self.regions[self.region], "included": self.region_included[self.region]})
+
+    @property
+    def user_week(self) -> pd.DataFrame:
+        """Rows (user, week, impressions, clicks) with impressions > 0 (the form of LiftData.user_week)."""
+        u, wk = np.nonzero(self.impressions)
+        return pd.DataFrame({"user": u, "week": self.weeks[wk], "impressions": self.impressions[u, wk], "clicks": self.clicks[u, wk]})
+
     def cells(self):
-        return region_week_cells(self.user_week, self.users)
+        """(regions, included, weeks, clicks (R, W), impressions (R, W)): the region x week sums, as
+        `region_week_cells(self.user_week, self.users)` gives them (the pre-trend benchmark's thousands of
+        worlds skip the user-week frame)."""
+        R = len(self.regions)
+        C = np.stack([np.bincount(self.region, weights=self.clicks[:, j], minlength=R) for j in range(len(self.weeks))], axis=1)
+        N = np.stack([np.bincount(self.region, weights=self.impressions[:, j], minlength=R) for j in range(len(self.weeks))], axis=1)
+        o = np.argsort(self.regions)  # region_week_cells sorts by region name
+        return self.regions[o].astype(str), self.region_included[o], self.weeks.astype(int), C[o], N[o]
 
 
 def weekly_world(kind: str = "benign", seed: int = 0, *, n_users: int = 6000, impressions_per_user: float = 400.0,
@@ -191,10 +213,7 @@ def weekly_world(kind: str = "benign", seed: int = 0, *, n_users: int = 6000, im
     p = user_ctr[:, None] * (baseline[:, None] * shock * drift)[r] * season[None, :]
     p = np.clip(p * np.where(region_inc[r][:, None] & (weeks >= 0)[None, :], 1 + lift, 1.0), 0, 1)
     clk = rng.binomial(imp, p)
-    u, wk = np.nonzero(imp)
-    uw = pd.DataFrame({"user": u, "week": weeks[wk], "impressions": imp[u, wk], "clicks": clk[u, wk]})
-    users = pd.DataFrame({"region": np.array(regions)[r], "included": region_inc[r]})
-    return WeeklyWorld(uw, users, kind, seed)
+    return WeeklyWorld(imp, clk, weeks, r, np.array(regions), region_inc, kind, seed)
 
 
 # ------------------------------------------------------------------------ per-category lift

@@ -159,6 +159,16 @@ def test_pretrend_test_over_regions_finds_a_drift_and_ignores_region_shocks():
     assert sum(rej_region) <= 2 and sum(rej_user) >= 4, (sum(rej_region), sum(rej_user))
 
 
+def test_weekly_world_cells_are_the_region_week_sums_of_its_user_weeks():
+    """The pre-trend benchmark's thousands of worlds use WeeklyWorld.cells (bincount), not the user-week frame."""
+    from analysis.lift.regional import region_week_cells
+
+    for kind in ("benign", "few_regions"):
+        w = weekly_world(kind, 5, n_users=500)
+        for a, b in zip(w.cells(), region_week_cells(w.user_week, w.users)):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_region_event_study_rejects_bad_input():
     regions, inc, weeks, c, n = _week_cells()
     with pytest.raises(ValueError, match="at least two included and two excluded"):
