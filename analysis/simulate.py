@@ -286,8 +286,10 @@ def _write_impressions(df: pd.DataFrame, path: Path) -> None:
         pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp)
 
 
-def simulate(cfg: WorldConfig | dict | None = None) -> World:
-    """Generate a world from its config (seeded: the same config gives the same world)."""
+def simulate(cfg: WorldConfig | dict | None = None, *, text: bool = True) -> World:
+    """Generate a world from its config (seeded: the same config gives the same world). `text=False`
+    leaves the messages' text out (an empty messages table; everything else identical, as the text has its
+    own random stream): studies of the ad log over thousands of worlds do not read it."""
     if not isinstance(cfg, WorldConfig):
         cfg = WorldConfig.from_dict(cfg)
     t0 = time.perf_counter()
@@ -352,7 +354,7 @@ def simulate(cfg: WorldConfig | dict | None = None) -> World:
     # ---- messages
     maker = _TextMaker(catalog, rnd, cfg)
     m_conv, m_turn, m_role, m_text, m_off = [], [], [], [], []
-    for ci in range(nc):
+    for ci in range(nc if text else 0):
         offset = 0.0
         for ti, (role, text) in enumerate(maker.conversation(int(topic_a[ci]), int(topic_b[ci]), int(n_user_turns[ci]))):
             m_conv.append(ci)
@@ -361,7 +363,7 @@ def simulate(cfg: WorldConfig | dict | None = None) -> World:
             m_text.append(text)
             m_off.append(offset)
             offset += rnd.uniform(5, 240)
-    m_conv = np.array(m_conv)
+    m_conv = np.array(m_conv, dtype=np.int64)
     messages = pd.DataFrame(
         {
             "conversation_id": conv_ids[m_conv],

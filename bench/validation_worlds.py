@@ -3,8 +3,10 @@ per world kind and (leak rates) per category, with Monte Carlo SEs. Run on deman
 
     .venv/bin/python bench/validation_worlds.py [--worlds 1000] [--workers 2] [--rows DIR]
 
-Per-chunk rows are written to --rows as they finish (a rerun skips the chunks already there), and
-the tables are printed from every chunk present.
+Per-chunk rows are written to --rows as they finish (a rerun skips the chunks already there); each
+study's rows are then written to bench/results/validation_<study>.csv.gz (committed: the docs' tables
+come from them) and the tables are printed from those files (with no chunks present, from the committed
+ones: `--only none` reprints the docs' tables).
 
 Lift: every kind of `analysis.validation.adversarial.LIFT_KINDS`, `--worlds` null worlds (false positives at
 alpha 0.05) and `--worlds` worlds with a 5% lift (coverage of the true relative lift).
@@ -37,8 +39,8 @@ def _job(args):
         out = V.lift_rows(kind, seeds)
     elif what == "leak":
         out = V.leak_rows(kind, seeds)
-    elif what == "pretrend":
-        out = V.pretrend_rows(kind, seeds)
+    elif what == "pretrend":  # the user-clustered F (the comparison, ~10x the cost) on the first chunk only
+        out = V.pretrend_rows(kind, seeds, user_f=int(seeds[0]) % 100_000 < 100)
     elif what == "budget":
         out = V.budget_rows(kind, seeds)
     elif what == "category":  # full simulator, default-world sizes: per-category observational lifts
@@ -56,15 +58,17 @@ def main() -> None:
     ap.add_argument("--worlds", type=int, default=1000)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--chunk", type=int, default=100)
-    ap.add_argument("--tolerance-worlds", type=int, default=300, help="worlds per kind with every rate on the tolerance")
-    ap.add_argument("--pretrend-worlds", type=int, default=200, help="weekly worlds per kind for the pre-trend tests")
+    ap.add_argument("--tolerance-worlds", type=int, default=1000, help="worlds per kind with every rate on the tolerance")
+    ap.add_argument("--pretrend-worlds", type=int, default=1000, help="weekly worlds per kind for the pre-trend tests")
     ap.add_argument("--budget-worlds", type=int, default=40, help="pilot + labeled worlds per kind for the label budget's power")
     ap.add_argument("--category-worlds", type=int, default=30, help="default-size simulated worlds for the per-category lifts")
     ap.add_argument("--only", default="lift,leak,tolerance,pretrend,budget,category", help="comma-separated studies to run (tables print from every row present)")
     ap.add_argument("--rows", type=Path, default=ROOT / "bench" / "out" / "validation_worlds", help="per-chunk rows (parquet)")
+    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results", help="where each study's rows are committed")
+    ap.add_argument("--seed-base", type=int, default=100_000, help="world seeds are seed-base + 0 .. worlds - 1 (lift, leak, tolerance, pretrend, budget)")
     a = ap.parse_args()
     a.rows.mkdir(parents=True, exist_ok=True)
-    chunks = [(i, np.arange(i, min(i + a.chunk, a.worlds)) + 100_000) for i in range(0, a.worlds, a.chunk)]
+    chunks = [(i, np.arange(i, min(i + a.chunk, a.worlds)) + a.seed_base) for i in range(0, a.worlds, a.chunk)]
     # chunk-major order: every kind advances together, so a run cut short still covers each kind alike
     jobs = [(what, k, c, a.rows / f"{what}_{k}_{i:05d}_{len(c)}.parquet") for what, kinds in
             (("lift", LIFT_KINDS), ("leak", LEAK_KINDS)) for i, c in chunks for k in kinds]
@@ -83,17 +87,28 @@ def main() -> None:
         for path in ex.map(_job, todo):
             print(f"{time.perf_counter() - t0:7.0f} s  {path.name}", file=sys.stderr, flush=True)
     secs = time.perf_counter() - t0
-    read = lambda what: pd.concat([pd.read_parquet(j[3]) for j in jobs if j[0] == what and j[3].exists()], ignore_index=True)  # noqa: E731
-    done = {what: {k: sum(len(c) for w, kk, c, p in jobs if w == what and kk == k and p.exists()) for k in kinds}
-            for what, kinds in (("lift", LIFT_KINDS), ("leak", LEAK_KINDS), ("tolerance", LEAK_KINDS), ("pretrend", WEEKLY_KINDS))}
+
+    def read(what):
+        """The study's rows: from this run's chunks (then written to bench/results/validation_<what>.csv.gz, the
+        committed rows the docs cite), else from the committed file."""
+        paths = [j[3] for j in jobs if j[0] == what and j[3].exists()]
+        out = a.results / f"validation_{what}.csv.gz"
+        if paths:
+            df = pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True)
+            a.results.mkdir(parents=True, exist_ok=True)
+            df.to_csv(out, index=False, float_format="%.6g")
+            return pd.read_csv(out)
+        return pd.read_csv(out) if out.exists() else None
+
     f = {"floatfmt": ".3f", "index": False}
-    print(f"# validation worlds: worlds per kind present {done}\n")
-    if any(done["pretrend"].values()):
-        print("## Pre-trend tests (weekly worlds, no effect; region_trend: included regions drift 0.5%/week)\n")
-        print(V.summarize_pretrend(read("pretrend")).to_markdown(**f) + "\n")
-    cat = [pd.read_parquet(j[3]) for j in jobs if j[0] == "category" and j[3].exists()]
-    if cat:
-        c = pd.concat(cat, ignore_index=True)
+    pre = read("pretrend")
+    if pre is not None:
+        print(f"## Pre-trend tests ({pre.groupby('kind')['seed'].nunique().to_dict()} weekly worlds; no effect; "
+              "region_trend: included regions drift 0.5%/week)\n")
+        print(V.summarize_pretrend(pre).to_markdown(**f) + "\n")
+        print(f"user-clustered F on {pre.groupby('kind')['user_f_p'].count().to_dict()} worlds per kind\n")
+    c = read("category")
+    if c is not None:
         print(f"## Per-category observational lift ({c['seed'].nunique()} default-size worlds, {len(c)} category CIs)\n")
         cols = [k for k in ("covers", "covers_df_min", "covers_fieller") if k in c]
         print(c[cols].mean().to_frame("pooled coverage").T.to_markdown(**f) + "\n")
@@ -101,9 +116,8 @@ def main() -> None:
                                            bias=("rel_lift", "mean"), truth=("truth", "mean"), **{k: (k, "mean") for k in cols})
         per["bias"] = per["bias"] - per["truth"]
         print(per.sort_values("covers").reset_index().to_markdown(**f) + "\n")
-    bud = [pd.read_parquet(j[3]) for j in jobs if j[0] == "budget" and j[3].exists()]
-    if bud:
-        b = pd.concat(bud, ignore_index=True)
+    b = read("budget")
+    if b is not None:
         print("## Label budget: share 'shown below' when labeled at the budget (true rate 2%, tolerance 5%, planned power 0.8)\n")
         g = b.groupby(["kind", "basis"], sort=False)
         out = g.agg(verdicts=("shown_below", "size"), power=("shown_below", "mean"), median_labels=("labels_needed", "median"),
@@ -111,27 +125,29 @@ def main() -> None:
                     capped=("capped", "mean")).reset_index()
         out["mc_se"] = np.sqrt(out["power"] * (1 - out["power"]) / out["verdicts"])
         print(out.to_markdown(**f) + "\n")
-        print(b.groupby(["kind", "basis", "category"], sort=False)["shown_below"].mean().unstack("category").reset_index().to_markdown(**f) + "\n")
-    if not all(any(done[w].values()) for w in ("lift", "leak", "tolerance")):
-        return
-    lift, leak, tol = read("lift"), read("leak"), read("tolerance")
-    print(f"(asked: {a.worlds} per kind, {a.tolerance_worlds} per kind at the tolerance; {len(todo)} chunks run now in {secs:.0f} s on {a.workers} workers)\n")
-    print("## Lift: false-positive rate (null worlds) and coverage of the true relative lift\n")
-    print(V.summarize_lift(lift).to_markdown(**f))
-    print(f"\nregion DiD df (median by kind): {lift.groupby('kind', sort=False)['region_did_df'].median().round(1).to_dict()}\n")
-    print("## Leak rates: coverage of the true rate, all categories pooled\n")
-    print(V.summarize_leak(leak, by_category=False).to_markdown(**f))
-    print("\n## Leak rates: coverage per category\n")
-    s = V.summarize_leak(leak).pivot_table(index=["kind", "category"], columns="estimator", values="coverage", sort=False).reset_index()
-    print(s.to_markdown(**f))
-    print(f"\nper-category MC SE at 0.95: {np.sqrt(0.95 * 0.05 / a.worlds):.3f}\n")
-    print("## Mean interval width (all categories)\n")
-    print(leak.groupby("kind", sort=False)[["clustered_width", "ppi_width"]].mean().reset_index().to_markdown(**f))
-    print("\n## Compliance at the tolerance (every true rate = 1%)\n")
-    print(V.summarize_compliance(tol).to_markdown(**f))
-    print("\nper category:\n")
-    print(V.summarize_compliance(tol, by_category=True).to_markdown(**f))
-
+    print(f"({len(todo)} chunks run now in {secs:.0f} s on {a.workers} workers)\n")
+    lift = read("lift")
+    if lift is not None:
+        print(f"## Lift: false-positive rate (null worlds) and coverage of the true relative lift "
+              f"({lift.groupby('kind')['seed'].nunique().to_dict()} seeds per kind)\n")
+        print(V.summarize_lift(lift).to_markdown(**f))
+        print(f"\nregion DiD df (median by kind): {lift.groupby('kind', sort=False)['region_did_df'].median().round(1).to_dict()}\n")
+    leak = read("leak")
+    if leak is not None:
+        print(f"## Leak rates: coverage of the true rate, all categories pooled ({leak.groupby('kind')['seed'].nunique().to_dict()} worlds)\n")
+        print(V.summarize_leak(leak, by_category=False).to_markdown(**f))
+        print("\n## Leak rates: coverage per category\n")
+        s = V.summarize_leak(leak).pivot_table(index=["kind", "category"], columns="estimator", values="coverage", sort=False).reset_index()
+        print(s.to_markdown(**f))
+        print(f"\nper-category MC SE at 0.95: {np.sqrt(0.95 * 0.05 / leak.groupby('kind')['seed'].nunique().min()):.3f}\n")
+        print("## Mean interval width (all categories)\n")
+        print(leak.groupby("kind", sort=False)[["clustered_width", "ppi_width"]].mean().reset_index().to_markdown(**f))
+    tol = read("tolerance")
+    if tol is not None:
+        print(f"\n## Compliance at the tolerance (every true rate = 1%; {tol.groupby('kind')['seed'].nunique().to_dict()} worlds)\n")
+        print(V.summarize_compliance(tol).to_markdown(**f))
+        print("\nper category:\n")
+        print(V.summarize_compliance(tol, by_category=True).to_markdown(**f))
 
 if __name__ == "__main__":
     main()

@@ -139,13 +139,15 @@ def exposure_world_rows(world_config: dict, *, alpha: float = 0.05, n_permutatio
     the policy window and the pre-policy placebo, each excluded region's own test, the violation
     family and the design checks), on the true sensitive categories. Returns (exposure rows, design
     checks, violations), each tagged with the world's seed and mode."""
-    w = simulate(world_config)
-    inp = inputs_from_world(w, sensitivity=sensitivity, specificity=specificity, seed=w.config.seed)
+    w = simulate(world_config, text=False)  # the black box reads no text
+    inp = inputs_from_world(w, sensitivity=sensitivity, specificity=specificity, seed=w.config.seed, impressions=False)
+    # "ai_chat" among the targeting sources is exactly the simulator's chat_targeted (faster than reading the lists)
+    imp = w.impressions[["user_id", "shown_at", "ad_category"]].assign(chat=w.impression_truth["chat_targeted"].to_numpy(bool))
     cats = inp.categories.copy()
     y = label_matrix(w.conversation_truth["art9"], ART9)
     for j, c in enumerate(ART9):  # the black box on the true categories: the design, not the detector, is under test
         cats[f"flag_{c}"] = y[:, j]
-    inp = LeakageInputs(inp.conversations, inp.users, cats, inp.impressions, None, None, None)
+    inp = LeakageInputs(inp.conversations, inp.users, cats, imp, None, None, None)
     s = LeakageSettings(policy_date=w.config.policy_date, excluded_regions=tuple(w.config.excluded_regions), alpha=alpha,
                         exposure_window_days=w.config.chat_window_days, exposure_permutations=n_permutations, seed=w.config.seed)
     rep = analyse(inp, s, glm=False)
