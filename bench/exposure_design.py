@@ -11,7 +11,9 @@ on the true sensitive categories by `analysis.validation.worlds.exposure_world_r
                                 follow its topic through other signals (every region, the whole period)
   outside_interest_from_policy  the same, but the outside signal starts on the policy date
 
-Per-chunk rows go to --rows (a rerun skips chunks already there); tables are printed from every chunk present.
+Per-chunk rows go to --rows (a rerun skips chunks already there); then every chunk present is written to
+bench/results/validation_exposure_{tests,checks,violations}.csv.gz (committed; the docs' tables come from them) and
+the tables are printed from those files (with no chunks present, from the committed ones).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--chunk", type=int, default=10)
     ap.add_argument("--rows", type=Path, default=ROOT / "bench" / "out" / "exposure_design")
+    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results", help="where the rows are committed")
     ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated world kinds to run (tables print from every row present)")
     a = ap.parse_args()
     a.rows.mkdir(parents=True, exist_ok=True)
@@ -77,9 +80,17 @@ def main() -> None:
     with ProcessPoolExecutor(a.workers) as ex:
         for path in ex.map(_job, todo):
             print(f"{time.perf_counter() - t0:7.0f} s  {path.name}", file=sys.stderr, flush=True)
-    read = lambda sfx: pd.concat([pd.read_parquet(j[2].with_suffix(sfx)) for j in jobs if j[2].with_suffix(sfx).exists()],  # noqa: E731
-                                 ignore_index=True)
-    e, c, v = read(".exposure.parquet"), read(".checks.parquet"), read(".violations.parquet")
+    def read(sfx, name):
+        """This run's chunks (then written to bench/results/validation_exposure_<name>.csv.gz, the committed rows
+        the docs cite), else the committed file."""
+        paths = [j[2].with_suffix(sfx) for j in jobs if j[2].with_suffix(sfx).exists()]
+        out = a.results / f"validation_exposure_{name}.csv.gz"
+        if paths:
+            a.results.mkdir(parents=True, exist_ok=True)
+            pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True).to_csv(out, index=False, float_format="%.6g")
+        return pd.read_csv(out, dtype={"category": str, "region": str})
+
+    e, c, v = read(".exposure.parquet", "tests"), read(".checks.parquet", "checks"), read(".violations.parquet", "violations")
     print(f"# exposure design: worlds per kind {c.groupby('world')['seed'].nunique().to_dict()} "
           f"({len(todo)} chunks run now in {time.perf_counter() - t0:.0f} s)\n")
     t = e[e["p_permutation"].notna()].copy()
