@@ -32,6 +32,20 @@ def test_same_seed_same_world_other_seed_other_world():
     assert not a.messages["text"].equals(c.messages["text"])
 
 
+def test_a_world_without_text_is_the_same_world():
+    """simulate(text=False) (the exposure-design benchmark) leaves out the messages and nothing else."""
+    cfg = {"seed": 5, "n_users": 50, "n_conversations": 120, "n_impressions": 3000}
+    a, b = simulate(cfg), simulate(cfg, text=False)
+    assert len(b.messages) == 0 and list(b.messages.columns) == list(a.messages.columns)
+    pd.testing.assert_frame_equal(a.impressions.drop(columns="targeting_sources"), b.impressions.drop(columns="targeting_sources"))
+    pd.testing.assert_frame_equal(a.conversation_truth, b.conversation_truth)
+    pd.testing.assert_frame_equal(a.filter_decisions, b.filter_decisions)
+    assert a.ground_truth["leakage"] == b.ground_truth["leakage"]
+    # "ai_chat" among the targeting sources is the simulator's chat_targeted (exposure_world_rows reads the latter)
+    chat = a.impressions["targeting_sources"].map(lambda s: "ai_chat" in list(s))
+    assert (chat.to_numpy(bool) == a.impression_truth["chat_targeted"].to_numpy(bool)).all()
+
+
 def test_tables_follow_the_contract(small_world):
     w = small_world
     assert set(w.messages["role"]) == {"user", "assistant"}
