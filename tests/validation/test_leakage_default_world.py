@@ -69,6 +69,11 @@ def test_true_leak_rate_inside_every_categorys_ci_in_the_default_world(default_r
                     ("ppi", default_report.ppi.table.set_index("category"))):
         for c in ART9:
             assert r.loc[c, "ci_low"] <= gt[c]["leak_rate"] <= r.loc[c, "ci_high"], (name, c)
+    # the label budget of both bases (the headline's, labels only, and PPI++'s): the detector's scores save labels
+    b = default_report.label_budget.pivot(index="category", columns="basis", values="labels_needed")
+    assert set(b.columns) == {"labels only (design effect)", "PPI++ (detector + labels)"} and set(b.index) == set(ART9)
+    finite = np.isfinite(b).all(axis=1)
+    assert finite.any() and (b.loc[finite, "PPI++ (detector + labels)"] <= b.loc[finite, "labels only (design effect)"]).all()
 
 
 def test_tolerance_tests_and_multiplicity(default_report):
