@@ -37,7 +37,6 @@ from scipy import stats
 from scipy.optimize import brentq
 from scipy.special import expit, logit, ndtr
 
-from analysis.lift.regional import region_week_cells
 from analysis.simulate import EXCLUDED_REGIONS, INCLUDED_REGIONS
 
 LIFT_KINDS = ("benign", "region_shocks", "regional_baseline", "few_regions")
