@@ -27,6 +27,7 @@ ShareGPT gold set by `data/labels/fit_categorizer.py`; a run with tier-1 labels 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -254,15 +255,25 @@ class ConversationCategorizer:
 
 def topic_mix(categories: pd.DataFrame, top: int = 3) -> pd.DataFrame:
     """Per topic, the distribution of its conversations' tier-1 labels: `category_mix` (the `top`
-    largest as "label share%"), `top_tier1_label`, `top_tier1_share`, `none_share`."""
+    largest as "label share%"), `top_tier1_label`, `top_tier1_share`, `none_share`; with a `path`
+    column (each conversation's IAB path), also the most frequent tier-2 among the conversations of
+    the dominant tier-1 (`top_tier2_label`, `top_tier2_share` of the whole topic)."""
     c = categories.assign(_t=categories["tier1_label"].fillna(NONE))
+    if "path" in c:
+        c["_t2"] = c["path"].map(lambda p: p.split(" > ")[1] if isinstance(p, str) and " > " in p else None)
     rows = []
     for topic, g in c.groupby(c["topic"].astype(str)):
         sh = g["_t"].value_counts(normalize=True)
-        rows.append({"topic": topic, "category_mix": "; ".join(f"{k} {v:.0%}" for k, v in sh.head(top).items()),
-                     "top_tier1_label": sh.index[0], "top_tier1_share": round(float(sh.iloc[0]), 4),
-                     "none_share": round(float(sh.get(NONE, 0.0)), 4)})
-    return pd.DataFrame(rows, columns=["topic", "category_mix", "top_tier1_label", "top_tier1_share", "none_share"])
+        row = {"topic": topic, "category_mix": "; ".join(f"{k} {v:.0%}" for k, v in sh.head(top).items()),
+               "top_tier1_label": sh.index[0], "top_tier1_share": round(float(sh.iloc[0]), 4),
+               "none_share": round(float(sh.get(NONE, 0.0)), 4), "top_tier2_label": None, "top_tier2_share": np.nan}
+        if "_t2" in g:
+            t2 = g.loc[g["_t"] == sh.index[0], "_t2"].dropna().value_counts()
+            if len(t2):
+                row["top_tier2_label"], row["top_tier2_share"] = t2.index[0], round(float(t2.iloc[0]) / len(g), 4)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["topic", "category_mix", "top_tier1_label", "top_tier1_share", "none_share",
+                                       "top_tier2_label", "top_tier2_share"])
 
 
 @dataclass
@@ -356,10 +367,35 @@ def apply_overrides(cats: pd.DataFrame, topics: pd.Series, conversations: dict, 
     return out, applied
 
 
-def readable_labels(info: pd.DataFrame, mix: pd.DataFrame, n_phrases: int = 2) -> pd.DataFrame:
-    """A topic label a reader recognizes: its first `n_phrases` key phrases (multi-word c-TF-IDF
-    terms first, from `representation` or `keywords`) joined by "and", then its dominant
-    per-conversation tier-1 with its share: "cover letter and job description (Careers 62%)"."""
+# a key phrase that looks like code or an identifier says nothing to a reader ("src", "def", "x_train", "2.0")
+_CODE_LIKE = re.compile(r"[_./\\(){}\[\]=<>#@$%^*|~`0-9]|[a-z][A-Z]")
+_STEM = re.compile(r"(ies|es|s)$")
+
+
+def key_phrases(words: Sequence[str], n: int = 3) -> list[str]:
+    """Up to `n` distinctive phrases from a topic's ranked words: multi-word terms first (in rank
+    order), then single words; code-like tokens and words already covered by a chosen phrase
+    (plural or word order aside) are skipped."""
+    words = [str(w).strip() for w in words if str(w).strip() and not _CODE_LIKE.search(str(w))]
+    chosen: list[str] = []
+    covered: set[str] = set()
+    for w in [w for w in words if " " in w] + [w for w in words if " " not in w]:
+        parts = {_STEM.sub("", p.lower()) for p in w.split()}
+        if parts & covered:
+            continue
+        chosen.append(w)
+        covered |= parts
+        if len(chosen) == n:
+            break
+    return chosen
+
+
+def readable_labels(info: pd.DataFrame, mix: pd.DataFrame, n_phrases: int = 3, min_tier2_share: float = 0.2) -> pd.DataFrame:
+    """A topic label a reader recognizes, from aggregates only (the topic's ranked words and its
+    conversations' category mix, never a conversation's text): the dominant tier-2 node's name when
+    it covers at least `min_tier2_share` of the topic, up to `n_phrases` key phrases
+    (`key_phrases` of `representation`, else `keywords`), and the dominant tier-1 with its share:
+    "Job Search: cover letter, job description, interview (Careers 62%)"."""
     share = mix.set_index("topic")
     rows = []
     for r in info.itertuples():
@@ -367,14 +403,15 @@ def readable_labels(info: pd.DataFrame, mix: pd.DataFrame, n_phrases: int = 2) -
         if words is None or (isinstance(words, float) and np.isnan(words)) or len(words) == 0:
             words = getattr(r, "keywords", None)
         words = [str(w) for w in (list(words) if isinstance(words, (list, tuple, np.ndarray)) else [])]
-        multi = [w for w in words if " " in w]
-        phrases: list[str] = []
-        for w in multi + [w for w in words if " " not in w]:
-            if not any(w in p or p in w for p in phrases):
-                phrases.append(w)
-            if len(phrases) == n_phrases:
-                break
+        phrases = ", ".join(key_phrases(words, n_phrases))
         t = str(r.topic)
-        cat = f" ({share.at[t, 'top_tier1_label']} {share.at[t, 'top_tier1_share']:.0%})" if t in share.index else ""
-        rows.append({"topic": t, "readable_label": (" and ".join(phrases) or str(getattr(r, "label", t))) + cat})
+        head, cat = "", ""
+        if t in share.index:
+            m = share.loc[t]
+            cat = f" ({m['top_tier1_label']} {m['top_tier1_share']:.0%})"
+            t2 = m.get("top_tier2_label")
+            if isinstance(t2, str) and m.get("top_tier2_share", 0) >= min_tier2_share:
+                head = t2 + (": " if phrases else "")
+        text = head + phrases if (head or phrases) else str(getattr(r, "label", t))
+        rows.append({"topic": t, "readable_label": text + cat})
     return pd.DataFrame(rows, columns=["topic", "readable_label"])

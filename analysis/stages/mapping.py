@@ -82,7 +82,7 @@ def run(run_dir: RunDir | str, settings: MappingSettings | None = None, engine: 
                                            {o["topic"]: o["to"] for o in mapping.overrides_applied}, source=overrides.source, taxonomy=tax)
     cc = cc.merge(ctab.rename(columns={c: f"conv_{c}" for c in ctab.columns if c != "conversation_id"}), on="conversation_id", how="left")
     cc = cc.rename(columns={"conv_source": "conv_category_source"})
-    mix = topic_mix(cc[["topic", "conv_tier1_label"]].rename(columns={"conv_tier1_label": "tier1_label"}))
+    mix = topic_mix(cc[["topic", "conv_tier1_label", "conv_path"]].rename(columns={"conv_tier1_label": "tier1_label", "conv_path": "path"}))
     mix = mix.merge(readable_labels(info, mix), on="topic", how="left")
     mapping.table = mapping.table.drop(columns=[c for c in mix.columns if c != "topic" and c in mapping.table])
     mapping.table = (mapping.table.assign(_topic=mapping.table["topic"].astype(str))

@@ -105,10 +105,14 @@ def test_overrides_conversation_beats_topic(tmp_path):
 
 
 def test_topic_mix_is_the_distribution_of_its_conversations():
-    c = pd.DataFrame({"topic": [1, 1, 1, 1, 2], "tier1_label": ["Careers", "Careers", "Education", None, "Travel"]})
+    c = pd.DataFrame({"topic": [1, 1, 1, 1, 2], "tier1_label": ["Careers", "Careers", "Education", None, "Travel"],
+                      "path": ["Careers > Job Search > Resume Writing and Advice", "Careers > Career Advice", "Education", None, "Travel"]})
     m = topic_mix(c).set_index("topic")
     assert m.at["1", "category_mix"] == "Careers 50%; Education 25%; none 25%"
     assert m.at["1", "top_tier1_share"] == 0.5 and m.at["1", "none_share"] == 0.25 and m.at["2", "top_tier1_label"] == "Travel"
+    # the tier-2 is counted among the dominant tier-1's conversations, its share over the whole topic
+    assert m.at["1", "top_tier2_label"] in {"Job Search", "Career Advice"} and m.at["1", "top_tier2_share"] == 0.25
+    assert pd.isna(m.at["2", "top_tier2_label"])  # a tier-1 without a tier-2 below it
 
 
 def test_tier1_confusion_counts_per_label():
@@ -120,14 +124,37 @@ def test_tier1_confusion_counts_per_label():
     assert table.loc["Food & Drink"].sum() == 2
 
 
-def test_readable_label_is_key_phrases_and_the_dominant_category():
-    info = pd.DataFrame({"topic": [1, 2], "label": ["1_line_add", "2_x"],
-                         "keywords": [["line", "cover letter", "job description", "letter"], ["flask", "app"]],
-                         "representation": [None, []]})
-    mix = topic_mix(pd.DataFrame({"topic": [1, 1, 1, 2], "tier1_label": ["Careers", "Careers", "Education", "Technology & Computing"]}))
-    r = readable_labels(info, mix).set_index("topic")["readable_label"]
-    assert r["1"] == "cover letter and job description (Careers 67%)"
-    assert r["2"] == "flask and app (Technology & Computing 100%)"
+def test_readable_label_is_tier2_key_phrases_and_the_dominant_category():
+    info = pd.DataFrame({"topic": [1, 2, 3], "label": ["1_line_add", "2_x", "3_y"],
+                         "keywords": [["line", "cover letter", "job description", "letters", "interview"], ["src", "flask", "app", "x_train"],
+                                      []],
+                         "representation": [None, [], None]})
+    cats = pd.DataFrame({"topic": [1, 1, 1, 2, 3], "tier1_label": ["Careers", "Careers", "Education", "Technology & Computing", None],
+                         "path": ["Careers > Job Search", "Careers > Job Search", "Education", "Technology & Computing", None]})
+    r = readable_labels(info, topic_mix(cats)).set_index("topic")["readable_label"]
+    # multi-word phrases first; "letters" adds nothing after "cover letter"; "line" comes after the phrases
+    assert r["1"] == "Job Search: cover letter, job description, line (Careers 67%)"
+    assert r["2"] == "src, flask, app (Technology & Computing 100%)"  # "x_train" (code-like) dropped
+    assert r["3"] == "3_y (none 100%)"  # no words: the topic's own label
+
+
+def test_readable_labels_are_built_from_aggregates_only():
+    """A label holds only the topic's ranked words, taxonomy names and shares: never a conversation's text
+    (readable_labels is given no text at all), and a word the topic model did not rank never appears."""
+    import inspect
+    import re
+
+    assert set(inspect.signature(readable_labels).parameters) == {"info", "mix", "n_phrases", "min_tier2_share"}
+    tax = load_taxonomy()
+    words = ["cover letter", "job description", "interview", "resume"]
+    info = pd.DataFrame({"topic": [7], "label": ["7_cover_letter"], "keywords": [words], "representation": [None]})
+    cats = pd.DataFrame({"topic": [7] * 4, "tier1_label": ["Careers"] * 3 + ["Education"],
+                         "path": ["Careers > Job Search"] * 3 + ["Education"], "document": ["Dear Ms Jane Roe, jane.roe@example.com"] * 4})
+    label = readable_labels(info, topic_mix(cats)).at[0, "readable_label"]
+    allowed = {w for p in words for w in p.split()} | {w for n in tax["label"] for w in re.findall(r"[\w&]+", n)}
+    used = set(re.findall(r"[A-Za-z&]+", label))
+    assert used <= allowed, used - allowed
+    assert "Jane" not in label and "example" not in label
 
 
 def test_knn_vote_blends_into_the_probabilities_and_survives_reload(fitted, tmp_path):
