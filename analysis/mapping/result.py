@@ -81,6 +81,29 @@ class AdMappingResult:
         g = g.sort_values("conversations", ascending=False)
         return suppress_small_cells(g, ["conversations", "users"], k=self.min_cell_users, by="users")
 
+    def topic_tier1_mix(self, top: int = 8) -> pd.DataFrame:
+        """Topic x tier-1: the share of each topic's conversations per own (per-conversation) tier-1,
+        for the `top` most frequent tier-1s overall, the rest as `other` and `none`; largest topics
+        first, with their readable labels. Privacy: a topic of fewer than k users shows no shares,
+        and a share resting on fewer than k conversations is blank (NaN)."""
+        c = self.conversation_categories.merge(self.conversations[["conversation_id", "user_id"]], on="conversation_id")
+        if "conv_tier1_label" not in c:
+            return pd.DataFrame()
+        t1 = c["conv_tier1_label"].fillna("none")
+        keep = [v for v in t1[t1 != "none"].value_counts().index[:top]]
+        c = c.assign(tier1=np.where(t1.isin(keep) | (t1 == "none"), t1, "other"), topic=c["topic"].astype(str))
+        counts = pd.crosstab(c["topic"], c["tier1"]).reindex(columns=[*keep, "other", "none"], fill_value=0)
+        size = counts.sum(axis=1)
+        users = c.groupby("topic")["user_id"].nunique().reindex(counts.index)
+        k = self.min_cell_users
+        shares = counts.div(size, axis=0).where(counts >= k).where(users >= k, axis=0).round(3)
+        labels = self.topic_categories.assign(topic=self.topic_categories["topic"].astype(str)).set_index("topic")
+        lab = labels["readable_label"].astype(str).map(scrub_pii) if "readable_label" in labels else labels["topic_label"].astype(str)
+        out = pd.DataFrame({"topic": counts.index, "readable_label": lab.reindex(counts.index).to_numpy(), "conversations": size.to_numpy(),
+                            "users": users.to_numpy()}).reset_index(drop=True)
+        out = pd.concat([out, shares.reset_index(drop=True)], axis=1).sort_values("conversations", ascending=False)
+        return suppress_small_cells(out, ["conversations", "users"], k=k, by="users").reset_index(drop=True)
+
     def prevalence_by_region(self) -> pd.DataFrame:
         """Flagged share per category and region (cells of fewer than k users suppressed)."""
         c = self.conversation_categories.merge(self.conversations[["conversation_id", "user_id", "region", "excluded"]], on="conversation_id")

@@ -169,3 +169,22 @@ def test_knn_vote_blends_into_the_probabilities_and_survives_reload(fitted, tmp_
                                0.65 * lr_only.predict_proba(feats.X).to_numpy() + 0.35 * p.to_numpy(), rtol=1e-5, atol=1e-7)
     back = ConversationCategorizer.load(blend.save(tmp_path / "b.npz"))
     assert back.knn_weight == 0.35 and back.knn_vectors.shape == blend.knn_vectors.shape
+
+
+def test_topic_tier1_mix_is_an_aggregate_with_small_cells_hidden():
+    from analysis.mapping.result import AdMappingResult
+
+    # topic 1: 30 users, 20 Careers + 6 Education + 4 none; topic 2: 5 users (below k = 10); topic 3: 12 Education
+    # (three topics: with two, complementary suppression would hide topic 1's counts too)
+    t1 = ["Careers"] * 20 + ["Education"] * 6 + [None] * 4 + ["Travel"] * 5 + ["Education"] * 12
+    cc = pd.DataFrame({"conversation_id": [f"c{i}" for i in range(47)], "topic": [1] * 30 + [2] * 5 + [3] * 12, "conv_tier1_label": t1})
+    conv = pd.DataFrame({"conversation_id": cc["conversation_id"], "user_id": [f"u{i}" for i in range(47)]})
+    tc = pd.DataFrame({"topic": [1, 2, 3], "topic_label": ["1_a", "2_b", "3_c"], "readable_label": ["Job Search: cover letter (Careers 67%)", "x", "y"]})
+    res = AdMappingResult(tc, cc, None, None, None, "", None, conv, min_cell_users=10)
+    m = res.topic_tier1_mix(top=2).set_index("topic")
+    assert list(m.columns) == ["readable_label", "conversations", "users", "Careers", "Education", "other", "none"]
+    assert m.at["3", "Education"] == 1.0  # (its count is hidden too: complementary suppression of topic 2)
+    assert m.at["1", "Careers"] == round(20 / 30, 3) and m.at["1", "conversations"] == 30
+    assert pd.isna(m.at["1", "Education"]) and pd.isna(m.at["1", "none"])  # 6 and 4 conversations: fewer than k
+    assert m.at["2", "conversations"] == "<10" and m.loc["2", ["Careers", "other"]].isna().all()  # Travel is "other" here
+    assert list(m.index) == ["1", "3", "2"]
