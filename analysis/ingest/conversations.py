@@ -18,11 +18,14 @@ def build_conversations(
     policy_date: str | None = None,
 ) -> pd.DataFrame:
     """One row per conversation: the user-side document (user turns, one per line), its opening
-    (the first user turn: what the conversation asks), owner, region, excluded flag, times, turns."""
+    (the first user turn: what the conversation asks), the assistant's first reply (what it turned
+    out to be about: stage 02's categorizer reads it; empty without one), owner, region, excluded
+    flag, times, turns."""
     m = messages.sort_values(["conversation_id", "turn_index"])
     user_side = m[m["role"] == "user"]
     docs = user_side.groupby("conversation_id", sort=False)["text"].agg("\n".join)
     openings = user_side.groupby("conversation_id", sort=False)["text"].first()
+    replies = m[m["role"] == "assistant"].groupby("conversation_id", sort=False)["text"].first()
     g = m.groupby("conversation_id", sort=False)
     conv = pd.DataFrame(
         {
@@ -38,6 +41,7 @@ def build_conversations(
     conv["n_user_turns"] = conv["n_user_turns"].fillna(0).astype("int64")
     conv["document"] = docs.reindex(conv.index).fillna("")
     conv["opening"] = openings.reindex(conv.index).fillna("")
+    conv["first_reply"] = replies.reindex(conv.index).fillna("")
     conv = conv.reset_index().merge(users[["user_id", "region"]], on="user_id", how="left")
     conv["excluded"] = is_excluded(conv["region"], excluded_regions)
     if policy_date is not None:
@@ -45,7 +49,7 @@ def build_conversations(
     conv["document_display"] = conv["document"].map(scrub_pii)
     cols = ["conversation_id", "user_id", "region", "excluded", "started_at", "ended_at", "n_turns", "n_user_turns", "voice"]
     cols += ["after_policy"] if policy_date is not None else []
-    return conv[cols + ["document", "opening", "document_display"]]
+    return conv[cols + ["document", "opening", "first_reply", "document_display"]]
 
 
 def _voice(m: pd.DataFrame) -> pd.Series:

@@ -9,11 +9,14 @@ A topic of "writing help" holds cover letters (Careers), essays (Education) and 
   word pieces of it: what the chat asks), the mean of its segment vectors (`detector.text.segments`
   with `backend`: the whole chat, code and URLs removed; the detector embeds the same segments, so
   the embedding cache serves them), and the same head with the static model (every word, cheap);
+  and, for a model fitted `with_reply`, the head of the assistant's first reply with `backend`
+  (what the chat turned out to be about: a short "write a blog post about X" is answered by the
+  post; zeros where there is no reply);
 - **model**: a multinomial logistic regression over the 37 tier-1 ids and `NONE`, fitted on
   labeled conversations plus one prototype per tier-1 (its "use for" line of the gold-set
   guideline, `analysis/data/iab_tier1_guide.yaml`), so a tier-1 without labels is still reachable,
   blended with a similarity-weighted vote of the `knn_k` nearest labeled conversations (on the
-  `backend` head and segment-mean part of the features): the vote keeps small, tight groups of
+  `backend` parts of the features: head, segment mean, reply): the vote keeps small, tight groups of
   labels (law-firm pages, game scripts) that one linear boundary per class blurs;
 - **tier-2**: the child of the predicted tier-1 whose IAB text (label, path, synonyms,
   description) is most similar to the conversation's head vector (the tier-1 itself when it has
@@ -77,10 +80,12 @@ class Features:
 
     X: np.ndarray
     head: np.ndarray
+    with_reply: bool = False
 
 
-def conversation_features(documents: Sequence[str], backend: str = "minilm", cache_dir=None) -> Features:
-    """[head with `backend` | segment mean with `backend` | head with the static model], one row per document."""
+def conversation_features(documents: Sequence[str], backend: str = "minilm", cache_dir=None, replies: Sequence[str] | None = None) -> Features:
+    """[head with `backend` | segment mean with `backend` | head with the static model], one row per
+    document; with `replies` (the assistant's first reply per document), also [reply head with `backend`]."""
     docs = ["" if d is None else str(d) for d in documents]
     head = [d[:HEAD_CHARS] for d in docs]
     hv = embed_texts(head, backend, cache_dir)
@@ -88,12 +93,28 @@ def conversation_features(documents: Sequence[str], backend: str = "minilm", cac
     if sm.shape[1] == 0:
         sm = np.zeros_like(hv)
     st = embed_texts(head, STATIC, cache_dir) if backend != STATIC else hv
-    return Features(np.hstack([hv, sm, st]).astype(np.float32), hv)
+    parts = [hv, sm, st]
+    if replies is not None:
+        if len(replies) != len(docs):
+            raise ValueError(f"{len(docs)} documents but {len(replies)} replies")
+        parts.append(reply_vectors(replies, backend, cache_dir, hv.shape[1]))
+    return Features(np.hstack(parts).astype(np.float32), hv, replies is not None)
 
 
-def prototype_features(backend: str = "minilm", cache_dir=None) -> tuple[np.ndarray, list[str]]:
+def reply_vectors(replies: Sequence[str], backend: str, cache_dir=None, dims: int | None = None) -> np.ndarray:
+    """Unit vector of each reply's first `HEAD_CHARS` characters; zeros for a missing or empty reply."""
+    txt = ["" if r is None or (isinstance(r, float) and np.isnan(r)) else str(r)[:HEAD_CHARS] for r in replies]
+    has = np.array([bool(t.strip()) for t in txt])
+    V = embed_texts([t for t, h in zip(txt, has) if h], backend, cache_dir) if has.any() else None
+    out = np.zeros((len(txt), V.shape[1] if V is not None else int(dims or 0)), np.float32)
+    if V is not None:
+        out[has] = V
+    return out
+
+
+def prototype_features(backend: str = "minilm", cache_dir=None, with_reply: bool = False) -> tuple[np.ndarray, list[str]]:
     """One feature row per tier-1 from its guide line ("<name>: <use>"), and the tier-1 ids (the
-    backend part is repeated for the segment mean: a guide line is one segment)."""
+    backend part is repeated for the segment mean, and for the reply: a guide line is one segment)."""
     tax = load_taxonomy()
     names = dict(zip(tax["id"], tax["label"]))
     guide = tier1_guide()
@@ -101,7 +122,7 @@ def prototype_features(backend: str = "minilm", cache_dir=None) -> tuple[np.ndar
     texts = [f"{names[i]}: {guide[i]}" for i in ids]
     hv = embed_texts(texts, backend, cache_dir)
     st = embed_texts(texts, STATIC, cache_dir) if backend != STATIC else hv
-    return np.hstack([hv, hv, st]).astype(np.float32), ids
+    return np.hstack([hv, hv, st] + ([hv] if with_reply else [])).astype(np.float32), ids
 
 
 @dataclass
@@ -115,6 +136,7 @@ class ConversationCategorizer:
     knn_k: int = 10
     knn_temperature: float = 20.0  # vote weight exp(temperature * cosine)
     seed: int = 0
+    with_reply: bool = False  # features include the assistant's first reply (conversation_features(replies=...))
     classes: np.ndarray | None = None
     coef: np.ndarray | None = None
     intercept: np.ndarray | None = None
@@ -132,28 +154,34 @@ class ConversationCategorizer:
         y = np.asarray([str(v) for v in y], dtype=object)
         if len(y) != len(X):
             raise ValueError(f"{len(X)} feature rows but {len(y)} labels")
-        P, pid = prototype_features(self.backend, self.cache_dir)
+        P, pid = prototype_features(self.backend, self.cache_dir, self.with_reply)
+        if X.shape[1] != P.shape[1]:
+            raise ValueError(f"features have {X.shape[1]} columns, {P.shape[1]} expected (backend {self.backend!r}, "
+                             f"with_reply={self.with_reply}: embed with the same backend and reply setting)")
         Xa = np.vstack([X, P])
         ya = np.concatenate([y, np.asarray(pid, dtype=object)])
         w = np.concatenate([np.ones(len(y)), np.full(len(pid), self.prototype_weight)])
         m = LogisticRegression(C=self.C, max_iter=3000, random_state=self.seed).fit(Xa, ya, sample_weight=w)
         self.classes, self.coef, self.intercept = m.classes_.astype(str), m.coef_.astype(np.float32), m.intercept_.astype(np.float32)
         # float16-rounded now so that a saved and reloaded model (float16 on disk) predicts the same
-        self.knn_vectors = self._knn_part(X, P.shape[1]).astype(np.float16).astype(np.float32)
+        self.knn_vectors = self._knn_part(X).astype(np.float16).astype(np.float32)
         self.knn_labels = y.astype(str)
         self.fitted_on = source or f"{len(y)} labeled conversations"
         return self
 
-    @staticmethod
-    def _knn_part(X: np.ndarray, n_cols: int) -> np.ndarray:
-        """Unit [head | segment mean] rows of features laid out [head d | segment mean d | static head]."""
-        d = (n_cols - STATIC_PCA_DIMS) // 2
+    def _knn_part(self, X: np.ndarray) -> np.ndarray:
+        """Unit [head | segment mean (| reply)] rows of features laid out [head d | segment mean d |
+        static head (| reply d)]: the `backend` parts."""
+        n = X.shape[1] - STATIC_PCA_DIMS
+        d = n // 3 if self.with_reply else n // 2
         V = np.asarray(X[:, : 2 * d], dtype=np.float32)
+        if self.with_reply:
+            V = np.hstack([V, np.asarray(X[:, 2 * d + STATIC_PCA_DIMS:], dtype=np.float32)])
         return V / np.maximum(np.linalg.norm(V, axis=1, keepdims=True), 1e-12)
 
     def _knn_proba(self, X: np.ndarray) -> np.ndarray:
         """Similarity-weighted vote of the `knn_k` nearest labeled conversations, over `classes`."""
-        V = self._knn_part(X, self.coef.shape[1])
+        V = self._knn_part(X)
         S = V @ self.knn_vectors.T
         k = min(self.knn_k, S.shape[1])
         nn = np.argpartition(-S, k - 1, axis=1)[:, :k]
@@ -179,7 +207,7 @@ class ConversationCategorizer:
 
     def _blank(self) -> "ConversationCategorizer":
         return ConversationCategorizer(self.backend, self.C, self.prototype_weight, self.knn_weight, self.knn_k, self.knn_temperature,
-                                       self.seed, cache_dir=self.cache_dir)
+                                       self.seed, self.with_reply, cache_dir=self.cache_dir)
 
     # ---- predicting
     def predict_proba(self, X: np.ndarray) -> pd.DataFrame:
@@ -187,7 +215,7 @@ class ConversationCategorizer:
             raise RuntimeError("the categorizer is not fitted: call fit() or load()")
         if X.shape[1] != self.coef.shape[1]:
             raise ValueError(f"features have {X.shape[1]} columns, the model {self.coef.shape[1]} "
-                             f"(fitted with backend {self.backend!r}: embed with the same backend)")
+                             f"(fitted with backend {self.backend!r}, with_reply={self.with_reply}: embed with the same backend and reply setting)")
         z = X @ self.coef.T + self.intercept
         z -= z.max(axis=1, keepdims=True)
         p = np.exp(z)
@@ -228,7 +256,8 @@ class ConversationCategorizer:
     def save(self, path: str | Path) -> Path:
         p = Path(path)
         meta = {"backend": self.backend, "C": self.C, "prototype_weight": self.prototype_weight, "knn_weight": self.knn_weight,
-                "knn_k": self.knn_k, "knn_temperature": self.knn_temperature, "seed": self.seed, "fitted_on": self.fitted_on, **self.meta}
+                "knn_k": self.knn_k, "knn_temperature": self.knn_temperature, "seed": self.seed, "with_reply": self.with_reply,
+                "fitted_on": self.fitted_on, **self.meta}
         kv = np.zeros((0, 0), np.float16) if self.knn_vectors is None else self.knn_vectors.astype(np.float16)
         kl = np.zeros(0, dtype=str) if self.knn_labels is None else np.asarray(self.knn_labels, dtype=str)
         np.savez_compressed(p, classes=np.asarray(self.classes, dtype=str), coef=self.coef, intercept=self.intercept,
@@ -245,7 +274,8 @@ class ConversationCategorizer:
         has_knn = "knn_vectors" in z.files and z["knn_vectors"].size > 0
         m = cls(backend=meta.pop("backend"), C=meta.pop("C"), prototype_weight=meta.pop("prototype_weight"),
                 knn_weight=meta.pop("knn_weight", 0.0) if has_knn else 0.0, knn_k=meta.pop("knn_k", 10),
-                knn_temperature=meta.pop("knn_temperature", 20.0), seed=meta.pop("seed"), fitted_on=meta.pop("fitted_on"),
+                knn_temperature=meta.pop("knn_temperature", 20.0), seed=meta.pop("seed"), with_reply=bool(meta.pop("with_reply", False)),
+                fitted_on=meta.pop("fitted_on"),
                 cache_dir=cache_dir, meta=meta)
         m.classes, m.coef, m.intercept = z["classes"].astype(str), z["coef"], z["intercept"]
         if has_knn:
@@ -292,12 +322,14 @@ def categorize_run(conv: pd.DataFrame, labels: pd.DataFrame | None, *, backend: 
                    fit: bool | str = "auto", min_labels: int = 200, cv_folds: int = 5, seed: int = 0, cache_dir=None,
                    taxonomy: pd.DataFrame | None = None) -> ConversationCategories:
     """Every conversation's tier-1/tier-2. With at least `min_labels` tier-1 labels (or `fit=True`) the
-    categorizer is refitted on them (plus the prototypes): with `cv_folds` > 1 each labeled
+    categorizer is refitted on them (plus the prototypes; with the assistant's first reply as a
+    feature when `conv` has a non-empty `first_reply`): with `cv_folds` > 1 each labeled
     conversation is categorized by a model fitted on the other folds (folds by a seeded hash of the
     user, so a user's conversations never judge each other), the rest by the model fitted on all
     labels. Otherwise the shipped model (or `model_path`) categorizes every conversation."""
     notes: list[str] = []
-    feats = conversation_features(conv["document"].tolist(), backend, cache_dir)
+    replies = conv["first_reply"].tolist() if "first_reply" in conv else None
+    has_replies = replies is not None and any(isinstance(r, str) and r.strip() for r in replies)
     lab = None
     if labels is not None and "iab_tier1" in labels:
         lab = labels[labels["iab_tier1"].notna()]
@@ -305,13 +337,14 @@ def categorize_run(conv: pd.DataFrame, labels: pd.DataFrame | None, *, backend: 
     refit = lab is not None and len(lab) > 0 and (fit is True or (fit == "auto" and len(lab) >= min_labels))
     oof_ids: set = set()
     if refit:
+        feats = conversation_features(conv["document"].tolist(), backend, cache_dir, replies if has_replies else None)
         pos = pd.Series(np.arange(len(conv)), index=conv["conversation_id"])
         lp = pos[lab["conversation_id"]].to_numpy()
         y = lab["iab_tier1"].astype(str).to_numpy()
-        cat = ConversationCategorizer(backend=backend, seed=seed, cache_dir=cache_dir).fit(
+        cat = ConversationCategorizer(backend=backend, seed=seed, with_reply=has_replies, cache_dir=cache_dir).fit(
             feats.X[lp], y, source=f"{len(lab)} tier-1 labels of this run")
         proba = cat.predict_proba(feats.X)
-        source = f"refitted on this run's {len(lab)} tier-1 labels"
+        source = f"refitted on this run's {len(lab)} tier-1 labels" + (" (user side and the assistant's first reply)" if has_replies else " (user side)")
         if cv_folds and cv_folds > 1:
             users = conv["user_id"].iloc[lp] if "user_id" in conv else lab["conversation_id"]
             folds = (id_hash(users.reset_index(drop=True), seed) * cv_folds).astype(int)
@@ -325,7 +358,11 @@ def categorize_run(conv: pd.DataFrame, labels: pd.DataFrame | None, *, backend: 
         cat = ConversationCategorizer.load(model_path, cache_dir=cache_dir)
         if cat.backend != backend:
             notes.append(f"categorizer model fitted with backend {cat.backend!r}: features embedded with it, not {backend!r}")
-            feats = conversation_features(conv["document"].tolist(), cat.backend, cache_dir)
+        if cat.with_reply and not has_replies:
+            notes.append("the categorizer reads the assistant's first reply, but these conversations have none (no `first_reply` or all empty): "
+                         "it categorizes from the user side alone, less accurately than measured")
+        use = (replies if replies is not None else [""] * len(conv)) if cat.with_reply else None
+        feats = conversation_features(conv["document"].tolist(), cat.backend, cache_dir, use)
         proba = cat.predict_proba(feats.X)
         source = f"shipped model ({cat.fitted_on})" if not model_path else f"{model_path} ({cat.fitted_on})"
         if lab is not None and len(lab):

