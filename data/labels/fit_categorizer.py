@@ -10,8 +10,8 @@ package, as stage 00 builds them. Steps, each printed:
 1. backend choice by 5-fold CV on train (StratifiedGroupKFold by chat, seed 0): 5-NN tier-1
    accuracy of the head embedding, static vs MiniLM (the bundled backends);
 2. the categorizer (`analysis.mapping.categorizer`) by the same CV: settings are chosen here, on
-   train only (printed: the kNN vote's share 0 / 0.2 / 0.35 / 0.5; the user side alone vs with the
-   assistant's first reply);
+   train only (printed: the user side alone vs with the assistant's first reply, the kNN vote's
+   share, the taxonomy-prototype vote's share 0 / 0.1 / 0.2 / 0.3);
 3. fitted on all of train (+ the tier-1 prototypes) and judged once on test: tier-1 accuracy of
    non-sensitive conversations labeled with a tier-1, with a 95% CI cluster-robust by chat, and
    the same with `none` as a class (conversations labeled `none` included);
@@ -127,16 +127,20 @@ def main(argv=None) -> int:
     user_only = conversation_features(list(docs), args.backend)
     feats = conversation_features(list(docs), args.backend, replies=replies)
     m = scored(dtr)
-    # the kNN vote's share and the reply, by the same CV (0: the logistic regression alone)
-    figs["categorizer_cv_train_by_knn_weight"] = {}
-    for reply, f in ((False, user_only), (True, feats)):
-        for w in (0.0, 0.2, 0.35, 0.5):
-            o = ConversationCategorizer(backend=args.backend, knn_weight=w, with_reply=reply).cross_fit(f.X[tr], y[tr], folds)
-            pr = o.columns.to_numpy()[o.to_numpy().argmax(axis=1)]
-            figs["categorizer_cv_train_by_knn_weight"][f"{'reply' if reply else 'user side'} {w}"] = round(float((pr[m] == y[tr][m]).mean()), 3)
-    print("categorizer CV on train by features and knn_weight:", figs["categorizer_cv_train_by_knn_weight"], flush=True)
-    cat = ConversationCategorizer(backend=args.backend, with_reply=True)
-    oof = cat.cross_fit(feats.X[tr], y[tr], folds)
+    # the reply, the kNN vote's share and the prototype vote's share, by the same CV (0: without it)
+    figs["categorizer_cv_train_by_setting"] = {}
+    settings = [(False, 0.35, 0.0), (True, 0.0, 0.0), (True, 0.35, 0.0), (True, 0.35, 0.1), (True, 0.35, 0.2), (True, 0.35, 0.3)]
+    oofs = {}
+    for reply, kw, pw in settings:
+        f = feats if reply else user_only
+        o = ConversationCategorizer(backend=args.backend, knn_weight=kw, proto_weight=pw, with_reply=reply).cross_fit(f.X[tr], y[tr], folds)
+        oofs[(reply, kw, pw)] = o
+        pr = o.columns.to_numpy()[o.to_numpy().argmax(axis=1)]
+        key = f"{'user side + reply' if reply else 'user side'}, knn {kw}, prototypes {pw}"
+        figs["categorizer_cv_train_by_setting"][key] = round(float((pr[m] == y[tr][m]).mean()), 3)
+        print(f"categorizer CV on train, {key}: {figs['categorizer_cv_train_by_setting'][key]}", flush=True)
+    cat = ConversationCategorizer(backend=args.backend, with_reply=True)  # the shipped settings: knn 0.35, prototypes 0.2
+    oof = oofs[(True, cat.knn_weight, cat.proto_weight)]
     pred = oof.columns.to_numpy()[oof.to_numpy().argmax(axis=1)]
     figs["categorizer_cv_train"] = round(float((pred[m] == y[tr][m]).mean()), 3)
     nonsens = (dtr["art9"].map(len) == 0).to_numpy()

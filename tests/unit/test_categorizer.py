@@ -45,6 +45,7 @@ def test_guide_covers_every_tier1_and_ships_a_model():
     assert set(tier1_guide()) == set(tax.loc[tax["tier"] == 1, "id"])
     m = ConversationCategorizer.load(default_model_path())
     assert NONE in set(m.classes) and len(m.classes) == 38 and "gold" in m.fitted_on.lower()
+    assert m.with_reply and m.knn_vectors.shape[1] == 3 * 384  # reads the first reply (train CV 0.718 vs 0.701 without)
 
 
 def test_categorizer_learns_tier1_and_none_and_gives_tier2_inside_it(fitted):
@@ -157,18 +158,26 @@ def test_readable_labels_are_built_from_aggregates_only():
     assert "Jane" not in label and "example" not in label
 
 
-def test_knn_vote_blends_into_the_probabilities_and_survives_reload(fitted, tmp_path):
+def test_knn_and_prototype_votes_blend_into_the_probabilities_and_survive_reload(fitted, tmp_path):
     _, feats, y = fitted
-    knn_only = ConversationCategorizer(backend="static", C=4.0, knn_weight=1.0).fit(feats.X, y)
+    knn_only = ConversationCategorizer(backend="static", C=4.0, knn_weight=1.0, proto_weight=0.0).fit(feats.X, y)
     p = knn_only.predict_proba(feats.X)
     assert (p.columns.to_numpy()[p.to_numpy().argmax(axis=1)] == np.asarray(y)).all()  # each row's nearest is itself
     np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-9)
-    lr_only = ConversationCategorizer(backend="static", C=4.0, knn_weight=0.0).fit(feats.X, y)
-    blend = ConversationCategorizer(backend="static", C=4.0, knn_weight=0.35).fit(feats.X, y)
+    lr_only = ConversationCategorizer(backend="static", C=4.0, knn_weight=0.0, proto_weight=0.0).fit(feats.X, y)
+    blend = ConversationCategorizer(backend="static", C=4.0, knn_weight=0.35).fit(feats.X, y)  # proto_weight 0.2 by default
+    proto = blend._proto_proba(feats.X)
+    np.testing.assert_allclose(proto.sum(axis=1), 1.0, rtol=1e-9)
+    # the taxonomy vote alone knows code from recipes from job hunting
+    by = dict(zip(blend.classes, proto.T))
+    assert by["596"][0] > by["210"][0] and by["210"][4] > by["596"][4] and by["123"][8] > by["210"][8]
     np.testing.assert_allclose(blend.predict_proba(feats.X).to_numpy(),
-                               0.65 * lr_only.predict_proba(feats.X).to_numpy() + 0.35 * p.to_numpy(), rtol=1e-5, atol=1e-7)
+                               0.8 * (0.65 * lr_only.predict_proba(feats.X).to_numpy() + 0.35 * p.to_numpy()) + 0.2 * proto,
+                               rtol=1e-5, atol=1e-7)
     back = ConversationCategorizer.load(blend.save(tmp_path / "b.npz"))
     assert back.knn_weight == 0.35 and back.knn_vectors.shape == blend.knn_vectors.shape
+    assert back.proto_weight == 0.2 and len(back.proto_labels) == len(blend.proto_labels) > 37  # guide lines + described nodes
+    pd.testing.assert_frame_equal(back.predict_proba(feats.X), blend.predict_proba(feats.X), rtol=1e-5)
 
 
 def test_topic_tier1_mix_is_an_aggregate_with_small_cells_hidden():
