@@ -33,7 +33,7 @@ class Artifact:
 
 
 ARTIFACTS: dict[str, Artifact] = {a.key: a for a in (
-    Artifact("conversations", "data/conversations.parquet", INGEST, "one row per conversation: user-side document, opening, owner, region, times (raw text: never in a report)"),
+    Artifact("conversations", "data/conversations.parquet", INGEST, "one row per conversation: user-side document, opening, the assistant's first reply, owner, region, times (raw text: never in a report)"),
     Artifact("quarantine", "data/quarantine.parquet", INGEST, "rows that could not be used, with file, row, column and reason (no message text)"),
     Artifact("users", "data/users.parquet", INGEST, "the checked users table"),
     Artifact("impressions", "data/impressions.parquet", INGEST, "the checked ad impression log (absent for a chat export)", optional=True),
