@@ -265,7 +265,12 @@ class ConversationCategorizer:
 
     def categorize(self, feats: Features, proba: pd.DataFrame | None = None, taxonomy: pd.DataFrame | None = None) -> pd.DataFrame:
         """Per row: tier1_id (None for NONE), tier1_label ("none" for NONE), tier1_score (its
-        probability), iab_id / path (the tier-2 node, or the tier-1 without children), iab_score."""
+        probability), iab_id / path (the tier-2 node, or the tier-1 without children), iab_score.
+
+        The tier-2 is the child of the tier-1 whose subtree (the child and its descendants) holds the
+        node most similar to the conversation's head; iab_score is that cosine. Tier-2 texts alone are
+        too terse: code chats went to "Robotics" or "Augmented Reality" rather than "Computing", whose
+        descendants (programming languages, software, databases ...) say what it holds."""
         tax = load_taxonomy() if taxonomy is None else taxonomy
         p = self.predict_proba(feats.X) if proba is None else proba
         best = p.to_numpy().argmax(axis=1)
@@ -273,9 +278,16 @@ class ConversationCategorizer:
         by_id = tax.set_index("id")
         nodes = node_texts(tax)
         kids = tax[tax["tier"] == 2].groupby("tier1_id")["id"].apply(list).to_dict()
-        need = sorted({k for t in set(t1) if t != NONE for k in kids.get(t, [])})
+        path_id = dict(zip(tax["path"], tax["id"]))
+        deep = tax[tax["tier"] >= 2]
+        tier2_of = dict(zip(deep["id"], [path_id[" > ".join(q.split(" > ")[:2])] for q in deep["path"]]))
+        subtree: dict[str, list[str]] = {}
+        for n, k in tier2_of.items():
+            subtree.setdefault(k, []).append(n)
+        need = sorted({n for t in set(t1) if t != NONE for k in kids.get(t, []) for n in subtree.get(k, [k])})
         NV = embed_texts([nodes[k] for k in need], self.backend, self.cache_dir) if need else np.zeros((0, feats.head.shape[1]))
         col = {k: j for j, k in enumerate(need)}
+        S = feats.head @ NV.T if need else None
         rows = []
         for i, t in enumerate(t1):
             score = float(p.iat[i, best[i]])
@@ -284,8 +296,8 @@ class ConversationCategorizer:
                 continue
             ch = kids.get(t, [])
             if ch:
-                s = feats.head[i] @ NV[[col[k] for k in ch]].T
-                node, ns = ch[int(s.argmax())], float(s.max())
+                s = [S[i, [col[n] for n in subtree.get(k, [k])]].max() for k in ch]
+                node, ns = ch[int(np.argmax(s))], float(np.max(s))
             else:
                 node, ns = t, np.nan
             rows.append((t, by_id.at[t, "label"], score, node, by_id.at[node, "path"], ns))

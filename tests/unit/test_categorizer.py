@@ -56,6 +56,8 @@ def test_categorizer_learns_tier1_and_none_and_gives_tier2_inside_it(fitted):
     tax = load_taxonomy().set_index("id")
     for t1, node in zip(out["tier1_id"], out["iab_id"]):
         assert tax.at[node, "tier1_id"] == t1  # tier-2 lies inside the predicted tier-1
+    # chosen by its subtree (programming languages, software ... lie under Computing), not its terse own text
+    assert out.at[0, "path"] == "Technology & Computing > Computing"
     assert out["tier1_score"].between(0, 1).all()
     none = cat.categorize(conversation_features(["thanks", "ok"], "static"))
     assert (none["tier1_label"] == NONE).all() and none["tier1_id"].isna().all() and none["iab_id"].isna().all()
