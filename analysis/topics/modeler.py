@@ -6,6 +6,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import asdict
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -196,7 +197,10 @@ class TopicModeler:
         t0 = time.perf_counter()
         _silence_bertopic()
         vec = bt.vectorizer_model
-        vec.set_params(min_df=1, vocabulary=keyword_vocabulary(texts, s.min_document_count(n)))
+        users = conv["user_id"].to_numpy(dtype=object)[idx] if "user_id" in conv else None
+        n_users = len(set(users)) if users is not None else 0
+        # at least min_cell_users users per keyword, capped at a twentieth of them (tiny corpora keep words)
+        vec.set_params(min_df=1, vocabulary=keyword_vocabulary(texts, s.min_document_count(n), users, min(s.min_cell_users, max(1, n_users // 20))))
         bt.update_topics(texts, topics=list(final), top_n_words=s.top_n_words, vectorizer_model=vec, ctfidf_model=bt.ctfidf_model, representation_model=self._representation())
         n_out = int((final == -1).sum())
         outl = [((fit_emb[final[fit_pos] == -1].sum(axis=0, dtype=np.float64) + out_sum) / n_out).astype(np.float32)] if n_out else []
@@ -265,19 +269,32 @@ class TopicModeler:
         model.meta.update({"n_documents": int(n), "n_fit": int(len(fit_pos)), "topics": int(len(topic_ids)), "cluster_sizes": list(s.cluster_sizes(len(fit_pos)))})
         return TopicsResult(assignments, topic_info, quality, model, docs, conv[keep].copy(), timings, s, embed_stats)
 
-def keyword_vocabulary(texts: list[str], min_documents: int) -> list[str] | None:
-    """Words and bigrams (stop words out) that occur in at least `min_documents` of the documents.
+def keyword_vocabulary(texts: list[str], min_documents: int, users: Sequence | None = None, min_users: int = 1) -> list[str] | None:
+    """Words and bigrams (stop words out) that occur in at least `min_documents` of the documents
+    and, given each document's user, in the documents of at least `min_users` users.
 
     BERTopic's c-TF-IDF vectorizer sees one concatenated document per topic, so its own `min_df`
-    counts topics; document frequency has to be counted here. None when nothing qualifies."""
+    counts topics: document frequency has to be counted here. The user floor is for privacy: one
+    long chat split into parts is many documents of one user, and its names (a role-play's
+    characters, a family's first names) would otherwise reach the document floor and become topic
+    labels. None when nothing qualifies."""
+    from scipy import sparse
     from sklearn.feature_extraction.text import CountVectorizer
 
     cv = CountVectorizer(stop_words=stop_words(), ngram_range=(1, 2), min_df=min_documents, token_pattern=TOKEN_PATTERN, binary=True)
     try:
-        cv.fit(texts)
+        X = cv.fit_transform(texts)
     except ValueError:  # no word reaches min_documents (tiny corpora)
         return None
-    return sorted(cv.vocabulary_)
+    vocab = np.array(sorted(cv.vocabulary_, key=cv.vocabulary_.get))
+    if users is not None and min_users > 1:
+        if len(users) != len(texts):
+            raise ValueError(f"{len(texts)} documents but {len(users)} users")
+        codes, uniq = pd.factorize(pd.Series(list(users), dtype=object).fillna("__no_user__").astype(str))
+        owner = sparse.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(len(uniq), len(codes)))
+        n_users = np.asarray(((owner @ X) > 0).sum(axis=0)).ravel()
+        vocab = vocab[n_users >= min_users]
+    return sorted(vocab.tolist()) or None
 
 
 def stop_words() -> list[str]:

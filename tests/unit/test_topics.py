@@ -229,3 +229,17 @@ def test_keyword_vocabulary_counts_documents_not_topics():
     v = keyword_vocabulary(docs, 3)
     assert "mortgage" in v and "mortgage rates" in v and "sourdough" not in v and "zebra" not in v
     assert keyword_vocabulary(docs, 10) is None  # nothing reaches the floor: no restriction
+
+
+def test_keyword_floor_also_counts_users():
+    """A word many documents of ONE user share (a long chat split into parts: its characters' names)
+    never becomes a keyword; a word enough users share does."""
+    from analysis.topics.modeler import keyword_vocabulary
+
+    docs = ["jareth asked sarah about the mortgage"] * 6 + ["mortgage rates today"] * 4
+    users = ["u1"] * 6 + ["u2", "u3", "u4", "u5"]
+    v = keyword_vocabulary(docs, 3, users, 3)
+    assert "mortgage" in v and "jareth" not in v and "sarah" not in v
+    assert "jareth" in keyword_vocabulary(docs, 3)  # documents alone let the names through
+    with pytest.raises(ValueError, match="10 documents but 2 users"):
+        keyword_vocabulary(docs, 3, ["u1", "u2"], 3)
