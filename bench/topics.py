@@ -65,7 +65,7 @@ def _rss_mb() -> float:
 
 
 def prepare(name: str) -> Path:
-    """Write the corpus (conversation_id, document, topic, tier1) once to data/cache/bench/<name>.parquet;
+    """Write the corpus (conversation_id, user_id, document, topic, tier1) once to data/cache/bench/<name>.parquet;
     `tier1`: the true tier-1 of simulated ad conversations, the gold tier-1 of ShareGPT ones (non-sensitive)."""
 
     from analysis.ingest.conversations import build_conversations
@@ -100,7 +100,7 @@ def prepare(name: str) -> Path:
         t = t.assign(tier1=t["iab_tier1"].where(t["kind"] == "ad"))
         conv = conv.merge(t[["conversation_id", "topic", "tier1"]], on="conversation_id")
     out.parent.mkdir(parents=True, exist_ok=True)
-    conv[["conversation_id", "document", "topic", "tier1"]].to_parquet(out)
+    conv[["conversation_id", "user_id", "document", "topic", "tier1"]].to_parquet(out)
     return out
 
 
@@ -157,7 +157,8 @@ def child(pipeline: str, corpus_path: str, threads: int) -> dict:
 
         with tempfile.TemporaryDirectory() as cold:
             emb = Embedder(STATIC, cache_dir=cold, model_dir=default_cache_dir())
-            res = TopicModeler().fit(corpus[["conversation_id", "document"]], embedder=emb)
+            # user_id: the keyword floor also counts users (one chat split into parts is one user)
+            res = TopicModeler().fit(corpus[[c for c in ("conversation_id", "document", "user_id") if c in corpus]], embedder=emb)
             seconds = time.perf_counter() - t0
         topics = res.assignments["topic"].to_numpy()
         words = {t: res.model.keywords(t)[:10] for t in set(topics) - {-1}}
