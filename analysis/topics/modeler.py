@@ -10,6 +10,7 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
 
 from analysis.contract.settings import TopicSettings
 from analysis.topics.documents import (
@@ -278,7 +279,6 @@ def keyword_vocabulary(texts: list[str], min_documents: int, users: Sequence | N
     long chat split into parts is many documents of one user, and its names (a role-play's
     characters, a family's first names) would otherwise reach the document floor and become topic
     labels. None when nothing qualifies."""
-    from scipy import sparse
     from sklearn.feature_extraction.text import CountVectorizer
 
     cv = CountVectorizer(stop_words=stop_words(), ngram_range=(1, 2), min_df=min_documents, token_pattern=TOKEN_PATTERN, binary=True)
