@@ -220,14 +220,21 @@ class AuditSummary:
         if not len(lr):
             return None
         lr = lr.assign(category=lr["group"].map(lambda g: g.get("category"))).drop_duplicates("category")
-        worst = lr.sort_values("estimate", ascending=False).iloc[0]
-        name = SUMMARY_NAMES.get(worst["category"], worst["category"])
-        users = (worst["group"] or {}).get("clusters")
-        s = (
-            f"{name} conversations passed the filter {pct(worst['estimate'])} of the time "
-            f"({ci_text(worst['ci_low'], worst['ci_high'])}; labeled sample" + (f", {int(users):,} users as clusters" if users else "")
-            + f"), the highest of the {_count(len(lr))} sensitive categories with data."
-        )
+        users = lr["group"].map(lambda g: (g or {}).get("clusters"))
+        shown = lr[users.isna() | (users.fillna(0) >= self.k)]  # a rate resting on fewer than k users is not shown
+        if not len(shown):
+            s = (f"No sensitive category has labeled conversations from at least {self.k} users, so no leak rate is shown here "
+                 "(small cells are suppressed).")
+        else:
+            worst = shown.sort_values("estimate", ascending=False).iloc[0]
+            name = SUMMARY_NAMES.get(worst["category"], worst["category"])
+            n_users = (worst["group"] or {}).get("clusters")
+            s = (
+                f"{name} conversations passed the filter {pct(worst['estimate'])} of the time "
+                f"({ci_text(worst['ci_low'], worst['ci_high'])}; labeled sample" + (f", {int(n_users):,} users as clusters" if n_users else "")
+                + f"), the highest of the {_count(len(shown))} sensitive categories with data"
+                + (f" from at least {self.k} users." if len(shown) < len(lr) else ".")
+            )
         ub = self._m(LEAKAGE, M.LEAK_UPPER_BOUND)
         ub = ub[ub["estimate"].notna() & ub["group"].map(lambda g: g.get("basis") == M.BOUND_BASIS_CLUSTERED)] if len(ub) else ub
         if len(ub):
@@ -395,8 +402,8 @@ class AuditSummary:
             out.append(
                 "Leak rates are estimated from the labeled sample with users as clusters: valid for a random labeled sample, "
                 "also when a filter's misses cluster by user. PPI++, which adds the detector's scores within each filter "
-                "decision, gives narrower intervals (stage 03) but fell short of 95% coverage in some categories of simulated worlds "
-                "built to break it, so it is not the headline."
+                "decision, gives narrower intervals (stage 03) but fell short of 95% coverage for some categories in validation "
+                "studies built to break it, so it is not the headline."
             )
         elif len(self._m(LEAKAGE, M.LEAK_RATE_CORRECTED)):
             out.append(
@@ -410,11 +417,14 @@ class AuditSummary:
 
     # ------------------------------------------------------------------- figures
     def fig_estimates(self, stage: str, metrics: list[str], *, label_key: str | None = None, title: str = "", **group):
-        """Forest plot of a stage's estimates with their 95% CIs (and truths when known)."""
+        """Forest plot of a stage's estimates with their 95% CIs (and truths when known). An estimate whose
+        group names fewer than k users as clusters is not drawn (small cells)."""
         m = self.metrics
         sel = m[(m["stage"] == stage) & m["metric"].isin(metrics) & m["ci_low"].notna()] if len(m) else m
         for k, v in group.items():
             sel = sel[sel["group"].map(lambda g: (g or {}).get(k) == v)]
+        if len(sel):
+            sel = sel[sel["group"].map(lambda g: (g or {}).get("clusters") is None or (g or {}).get("clusters") >= self.k)]
         if not len(sel):
             return None
         labels = [

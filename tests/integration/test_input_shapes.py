@@ -64,7 +64,9 @@ def _all(*fs):
 
 # variant -> (mutation, {answer key: substrings its sentence must hold})
 VARIANTS = {
-    "full": (lambda d: None, {"leakage": ["passed the filter"], "lift": ["difference-in-differences", "randomized holdout"]}),
+    # 150 users: no category's labeled sample reaches k = 10 users, so the summary suppresses the rates, not the verdicts
+    "full": (lambda d: None, {"leakage": ["labeled conversations from at least 10 users, so no leak rate is shown", "tolerance (one-sided 95% bounds)"],
+                              "lift": ["difference-in-differences", "randomized holdout"]}),
     "no_arm": (_drop("impressions", "arm"), {"lift": ["difference-in-differences"]}),
     "arm_all_empty": (_set("impressions", "arm", None), {"lift": ["difference-in-differences"]}),
     "no_targeting_sources": (_drop("impressions", "targeting_sources"), {"leakage": ["could not be checked (no targeting_sources"]}),

@@ -86,6 +86,7 @@ def test_truth_table_names_each_headline_estimate_and_whether_its_interval_holds
         {"metric": "leak_rate_clustered", "group": {"category": "health", "region_group": "all", "clusters": 120}, "estimate": 0.031, "ci_low": 0.02, "ci_high": 0.045, "truth": 0.03},
         {"metric": "leak_rate_clustered", "group": {"category": "religion", "region_group": "all", "clusters": 110}, "estimate": 0.05, "ci_low": 0.04, "ci_high": 0.06, "truth": 0.014},
         {"metric": "leak_rate_ppi", "group": {"category": "religion", "region_group": "all"}, "estimate": 0.2, "ci_low": 0.19, "ci_high": 0.21, "truth": 0.014},
+        {"metric": "leak_rate_clustered", "group": {"category": "trade_union", "region_group": "all", "clusters": 5}, "estimate": 0.3, "ci_low": 0.1, "ci_high": 0.6},
         ub("health", "not shown to exceed", "labels, user-clustered"), ub("religion", "exceeds", "labels, user-clustered"),
         ub("health", "exceeds", "PPI++ by filter stratum"), ub("religion", "exceeds", "PPI++ by filter stratum"),
         {"metric": "label_budget", "group": {"category": "health", "basis": "labels only (design effect)"}, "estimate": 5000},
@@ -102,7 +103,9 @@ def test_truth_table_names_each_headline_estimate_and_whether_its_interval_holds
     assert sorted(tl.get_text() for tl in fig.axes[0].get_yticklabels()) == ["health", "religion"]
     assert sorted(fig.axes[0].lines[0].get_xdata()) == [0.031, 0.05]  # not the Wilson 0.5 nor PPI++'s 0.2
     a = {x.key: x.sentence for x in s.answers()}["leakage"]
-    assert "Religion conversations passed the filter 5.0% of the time (95% CI 4.0–6.0%; labeled sample, 110 users as clusters)" in a
+    assert ("Religion conversations passed the filter 5.0% of the time (95% CI 4.0–6.0%; labeled sample, 110 users as clusters), "
+            "the highest of the two sensitive categories with data from at least 10 users.") in a
+    assert "Trade" not in a and "5 users" not in a  # a rate resting on fewer than k users is not shown
     assert "1 of 2 categories exceed it, 0 are shown below it, and 1 is neither" in a
     assert "about 5,000 labeled conversations at the current estimates (3,000 with the detector's scores, PPI++)" in a
     assert AuditSummary(tmp_path / "empty").truth_table().empty
