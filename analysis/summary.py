@@ -73,6 +73,14 @@ class AuditSummary:
         self.metrics = read_metrics(self.rd)
 
     # -------------------------------------------------------------------- helpers
+    def _enough_users(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """The rows of a metrics frame whose group does not name fewer than k users as clusters: an
+        estimate resting on fewer than k users is neither named, plotted nor tabled (small cells)."""
+        if not len(frame):
+            return frame
+        n = frame["group"].map(lambda g: (g or {}).get("clusters"))
+        return frame[n.isna() | (n.fillna(0) >= self.k)]
+
     def _m(self, stage: str, metric: str, **group) -> pd.DataFrame:
         m = self.metrics
         if not len(m):
@@ -220,8 +228,7 @@ class AuditSummary:
         if not len(lr):
             return None
         lr = lr.assign(category=lr["group"].map(lambda g: g.get("category"))).drop_duplicates("category")
-        users = lr["group"].map(lambda g: (g or {}).get("clusters"))
-        shown = lr[users.isna() | (users.fillna(0) >= self.k)]  # a rate resting on fewer than k users is not shown
+        shown = self._enough_users(lr)
         if not len(shown):
             s = (f"No sensitive category has labeled conversations from at least {self.k} users, so no leak rate is shown here "
                  "(small cells are suppressed).")
@@ -358,7 +365,7 @@ class AuditSummary:
             t = t[t["metric"].isin(HEADLINE_METRICS)]
         if headline:
             keep = t["group"].map(lambda g: not ({"region", "ad_category"} & set(g or {})) and (g or {}).get("region_group", "all") == "all")
-            t = t[keep]
+            t = self._enough_users(t[keep])
         t["covers_truth"] = (t["ci_low"] <= t["truth"]) & (t["truth"] <= t["ci_high"])
         return t[cols].reset_index(drop=True)
 
@@ -417,14 +424,13 @@ class AuditSummary:
 
     # ------------------------------------------------------------------- figures
     def fig_estimates(self, stage: str, metrics: list[str], *, label_key: str | None = None, title: str = "", **group):
-        """Forest plot of a stage's estimates with their 95% CIs (and truths when known). An estimate whose
-        group names fewer than k users as clusters is not drawn (small cells)."""
+        """Forest plot of a stage's estimates with their 95% CIs (and truths when known); small cells
+        are not drawn (`_enough_users`)."""
         m = self.metrics
         sel = m[(m["stage"] == stage) & m["metric"].isin(metrics) & m["ci_low"].notna()] if len(m) else m
         for k, v in group.items():
             sel = sel[sel["group"].map(lambda g: (g or {}).get(k) == v)]
-        if len(sel):
-            sel = sel[sel["group"].map(lambda g: (g or {}).get("clusters") is None or (g or {}).get("clusters") >= self.k)]
+        sel = self._enough_users(sel)
         if not len(sel):
             return None
         labels = [

@@ -86,7 +86,7 @@ def test_truth_table_names_each_headline_estimate_and_whether_its_interval_holds
         {"metric": "leak_rate_clustered", "group": {"category": "health", "region_group": "all", "clusters": 120}, "estimate": 0.031, "ci_low": 0.02, "ci_high": 0.045, "truth": 0.03},
         {"metric": "leak_rate_clustered", "group": {"category": "religion", "region_group": "all", "clusters": 110}, "estimate": 0.05, "ci_low": 0.04, "ci_high": 0.06, "truth": 0.014},
         {"metric": "leak_rate_ppi", "group": {"category": "religion", "region_group": "all"}, "estimate": 0.2, "ci_low": 0.19, "ci_high": 0.21, "truth": 0.014},
-        {"metric": "leak_rate_clustered", "group": {"category": "trade_union", "region_group": "all", "clusters": 5}, "estimate": 0.3, "ci_low": 0.1, "ci_high": 0.6},
+        {"metric": "leak_rate_clustered", "group": {"category": "trade_union", "region_group": "all", "clusters": 5}, "estimate": 0.3, "ci_low": 0.1, "ci_high": 0.6, "truth": 0.2},
         ub("health", "not shown to exceed", "labels, user-clustered"), ub("religion", "exceeds", "labels, user-clustered"),
         ub("health", "exceeds", "PPI++ by filter stratum"), ub("religion", "exceeds", "PPI++ by filter stratum"),
         {"metric": "label_budget", "group": {"category": "health", "basis": "labels only (design effect)"}, "estimate": 5000},
