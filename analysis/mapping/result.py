@@ -10,7 +10,7 @@ import pandas as pd
 from analysis.contract.art9 import ART9
 from analysis.mapping.mapper import TopicMapping
 from analysis.mapping.overrides import UNMAPPED
-from analysis.util.privacy import scrub_pii, suppress_small_cells
+from analysis.util.privacy import scrub_pii, suppress_counts_and_rates, suppress_small_cells, suppress_small_table
 
 # ------------------------------------------------------------------------------- the stage
 
@@ -122,6 +122,34 @@ class AdMappingResult:
             sup[f"{cat}_share"] = sup[f"{cat}_share"].where(shares["users"] >= self.min_cell_users)
         return sup
 
+    def tier1_validation_tables(self) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+        """The categorizer against tier-1 labels, as published: per labeled tier-1 (counts of fewer than
+        k conversations as "<k", a rate blank where a count it rests on is) and the label x categorized
+        table (small cells suppressed along rows and columns). None without labels."""
+        if self.tier1_confusion is None:
+            return None
+        k = self.min_cell_users
+        per = self.tier1_confusion.copy()
+        per["most_confused_with"] = per["most_confused_with"].astype(str).str.replace(
+            r"\((\d+)\)$", lambda m: f"({m.group(1)})" if int(m.group(1)) >= k else f"(<{k})", regex=True)
+        per = suppress_counts_and_rates(per, ["labeled", "categorized_as", "correct"],
+                                        {"recall": ("labeled", "correct"), "precision": ("categorized_as", "correct")}, k=k)
+        return per, suppress_small_table(self.tier1_confusion_table, k=k)
+
+    def detector_validation_tables(self) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+        """The detector against labels, as published: per category counts and rates with CIs (counts of
+        fewer than k conversations as "<k", rates resting on them blank) and the label x flag table
+        (small cells suppressed). None without labels."""
+        if self.validation is None:
+            return None
+        cols = ["category", "positives", "flagged", "tp", "fp", "fn", "precision", "precision_low", "precision_high",
+                "recall", "recall_low", "recall_high", "specificity", "f1", "f1_low", "f1_high"]
+        v = self.validation.to_frame()
+        per = suppress_counts_and_rates(v[[c for c in cols if c in v]], ["positives", "flagged", "tp", "fp", "fn"],
+                                        {"precision": ("tp", "flagged"), "recall": ("tp", "positives"), "f1": ("tp", "fp", "fn"), "specificity": ("fp",)},
+                                        k=self.min_cell_users)
+        return per, suppress_small_table(self.validation.confusion, k=self.min_cell_users)
+
     def fig_tier1(self, top: int = 15):
         import matplotlib.pyplot as plt
 
@@ -147,7 +175,8 @@ class AdMappingResult:
     def fig_validation(self):
         import matplotlib.pyplot as plt
 
-        v = self.validation.per_category
+        v = self.detector_validation_tables()[0]
+        v = v[v["category"].isin(self.validation.per_category["category"]) & v["precision"].notna() & v["recall"].notna()]
         fig, ax = plt.subplots(figsize=(7, 3.2))
         y = np.arange(len(v))
         for off, m, col in ((-0.15, "precision", "C0"), (0.15, "recall", "C1")):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -89,6 +90,40 @@ def suppress_small_cells(
     out = df.copy()
     for c in count_cols:
         out[c] = out[c].astype("object").where(~hide[c], f"<{k}")
+    return out
+
+
+def suppress_small_table(table: pd.DataFrame, *, k: int = 10) -> pd.DataFrame:
+    """A contingency table (a count in every cell, e.g. label x prediction) with counts of 1 to k-1
+    shown as "<k". Suppression is complementary along rows *and* columns, because the margins (how
+    many labeled, how many predicted) are published beside such tables."""
+    counts = table.to_numpy(dtype=np.int64)
+    hide = (counts > 0) & (counts < k)
+    changed = True
+    while changed:
+        changed = False
+        for c, h in ((counts, hide), (counts.T, hide.T)):  # columns, then rows (views: hide is updated)
+            for j in range(c.shape[1]):
+                if h[:, j].sum() == 1:
+                    rest = np.flatnonzero(~h[:, j] & (c[:, j] > 0))
+                    if len(rest):
+                        h[rest[np.argmin(c[rest, j])], j] = True
+                        changed = True
+    return table.astype("object").mask(hide, f"<{k}")
+
+
+def suppress_counts_and_rates(df: pd.DataFrame, counts: list[str], rates: dict[str, tuple[str, ...]], *, k: int = 10) -> pd.DataFrame:
+    """`suppress_small_cells` on the `counts` columns; a rate (and its `_low` / `_high` interval) is
+    blanked in every row where a count it is computed from (`rates`: rate -> counts) is suppressed,
+    since rate and denominator together give the count back."""
+    out = suppress_small_cells(df, counts, k=k)
+    for rate, parts in rates.items():
+        hidden = np.zeros(len(out), dtype=bool)
+        for c in parts:
+            hidden |= (out[c].astype(str) == f"<{k}").to_numpy()
+        for col in (rate, f"{rate}_low", f"{rate}_high"):
+            if col in out:
+                out[col] = out[col].astype("float").where(~hidden)
     return out
 
 

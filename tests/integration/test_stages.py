@@ -48,3 +48,9 @@ def test_stage_outputs_on_a_small_world(small_world_dir, small_run, tmp_path):
     assert (abs(prev["estimate"] - prev["truth"]) < 0.03).all()
     # published tables suppress small cells
     assert res.prevalence_by_region()["users"].map(lambda v: isinstance(v, str) or v >= 10).all()
+    small = lambda v: not isinstance(v, str) and 0 < v < 10  # noqa: E731
+    per_tier1, table = res.tier1_validation_tables()
+    assert not table.map(small).any().any() and not per_tier1[["labeled", "categorized_as", "correct"]].map(small).any().any()
+    assert per_tier1.loc[per_tier1["labeled"].astype(str) == "<10", "recall"].isna().all()
+    per_cat, confusion = res.detector_validation_tables()
+    assert not confusion.map(small).any().any() and not per_cat[["positives", "flagged", "tp", "fp", "fn"]].map(small).any().any()

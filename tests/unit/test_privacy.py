@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from analysis.pipeline import PROJECT_ROOT
-from analysis.util.privacy import pseudonymize, scan_report, scrub_pii, suppress_small_cells
+from analysis.util.privacy import pseudonymize, scan_report, scrub_pii, suppress_counts_and_rates, suppress_small_cells, suppress_small_table
 
 
 @pytest.mark.parametrize(
@@ -61,6 +61,27 @@ def test_rows_of_few_users_are_suppressed_whole():
     kr = out.set_index("region").loc["KR"]
     assert kr["users"] == "<10" and kr["conversations"] == "<10"
     assert (out["users"] == "<10").sum() == 2 and (out["conversations"] == "<10").sum() == 2  # complementary
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.lists(st.integers(min_value=0, max_value=60), min_size=4, max_size=4), min_size=2, max_size=6))
+def test_a_suppressed_table_cell_cannot_be_recovered_from_its_row_or_column_total(rows):
+    table = pd.DataFrame(rows, columns=list("abcd"))
+    out = suppress_small_table(table, k=10)
+    hidden = (out == "<10").to_numpy()
+    assert hidden[((table > 0) & (table < 10)).to_numpy()].all()
+    assert not hidden[(table == 0).to_numpy()].any()
+    for axis in (0, 1):  # labeled and predicted totals are published: never one hidden cell in a line
+        assert (hidden.sum(axis=axis) != 1).all() or ((table > 0).sum(axis=axis).to_numpy()[hidden.sum(axis=axis) == 1] == 1).all()
+
+
+def test_rates_resting_on_a_suppressed_count_are_blanked():
+    df = pd.DataFrame({"tier1": ["A", "B", "C"], "labeled": [40, 30, 6], "correct": [30, 20, 5],
+                       "recall": [0.75, 0.67, 0.83], "recall_low": [0.6, 0.5, 0.4], "recall_high": [0.86, 0.8, 0.97]})
+    out = suppress_counts_and_rates(df, ["labeled", "correct"], {"recall": ("labeled", "correct")}, k=10).set_index("tier1")
+    assert out.loc["C", "labeled"] == "<10" and pd.isna(out.loc["C", "recall"]) and pd.isna(out.loc["C", "recall_high"])
+    assert out.loc["A", "labeled"] == 40 and out.loc["A", "recall"] == 0.75  # large cells keep their rate
+    assert (out["labeled"] == "<10").sum() == 2  # complementary: C's count is not total - A - B
 
 
 def test_pseudonyms_are_stable_keyed_and_opaque():
