@@ -7,6 +7,7 @@ not assessed, not guessed.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from analysis.contract.rundir import RunDir
 from analysis.contract.settings import SummarySettings
 from analysis.contract.stages import LEAKAGE, LIFT, STAGES, SUMMARY, describe
 from analysis.util.metrics import read_metrics
+from analysis.util.privacy import scrub_pii
 from analysis.util.taxonomy import load_taxonomy
 
 # what the answers headline (issue 14): inference at the unit of assignment / clustering
@@ -33,6 +35,14 @@ METRIC_LABELS = {
     M.DID_REL: "Lift, included regions after the policy (DiD, users as clusters)",
     M.AB_REL: "Lift, treatment vs holdout (randomized)",
 }
+
+_TIER1_SHARE = re.compile(r"\s*\([^()]*\d+%\)$")  # the "(Careers 62%)" tail of a readable topic label
+
+
+def _quoted(label: str) -> str:
+    """A label holding commas reads as one item of a list only in quotes."""
+    return f"“{label}”" if "," in label else label
+
 
 QUESTIONS = {
     "topics": "What do people talk about with the AI?",
@@ -94,19 +104,44 @@ class AuditSummary:
         return sorted(self.metrics["stage"].unique()) if len(self.metrics) else []
 
     # -------------------------------------------------------------------- answers
+    def _users_per(self, path: Path, column: str) -> pd.Series | None:
+        """Distinct users per value of `column` of a per-conversation table (stage 00's user ids), or
+        None when either table is missing: the small-cell rule counts people, not conversations."""
+        conv = self.rd.conversations
+        if not (path.exists() and conv.exists()):
+            return None
+        t = pd.read_parquet(path, columns=["conversation_id", column])
+        users = pd.read_parquet(conv, columns=["conversation_id", "user_id"])
+        return t.merge(users, on="conversation_id").groupby(column)["user_id"].nunique()
+
+    def _named_topics(self) -> tuple[pd.DataFrame, str]:
+        """Stage 01's topics (outliers excluded), largest first, of at least k users (k conversations
+        when user ids are missing), with the name a reader sees: stage 02's readable label without its
+        tier-1 tail when stage 02 ran, else stage 01's; and the source of those names."""
+        t = pd.read_parquet(self.rd.topic_info)
+        real = t[t["topic"] != -1].sort_values("size", ascending=False)
+        users = self._users_per(self.rd.topics, "topic")
+        real = real[real["topic"].map(users).fillna(0) >= self.k] if users is not None else real[real["size"] >= self.k]
+        name = real["label"].astype(str)
+        src = "01_topics: data/topic_info.parquet"
+        if self.rd.topic_categories.exists():
+            tc = pd.read_parquet(self.rd.topic_categories)
+            if "readable_label" in tc:
+                readable = tc.set_index(tc["topic"].astype(str))["readable_label"].dropna().astype(str)
+                name = real["topic"].astype(str).map(readable).map(lambda v: scrub_pii(_TIER1_SHARE.sub("", v)), na_action="ignore").fillna(name)
+                src += ", 02_ad_mapping: data/topic_categories.parquet (readable labels)"
+        return real.assign(name=name), src
+
     def answer_topics(self) -> Answer:
         q, src = QUESTIONS["topics"], "01_topics: data/topic_info.parquet"
-        p = self.rd.topic_info
-        if not p.exists():
+        if not self.rd.topic_info.exists():
             return _not_run("topics", q, "topics", "01", src)
-        t = pd.read_parquet(p)
-        real = t[t["topic"] != -1].sort_values("size", ascending=False)
-        n = int(t["size"].sum())
-        top = real[real["size"] >= self.k].head(3)
-        parts = [f"{r.label} ({pct(r.share)})" for r in top.itertuples()]
+        t = pd.read_parquet(self.rd.topic_info)
+        named, src = self._named_topics()
+        parts = [f"{_quoted(r.name)} ({pct(r.share)})" for r in named.head(3).itertuples()]
         outl = t.loc[t["topic"] == -1, "share"].sum()
         s = (
-            f"Across {n:,} conversations the analysis found {len(real)} topics; the most common were "
+            f"Across {int(t['size'].sum()):,} conversations the analysis found {int((t['topic'] != -1).sum())} topics; the most common were "
             + _join(parts)
             + (f", and {pct(outl)} of conversations fit no topic." if outl > 0 else ".")
         )
@@ -118,15 +153,20 @@ class AuditSummary:
         if not p.exists():
             return _not_run("ad_categories", q, "ad-mapping", "02", src)
         c = pd.read_parquet(p)
-        tier1 = c["tier1_id"] if "tier1_id" in c else pd.Series(dtype="object")
+        # each conversation's own tier-1 (issue 16); runs from before it carry only their topic's
+        col = "conv_tier1_id" if "conv_tier1_id" in c else "tier1_id"
         names = load_taxonomy().set_index("id")["label"]
-        shares = tier1.map(names).fillna("no ad category").value_counts(normalize=True)
-        counts = tier1.map(names).fillna("no ad category").value_counts()
-        mapped = shares.drop("no ad category", errors="ignore")
-        mapped = mapped[counts.reindex(mapped.index) >= self.k]
+        cat = c[col].map(names).fillna("no ad category") if col in c else pd.Series("no ad category", index=c.index)
+        shares = cat.value_counts(normalize=True)
+        users = self._users_per(p, col)
+        if users is not None:
+            users = users.rename(index=names)
+        big = [v for v in shares.index if (users.get(v, 0) if users is not None else int((cat == v).sum())) >= self.k]
+        mapped = shares.reindex(big).drop("no ad category", errors="ignore").sort_values(ascending=False)
         parts = [f"{name} ({pct(v)})" for name, v in mapped.head(3).items()]
-        s = "Chat topics feed mostly the IAB categories " + _join(parts)
-        s += f"; {pct(shares.get('no ad category', 0.0))} of conversations map to no ad category." if "no ad category" in shares else "."
+        subject = "By each conversation's own category, chats" if col == "conv_tier1_id" else "Chat topics"
+        s = f"{subject} feed mostly the IAB categories " + _join(parts)
+        s += f"; {pct(shares.get('no ad category', 0.0))} of conversations fit no ad category." if "no ad category" in shares else "."
         return Answer("ad_categories", q, s, True, src)
 
     def _ran(self, stage: str) -> bool:
@@ -464,9 +504,8 @@ class AuditSummary:
             return None
         import plotly.express as px
 
-        t = pd.read_parquet(p)
-        t = t[(t["topic"] != -1) & (t["size"] >= self.k)].sort_values("share", ascending=False).head(top)
-        fig = px.bar(t.iloc[::-1], x="share", y="label", orientation="h", labels={"share": "share of conversations", "label": ""}, title="Largest topics")
+        t = self._named_topics()[0].head(top)
+        fig = px.bar(t.iloc[::-1], x="share", y="name", orientation="h", labels={"share": "share of conversations", "name": ""}, title="Largest topics")
         fig.update_layout(height=max(300, 26 * len(t) + 120), margin=dict(l=10, r=10, t=40, b=10), xaxis_tickformat=".1%")
         return fig
 

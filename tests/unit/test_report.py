@@ -51,6 +51,32 @@ def test_sentences_carry_the_numbers_of_the_stage_outputs(fake_run):
 
 
 
+def test_topics_and_categories_are_named_by_readable_labels_and_counted_in_users(fake_run):
+    """Stage 02's readable topic labels (without their tier-1 tail) name the topics; each conversation's
+    own tier-1 answers question 2; a topic or category of fewer than k users is not named."""
+    d = fake_run / "data"
+    conv_ids = [f"c{i}" for i in range(954)]
+    topic = [-1] * 50 + [0] * 400 + [1] * 300 + [2] * 200 + [3] * 4
+    write_parquet(pd.DataFrame({"conversation_id": conv_ids, "topic": topic}), d / "topics.parquet")
+    # topic 1 (300 conversations) comes from 5 users only; the others from many
+    user = [f"u{i}" if t != 1 else f"u{i % 5}" for i, t in enumerate(topic)]
+    write_parquet(pd.DataFrame({"conversation_id": conv_ids, "user_id": user}), d / "conversations.parquet")
+    write_parquet(pd.DataFrame({"topic": [0, 1, 2], "readable_label": ["Hiking: trail shoes, boot sizes (Travel 81%)", "Baking (Food & Drink 90%)",
+                                                                    "Job Search: cover letter, interview (Careers 62%)"]}), d / "topic_categories.parquet")
+    tier1 = ["653"] * 500 + ["123"] * 400 + [None] * 54  # Travel, Careers, none
+    write_parquet(pd.DataFrame({"conversation_id": conv_ids, "tier1_id": ["596"] * 954, "conv_tier1_id": tier1}), d / "conversation_categories.parquet")
+    a = {x.key: x for x in AuditSummary(fake_run).answers()}
+    topics = a["topics"].sentence
+    assert "“Hiking: trail shoes, boot sizes” (41.9%)" in topics and "“Job Search: cover letter, interview” (21.0%)" in topics
+    assert "Baking" not in topics and "sourdough" not in topics and "81%" not in topics  # 5 users: not named
+    from analysis.util.taxonomy import load_taxonomy
+    names = load_taxonomy().set_index("id")["label"]
+    cats = a["ad_categories"].sentence
+    assert cats.startswith("By each conversation's own category, chats feed mostly the IAB categories")
+    assert f"{names['653']} (52.4%)" in cats and f"{names['123']} (41.9%)" in cats and names["596"] not in cats
+    assert "5.7% of conversations fit no ad category" in cats
+
+
 def test_summary_withholds_what_the_design_checks_say_cannot_hold(tmp_path):
     """A failed placebo / negative-control check: exposure-based violation flags are not reported as
     leakage; a rejected pre-trend test over regions: the DiD is not the lift answer (issue 14)."""
