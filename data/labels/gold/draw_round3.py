@@ -1,0 +1,265 @@
+"""Round 3 of the gold set: ~800 TRAIN conversations where they teach the detector and categorizer most.
+
+    CHAT_AD_AUDIT_CACHE=/work/cache .venv/bin/python data/labels/gold/draw_round3.py draw
+    CHAT_AD_AUDIT_CACHE=/work/cache .venv/bin/python data/labels/gold/draw_round3.py packets /work/labeling/round3
+
+Runs on today's code (unlike the frozen draw_gold.py / draw_round2.py, whose helpers it reuses
+through aliases of their old module names). Issue 15's detector and issue 16's categorizer are
+limited by their training labels; round 3 adds labels to the **train** split only:
+
+- pool: the corpus as draw_gold.py defines it (user side, >= 5 words of prose after `clean_text`)
+  minus every labeled conversation (split.csv, the 578 older labels) minus every conversation whose
+  ShareGPT chat has any part in the test split (no leakage into the frozen test figures);
+- scorers fitted on TRAIN labels only (labels.csv split == train, plus the 578 older labels): per
+  category a class-weighted logistic regression on MiniLM vectors of the cleaned user side (first
+  EMBED_CHARS characters, the vectors round 2 cached), Platt-calibrated on its 5-fold out-of-fold
+  scores; the pool is scored by the mean of the fold models (the same scale as the calibration);
+- strata, drawn in this order, each from what earlier ones left:
+  `r3uncertain:<cat>` random N_UNCERTAIN among the TOP_FACTOR x N_UNCERTAIN pool conversations whose
+  calibrated probability is closest to the scorer's max-F1 cut on train (out-of-fold);
+  `r3hard:<cat>` the N_HARD highest-scoring conversations with no strong lexicon hit for the category
+  (health words in fitness/diet/clinic marketing, policy-adjacent business text, nationality talk);
+  `r3tier1` the N_TIER1 conversations whose 15-NN vote (cosine-weighted) over the train tier-1
+  labels has the smallest margin between its top two tier-1s (categorizer uncertainty);
+  `r3random` a simple random sample.
+
+`draw` appends the rows to split.csv with split = train (asserting the earlier rows unchanged).
+`packets` gives them to L9-L12 (DOUBLE_SHARE read by two, spread evenly over the 6 pairs; each
+doubly-read item names the adjudicator among the other two), under item ids continuing after
+g2461, and writes OUT_DIR/key.csv, packet_L<k>.md, labels_L<k>.csv. Text leaves only into OUT_DIR.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis.contract.art9 import ART9
+from analysis.detector.model import SensitiveDetector, _fit_platt, _platt, choose_threshold
+from analysis.detector.text import clean_text
+from analysis.ingest.importers import import_sharegpt
+from analysis.realchat import chat_of
+
+HERE = Path(__file__).resolve().parent
+# the frozen scripts import the package's old module names: alias them to today's, to reuse their helpers
+sys.modules.setdefault("analysis.sensitive", types.SimpleNamespace(SensitiveDetector=SensitiveDetector, clean_text=clean_text))
+sys.modules.setdefault("analysis.io", types.SimpleNamespace(ART9=ART9, import_sharegpt=import_sharegpt))
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+from draw_gold import ASSIST_CHARS, ASSIST_IF_SHORT, corpus, existing_labels  # noqa: E402
+from draw_round2 import excerpt  # noqa: E402  (the round-2 excerpt: windows at today's lexicon and R2LEX, for every item)
+
+SEED = 20261202
+BACKEND = "minilm"
+EMBED_CHARS = 2000  # round 2's text: its cached vectors serve
+TARGETS = ("health", "religion", "politics", "ethnicity")
+N_UNCERTAIN, N_HARD, N_TIER1, N_RANDOM = 90, 30, 120, 200
+TOP_FACTOR = 3
+K_NN = 15
+N_FOLDS = 5
+PRIOR_ITEMS = 2461  # rounds 1-2: round-3 item ids start at g2462
+LABELERS = ["L9", "L10", "L11", "L12"]
+DOUBLE_SHARE = 0.20
+STRATA_PREFIX = "r3"
+
+
+def train_labels() -> tuple[pd.DataFrame, pd.Series]:
+    """(art9 positives per target for train conversations: labels.csv train + the 578 older labels,
+    tier-1 of the labels.csv train conversations)."""
+    lab = pd.read_csv(HERE / "labels.csv", dtype=str, keep_default_na=False)
+    lab = lab[lab["split"] == "train"]
+    old = existing_labels()
+    old = old[~old["conversation_id"].isin(set(lab["conversation_id"]))]
+    sets = pd.concat([lab["art9"].map(lambda s: set(filter(None, s.split(";")))), old["art9"]], ignore_index=True)
+    ids = pd.concat([lab["conversation_id"], old["conversation_id"]], ignore_index=True)
+    y = pd.DataFrame({c: sets.map(lambda s, c=c: c in s).to_numpy() for c in TARGETS}, index=ids.to_numpy())
+    return y, lab.set_index("conversation_id")["iab_tier1"]
+
+
+def calibrated_scorer(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[callable, np.ndarray, float]:
+    """Class-weighted LR; (pool scorer: Platt of the fold models' mean logit, out-of-fold calibrated train
+    probabilities, the max-F1 cut on them)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    oof = np.zeros(len(y))
+    models = []
+    for tr, te in StratifiedKFold(N_FOLDS, shuffle=True, random_state=seed).split(x, y):
+        m = LogisticRegression(class_weight="balanced", C=1.0, max_iter=2000).fit(x[tr], y[tr])
+        oof[te] = m.predict_proba(x[te])[:, 1]
+        models.append(m)
+    ab = _fit_platt(oof, y)
+    p_oof = _platt(ab, oof)
+    cut = choose_threshold(p_oof, y)
+
+    def score(v: np.ndarray) -> np.ndarray:
+        logit = np.mean([m.decision_function(v) for m in models], axis=0)
+        return _platt(ab, 1 / (1 + np.exp(-logit)))
+
+    return score, p_oof, cut
+
+
+def draw() -> pd.DataFrame:
+    from analysis.util.embeddings import get_embedder
+
+    os.environ.setdefault("CHAT_AD_AUDIT_EMBED_PRECISION", "fp32")  # round 2's cached vectors are fp32
+    split = pd.read_csv(HERE / "split.csv", dtype=str)
+    docs, _, _ = corpus()
+    old = existing_labels()
+    clean = docs.map(clean_text)
+    ids = clean.index.to_series()
+    test_chats = set(chat_of(split.loc[split["split"] == "test", "conversation_id"]))
+    done = set(split["conversation_id"]) | set(old["conversation_id"])
+    keep = ~ids.isin(done) & ~chat_of(ids).isin(test_chats) & (clean.map(lambda s: len(s.split())) >= 5)
+    pool = clean[keep.to_numpy()]
+    print(f"{len(docs)} conversations; minus {len(done)} labeled, {int((~ids.isin(done) & chat_of(ids).isin(test_chats)).sum())} "
+          f"of a test chat, short ones: pool {len(pool)}")
+    ytr, tier = train_labels()
+    print(f"train conversations {len(ytr)} (tier-1 for {len(tier)}); positives {ytr.sum().to_dict()}")
+    emb = get_embedder(BACKEND)
+    vec = emb.encode([t[:EMBED_CHARS] for t in pool])
+    xtr = emb.encode([clean.get(c, "")[:EMBED_CHARS] for c in ytr.index])
+    print(f"embedded ({emb.model_id}): {emb.stats.computed} computed, {emb.stats.cached} from cache, {emb.stats.seconds:.0f} s")
+    lex = SensitiveDetector(backend="static").lexicon.counts(pool.tolist()).set_index(pool.index)
+
+    rng = np.random.default_rng(SEED)
+    picked: dict[str, str] = {}
+    notes: list[str] = []
+
+    def take(stratum: str, ranked: list[str], n: int, top: int) -> int:
+        """Random n among the first `top` of `ranked` not yet picked."""
+        cand = [i for i in ranked if i not in picked][:top]
+        k = min(n, len(cand))
+        for cid in (rng.choice(np.array(cand, dtype=object), size=k, replace=False) if k else []):
+            picked[cid] = stratum
+        if k < n:
+            notes.append(f"{stratum}: {len(cand)} candidates for {n}")
+        return k
+
+    scores = {}
+    for c in TARGETS:
+        y = ytr[c].to_numpy()
+        score, p_oof, cut = calibrated_scorer(xtr, y, SEED)
+        scores[c] = pd.Series(score(vec), index=pool.index)
+        gap = (scores[c] - cut).abs().sort_values(kind="stable")
+        take(f"r3uncertain:{c}", list(gap.index), N_UNCERTAIN, TOP_FACTOR * N_UNCERTAIN)
+        band = gap.iloc[TOP_FACTOR * N_UNCERTAIN]
+        f1 = 2 * (y & (p_oof >= cut)).sum() / max(y.sum() + (p_oof >= cut).sum(), 1)
+        print(f"{c}: {int(y.sum())} train positives; out-of-fold max-F1 {f1:.3f} at p = {cut:.3f}; "
+              f"boundary band +-{band:.3f}; pool above the cut {int((scores[c] >= cut).sum())}")
+    for c in TARGETS:
+        no_strong = scores[c][(lex[f"{c}__strong"] == 0).to_numpy()].sort_values(ascending=False, kind="stable")
+        take(f"r3hard:{c}", list(no_strong.index), N_HARD, N_HARD)
+
+    # categorizer uncertainty: cosine-weighted 15-NN vote over the train tier-1 labels
+    tv = xtr[np.isin(ytr.index, tier.index)]
+    tl = tier.reindex(ytr.index[np.isin(ytr.index, tier.index)]).to_numpy()
+    classes, code = np.unique(tl, return_inverse=True)
+    sim = vec @ tv.T
+    nn = np.argpartition(-sim, K_NN, axis=1)[:, :K_NN]
+    votes = np.zeros((len(pool), len(classes)))
+    for j in range(K_NN):
+        np.add.at(votes, (np.arange(len(pool)), code[nn[:, j]]), sim[np.arange(len(pool)), nn[:, j]])
+    top2 = np.sort(votes, axis=1)[:, -2:]
+    margin = pd.Series((top2[:, 1] - top2[:, 0]) / votes.sum(axis=1), index=pool.index).sort_values(kind="stable")
+    take("r3tier1", list(margin.index), N_TIER1, N_TIER1)
+    take("r3random", list(pool.index), N_RANDOM, len(pool))  # all tied: a simple random sample
+
+    out = pd.DataFrame({"conversation_id": list(picked), "stratum": list(picked.values())})
+    out["split"] = "train"
+    for n in notes:
+        print("short:", n)
+    return out.sort_values(["stratum", "conversation_id"]).reset_index(drop=True)
+
+
+def assign_readers(ids: list[str], rng: np.random.Generator) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """One labeler per conversation, a second for DOUBLE_SHARE (cycling over all pairs), loads balanced;
+    each doubly-read conversation names an adjudicator who read neither copy, balanced too."""
+    order = list(rng.permutation(ids))
+    n_double = int(round(DOUBLE_SHARE * len(ids)))
+    pairs = list(combinations(LABELERS, 2))
+    readers: dict[str, list[str]] = {}
+    adjudicator: dict[str, str] = {}
+    load = dict.fromkeys(LABELERS, 0)
+    adj_load = dict.fromkeys(LABELERS, 0)
+    for k, cid in enumerate(order[:n_double]):
+        pair = list(pairs[k % len(pairs)])
+        readers[cid] = pair
+        for who in pair:
+            load[who] += 1
+        adjudicator[cid] = min((w for w in LABELERS if w not in pair), key=lambda w: (adj_load[w], LABELERS.index(w)))
+        adj_load[adjudicator[cid]] += 1
+    for cid in order[n_double:]:
+        who = min(LABELERS, key=lambda w: (load[w], LABELERS.index(w)))
+        readers[cid] = [who]
+        load[who] += 1
+    return readers, adjudicator
+
+
+def packets(out_dir: str) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    split = pd.read_csv(HERE / "split.csv", dtype=str)
+    r3 = split[split["stratum"].str.startswith(STRATA_PREFIX)].reset_index(drop=True)
+    if r3.empty:
+        raise SystemExit("split.csv has no round-3 rows: run `draw` first")
+    docs, _, assistant = corpus()
+    det = SensitiveDetector(backend="static")  # its lexicon (with R2LEX) marks the excerpt's windows
+    rng = np.random.default_rng(SEED + 2)
+    ids = r3["conversation_id"].tolist()
+    item = dict(zip(rng.permutation(ids), (f"g{k:04d}" for k in range(PRIOR_ITEMS + 1, PRIOR_ITEMS + 1 + len(ids)))))
+    readers, adjudicator = assign_readers(ids, rng)
+    key = r3.assign(item_id=r3["conversation_id"].map(item),
+                    labelers=r3["conversation_id"].map(lambda c: ";".join(readers[c])),
+                    adjudicator=r3["conversation_id"].map(lambda c: adjudicator.get(c, "")))
+    key = key[["item_id", "conversation_id", "stratum", "split", "labelers", "adjudicator"]].sort_values("item_id")
+    key.to_csv(out / "key.csv", index=False)
+    for who in LABELERS:
+        mine = key[key["labelers"].str.split(";").map(lambda r, w=who: w in r)]
+        order = mine.sample(frac=1.0, random_state=SEED + int(who[1:]))
+        with open(out / f"packet_{who}.md", "w", encoding="utf-8") as f:
+            f.write(f"# Packet {who}: {len(order)} items. Label under GUIDELINE.md; answers go to labels_{who}.csv in this order.\n")
+            for k, (iid, cid) in enumerate(zip(order["item_id"], order["conversation_id"]), 1):
+                text = excerpt(docs[cid], det)
+                if len(clean_text(docs[cid])) < ASSIST_IF_SHORT and cid in assistant.index:
+                    a = clean_text(assistant[cid]) or str(assistant[cid])
+                    text += f"\n[assistant:] {a[:ASSIST_CHARS]}"
+                f.write(f"\n\n===== item {iid} ({k}/{len(order)}) =====\n{text}\n")
+        pd.DataFrame({"item_id": order["item_id"]}).reindex(
+            columns=["item_id", "art9", "self_disclosure", "iab_tier1", "borderline", "language", "note"]
+        ).to_csv(out / f"labels_{who}.csv", index=False)
+        print(f"{who}: {len(order)} items ({int((mine['labelers'].str.count(';') > 0).sum())} double-read)")
+    dbl = key[key["labelers"].str.count(";") > 0]
+    print(f"{len(key)} round-3 conversations ({key['item_id'].min()}..{key['item_id'].max()}), {len(dbl)} read twice; "
+          f"pairs {dbl['labelers'].value_counts().sort_index().to_dict()}; "
+          f"adjudicators {dbl['adjudicator'].value_counts().sort_index().to_dict()} -> {out / 'key.csv'}")
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["draw"]:
+        before = pd.read_csv(HERE / "split.csv", dtype=str)
+        if before["stratum"].str.startswith(STRATA_PREFIX).any():
+            before = before[~before["stratum"].str.startswith(STRATA_PREFIX)]  # rerunnable: earlier rounds only
+        drawn = draw()
+        assert not drawn["conversation_id"].isin(before["conversation_id"]).any()
+        assert not chat_of(drawn["conversation_id"]).isin(set(chat_of(before.loc[before["split"] == "test", "conversation_id"]))).any()
+        new = pd.concat([before, drawn], ignore_index=True)
+        new.to_csv(HERE / "split.csv", index=False)
+        check = pd.read_csv(HERE / "split.csv", dtype=str)
+        assert check.iloc[: len(before)].equals(before.reset_index(drop=True)), "earlier split rows changed"
+        print(drawn["stratum"].value_counts().sort_index().to_string())
+        print(f"round 3 total {len(drawn)} (all train); split.csv {len(check)} rows, test {int((check.split == 'test').sum())}")
+    elif argv[:1] == ["packets"] and len(argv) == 2:
+        packets(argv[1])
+    else:
+        raise SystemExit(__doc__)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
