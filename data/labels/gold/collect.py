@@ -15,11 +15,15 @@ error stops the run), and writes:
 - data/labels/gold/labels.csv, once every disagreement has an adjudicated row: one row per
   conversation — the single reading, the agreed one, or the adjudicated one (GUIDELINE.md s. 6).
 
-Round 2 (draw_round2.py) adds labelers L7 and L8 and items after g2041 to the same key.csv; the
-labelers are whoever key.csv names, and agreement pools every double reading (both rounds).
+Round 2 (draw_round2.py) added labelers L7 and L8 and items after g2041 to the same key.csv. Round 3
+(draw_round3.py) has its own folder, DIR/round3/ (key.csv, packets, answer files of L9-L12): every
+DIR/round*/ subfolder holding a key.csv is read with DIR, its disagreements go to its own
+disagreements.md and adjudication.csv, and agreement.csv gives kappa pooled over all double
+readings (`scope` all) and per round (round from the stratum: r2* round 2, r3* round 3, else 1).
 
 `--partial` accepts answer files that do not yet cover every item (progress checks); final
-labels are then not written. `--check L3` validates only L3's file and writes nothing (for labelers).
+labels are then not written. `--check L3` validates only DIR's labels_L3.csv against DIR/key.csv
+and writes nothing (for labelers; `--check L9 --dir /work/labeling/round3` in round 3).
 """
 
 from __future__ import annotations
@@ -110,9 +114,24 @@ def read_answers(path: Path, labeler: str, key: pd.DataFrame, tiers: set[str], *
     return pd.DataFrame(rows, columns=["item_id", "labeler", *COLUMNS[1:]]), errs
 
 
+def round_of(stratum: pd.Series) -> pd.Series:
+    """The labeling round a stratum belongs to: r2* round 2, r3* round 3, else round 1."""
+    return stratum.str.extract(r"^r(\d+)", expand=False).fillna("1").map(lambda k: f"round {k}")
+
+
 def agreement(raw: pd.DataFrame) -> pd.DataFrame:
-    """Cohen's kappa on the conversations read twice (the two independent readings)."""
-    two = raw.groupby("item_id").filter(lambda g: len(g) == 2).sort_values(["item_id", "labeler"])
+    """Cohen's kappa on the conversations read twice (the two independent readings): pooled over all
+    rounds (`scope` all), then per round."""
+    two = raw.groupby("item_id").filter(lambda g: len(g) == 2)
+    rounds = round_of(two["stratum"]) if "stratum" in two else pd.Series("round 1", index=two.index)
+    parts = [("all", two)] + [(r, two[rounds == r]) for r in sorted(rounds.unique())]
+    frames = [_kappas(g).assign(scope=name) for name, g in parts]
+    cols = ["scope", "field", "n_items", "positive_readings", "agreement", "kappa"]
+    return pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
+
+
+def _kappas(two: pd.DataFrame) -> pd.DataFrame:
+    two = two.sort_values(["item_id", "labeler"])
     a, b = two.iloc[::2].reset_index(drop=True), two.iloc[1::2].reset_index(drop=True)
     out = []
 
@@ -145,30 +164,66 @@ def excerpts(folder: Path) -> dict[str, str]:
     return out
 
 
+def round_folders(root: Path) -> list[Path]:
+    """DIR and its round*/ subfolders that hold a key.csv (one labeling round each)."""
+    return [root] + sorted(p for p in root.glob("round*") if (p / "key.csv").is_file())
+
+
+def write_disagreements(folder: Path, differ: list[str], two: pd.DataFrame, adj_of: pd.Series) -> Path:
+    """folder/disagreements.md (both readings and the excerpt) and folder/adjudication.csv (kept rows, new empty ones)."""
+    ex = excerpts(folder)
+    with open(folder / "disagreements.md", "w", encoding="utf-8") as f:
+        f.write(f"# {len(differ)} disagreements to adjudicate under GUIDELINE.md section 6\n"
+                "Write one final row per item to adjudication.csv (same columns as the answer files).\n")
+        for i in differ:
+            g = two[two["item_id"] == i]
+            f.write(f"\n\n===== {i} · adjudicator {adj_of[i]} =====\n")
+            for r in g.itertuples():
+                f.write(f"- {r.labeler}: art9=[{r.art9}] self_disclosure={r.self_disclosure} iab_tier1={r.iab_tier1} borderline={r.borderline} note: {r.note}\n")
+            f.write(f"\n{ex.get(i, '(excerpt not found in the packets)')}\n")
+    adj_path = folder / "adjudication.csv"
+    if not adj_path.exists():
+        pd.DataFrame({"item_id": differ}).reindex(columns=COLUMNS).to_csv(adj_path, index=False)
+    else:  # keep the rows written so far; add empty ones for disagreements found since
+        have = pd.read_csv(adj_path, dtype=str, keep_default_na=False)
+        new = [i for i in differ if i not in set(have["item_id"])]
+        if new:
+            pd.concat([have, pd.DataFrame({"item_id": new}).reindex(columns=COLUMNS)], ignore_index=True).to_csv(adj_path, index=False)
+            print(f"{len(new)} new disagreement row(s) appended to {adj_path}")
+    return adj_path
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dir", default="/work/labeling", type=Path)
+    ap.add_argument("--dir", default="/work/labeling", type=Path, help="the labeling folder (its round*/ subfolders are read too)")
     ap.add_argument("--out", default=HERE, type=Path, help="where labels_raw.csv / agreement.csv / labels.csv go")
     ap.add_argument("--partial", action="store_true")
-    ap.add_argument("--check", metavar="LABELER", help="only validate this labeler's file (partial); write nothing")
+    ap.add_argument("--check", metavar="LABELER", help="only validate DIR/labels_LABELER.csv (partial); write nothing")
     args = ap.parse_args(argv)
-    key = pd.read_csv(args.dir / "key.csv", dtype=str, keep_default_na=False)
     tiers = tier1_names()
     if args.check:
+        key = pd.read_csv(args.dir / "key.csv", dtype=str, keep_default_na=False)
         df, errs = read_answers(args.dir / f"labels_{args.check}.csv", args.check, key, tiers, partial=True)
         print(f"labels_{args.check}.csv: {len(df)} rows filled, {int(df['borderline'].sum()) if len(df) else 0} borderline, {len(errs)} problem(s)",
               *errs[:200], sep="\n  ")
         return 1 if errs else 0
-    labelers = sorted({w for r in key["labelers"] for w in r.split(";")})
+    folders = round_folders(args.dir)
+    keys = {f: pd.read_csv(f / "key.csv", dtype=str, keep_default_na=False) for f in folders}
+    key = pd.concat(keys.values(), ignore_index=True)
+    dup = key.loc[key["item_id"].duplicated() | key["conversation_id"].duplicated(), "item_id"]
+    if len(dup):
+        print(f"key.csv files of {', '.join(map(str, folders))}: item or conversation in more than one row (e.g. {dup.iloc[0]})", file=sys.stderr)
+        return 1
     frames, errs = [], []
-    for who in labelers:
-        path = args.dir / f"labels_{who}.csv"
-        if not path.exists():
-            errs.append(f"{path}: missing")
-            continue
-        df, e = read_answers(path, who, key, tiers, partial=args.partial)
-        frames.append(df)
-        errs += e
+    for folder, k in keys.items():
+        for who in sorted({w for r in k["labelers"] for w in r.split(";")}):
+            path = folder / f"labels_{who}.csv"
+            if not path.exists():
+                errs.append(f"{path}: missing")
+                continue
+            df, e = read_answers(path, who, k, tiers, partial=args.partial)
+            frames.append(df)
+            errs += e
     if errs:
         print(f"{len(errs)} problem(s):", *errs[:200], sep="\n  ", file=sys.stderr)
         return 1
@@ -186,43 +241,33 @@ def main(argv: list[str] | None = None) -> int:
     two = raw.groupby("item_id").filter(lambda g: len(g) == 2)
     differ = [i for i, g in two.groupby("item_id") if (g[fields].nunique() > 1).any()]
     adj_of = key.set_index("item_id")["adjudicator"]
-    ex = excerpts(args.dir)
-    with open(args.dir / "disagreements.md", "w", encoding="utf-8") as f:
-        f.write(f"# {len(differ)} disagreements to adjudicate under GUIDELINE.md section 6\n"
-                "Write one final row per item to adjudication.csv (same columns as the answer files).\n")
-        for i in differ:
-            g = two[two["item_id"] == i]
-            f.write(f"\n\n===== {i} · adjudicator {adj_of[i]} =====\n")
-            for r in g.itertuples():
-                f.write(f"- {r.labeler}: art9=[{r.art9}] self_disclosure={r.self_disclosure} iab_tier1={r.iab_tier1} borderline={r.borderline} note: {r.note}\n")
-            f.write(f"\n{ex.get(i, '(excerpt not found in the packets)')}\n")
-    adj_path = args.dir / "adjudication.csv"
-    if not adj_path.exists():
-        pd.DataFrame({"item_id": differ}).reindex(columns=COLUMNS).to_csv(adj_path, index=False)
-    else:  # keep the rows written so far; add empty ones for disagreements found since (e.g. round 2)
-        have = pd.read_csv(adj_path, dtype=str, keep_default_na=False)
-        new = [i for i in differ if i not in set(have["item_id"])]
-        if new:
-            pd.concat([have, pd.DataFrame({"item_id": new}).reindex(columns=COLUMNS)], ignore_index=True).to_csv(adj_path, index=False)
-            print(f"{len(new)} new disagreement row(s) appended to {adj_path}")
-    print(f"{len(differ)} disagreements of {two['item_id'].nunique()} doubly-read -> {args.dir / 'disagreements.md'}")
+    adj_paths = {}
+    for folder, k in keys.items():
+        mine = [i for i in differ if i in set(k["item_id"])]
+        adj_paths[folder] = write_disagreements(folder, mine, two, adj_of)
+        print(f"{len(mine)} disagreements of {two.loc[two['item_id'].isin(k['item_id']), 'item_id'].nunique()} doubly-read "
+              f"-> {folder / 'disagreements.md'}")
     if args.partial:
         return 0
 
-    adj = pd.DataFrame()
-    if differ:
-        key_adj = key[key["item_id"].isin(differ)]
-        # one file for all adjudicators: every row must be a disputed item
-        adj, e = read_answers(adj_path, "ADJ", key_adj.assign(labelers="ADJ"), tiers, partial=True)
+    adj = []
+    for folder, k in keys.items():
+        mine = k[k["item_id"].isin(differ)]
+        if mine.empty:
+            continue
+        # one file per round for all its adjudicators: every row must be a disputed item of that round
+        a, e = read_answers(adj_paths[folder], "ADJ", mine.assign(labelers="ADJ"), tiers, partial=True)
         if e:
-            print(f"{len(e)} problem(s) in adjudication.csv:", *e[:200], sep="\n  ", file=sys.stderr)
+            print(f"{len(e)} problem(s) in {adj_paths[folder]}:", *e[:200], sep="\n  ", file=sys.stderr)
             return 1
-        todo = set(differ) - set(adj["item_id"])
-        if todo:
-            print(f"{len(todo)} disagreements not adjudicated yet: labels.csv not written")
-            return 0
+        adj.append(a)
+    adj = pd.concat(adj, ignore_index=True) if adj else pd.DataFrame(columns=["item_id"])
+    todo = set(differ) - set(adj["item_id"])
+    if todo:
+        print(f"{len(todo)} disagreements not adjudicated yet: labels.csv not written")
+        return 0
     final = []
-    adj = adj.set_index("item_id") if len(adj) else adj
+    adj = adj.set_index("item_id")
     for i, g in raw.groupby("item_id"):
         r = g.iloc[0]
         row = {k: r[k] for k in ("conversation_id", "stratum", "split", "art9", "self_disclosure", "iab_tier1", "language")}
