@@ -69,6 +69,12 @@ DOUBLE_SHARE = 0.20
 STRATA_PREFIX = "r3"
 
 
+def earlier_rounds() -> pd.DataFrame:
+    """split.csv without round-3 rows (so `draw` reruns on what rounds 1-2 left and reproduces itself)."""
+    s = pd.read_csv(HERE / "split.csv", dtype=str)
+    return s[~s["stratum"].str.startswith(STRATA_PREFIX)].reset_index(drop=True)
+
+
 def train_labels() -> tuple[pd.DataFrame, pd.Series]:
     """(art9 positives per target for train conversations: labels.csv train + the 578 older labels,
     tier-1 of the labels.csv train conversations)."""
@@ -109,7 +115,7 @@ def draw() -> pd.DataFrame:
     from analysis.util.embeddings import get_embedder
 
     os.environ.setdefault("CHAT_AD_AUDIT_EMBED_PRECISION", "fp32")  # round 2's cached vectors are fp32
-    split = pd.read_csv(HERE / "split.csv", dtype=str)
+    split = earlier_rounds()
     docs, _, _ = corpus()
     old = existing_labels()
     clean = docs.map(clean_text)
@@ -209,6 +215,10 @@ def packets(out_dir: str) -> None:
     r3 = split[split["stratum"].str.startswith(STRATA_PREFIX)].reset_index(drop=True)
     if r3.empty:
         raise SystemExit("split.csv has no round-3 rows: run `draw` first")
+    for who in LABELERS:  # never overwrite labelers' work with empty templates
+        p = out / f"labels_{who}.csv"
+        if p.exists() and (pd.read_csv(p, dtype=str, keep_default_na=False).drop(columns="item_id") != "").any().any():
+            raise SystemExit(f"{p}: holds answers; packets not rewritten")
     docs, _, assistant = corpus()
     det = SensitiveDetector(backend="static")  # its lexicon (with R2LEX) marks the excerpt's windows
     rng = np.random.default_rng(SEED + 2)
@@ -243,9 +253,7 @@ def packets(out_dir: str) -> None:
 
 def main(argv: list[str]) -> None:
     if argv[:1] == ["draw"]:
-        before = pd.read_csv(HERE / "split.csv", dtype=str)
-        if before["stratum"].str.startswith(STRATA_PREFIX).any():
-            before = before[~before["stratum"].str.startswith(STRATA_PREFIX)]  # rerunnable: earlier rounds only
+        before = earlier_rounds()
         drawn = draw()
         assert not drawn["conversation_id"].isin(before["conversation_id"]).any()
         assert not chat_of(drawn["conversation_id"]).isin(set(chat_of(before.loc[before["split"] == "test", "conversation_id"]))).any()
