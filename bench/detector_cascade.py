@@ -41,7 +41,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     lab = fit_defaults.load_labels()
-    docs = fit_defaults.load_documents(lab["conversation_id"]).tolist()
+    docs = fit_defaults.load_documents(lab).tolist()
     Y = label_matrix(lab["art9"], ART9).astype(np.float32)
     tr = (lab["split"] == "train").to_numpy()
     trn, tst = np.flatnonzero(tr), np.flatnonzero(~tr)

