@@ -117,6 +117,13 @@ def documents_for(lab: pd.DataFrame, docs: pd.Series) -> pd.Series:
     return docs.loc[lab["conversation_id"].tolist()]
 
 
+def label_round(lab: pd.DataFrame) -> pd.Series:
+    """Which labeling round a row comes from: 'older labels', 'round 1', 'round 2' (stratum r2*), 'round 3' (r3*)."""
+    st = lab["stratum"].fillna("").astype(str)
+    return pd.Series(np.select([lab["source"].eq("old").to_numpy(), st.str.startswith("r2").to_numpy(), st.str.startswith("r3").to_numpy()],
+                               ["older labels", "round 2", "round 3"], "round 1"), index=lab.index)
+
+
 def grouped_folds(lab: pd.DataFrame, k: int = 5, seed: int = SEED) -> np.ndarray:
     """Fold per row: stratified on the row's rarest positive category, grouped by ShareGPT chat."""
     from sklearn.model_selection import StratifiedGroupKFold
@@ -283,6 +290,11 @@ def main() -> None:
     v = evaluate_detector(cf.flags, ltr["art9"])
     print(f"\n== (b) 5-fold grouped CV on the TRAIN split (out-of-fold flags): macro-F1(4) {macro_f1(v):.3f}\n{table(v).to_string()}")
     print("Brier (train, out-of-fold, calibrated):", brier(cf.scores, ltr["art9"]))
+    rnd = label_round(ltr)
+    if rnd.nunique() > 1:  # the same out-of-fold flags on each round's rows: rounds are drawn differently, so not one population
+        print("out-of-fold macro-F1(4) by labeling round: " + ", ".join(
+            f"{r} ({int((rnd == r).sum())} rows) {macro_f1(evaluate_detector(cf.flags[(rnd == r).to_numpy()].reset_index(drop=True), ltr.loc[rnd == r, 'art9'].reset_index(drop=True))):.3f}"
+            for r in sorted(rnd.unique())))
     params = cf.params
     params.notes["cv_train"] = {
         "folds": 5, "grouped_by": "ShareGPT chat", "macro_f1_four": round(macro_f1(v), 3),
