@@ -305,12 +305,20 @@ def main() -> None:
     o = det.fitting
     params.notes["threshold_rule"] = (f"max F1 among cut-offs with out-of-fold precision >= {o.min_precision:.2f} that keep >= "
                                       f"{o.min_recall:.0%} of the positives, else max F1 (REAL_CHAT_FITTING)")
-    diff = param_diff(params, DetectorParams.load(backend=a.backend))
+    stored = DetectorParams.load(backend=a.backend)
+    diff = param_diff(params, stored)
     moved = {k: v for k, v in diff.items() if not (isinstance(v, float) and v <= 1e-6)}
     print(f"\nrefit vs the stored {a.backend} defaults: max |difference| "
           f"{max((v for v in diff.values() if isinstance(v, float)), default=0.0):.2e}; "
-          + ("reproduced to 1e-6" if not moved else f"{len(moved)} parts moved by more than 1e-6: "
-             + ", ".join(f"{k} {v}" if isinstance(v, str) else f"{k} {v:.3g}" for k, v in moved.items())))
+          + ("reproduced to 1e-6" if not moved else f"{len(moved)} parts moved by more than 1e-6"))
+    if moved:
+        kinds = {}
+        for k, v in moved.items():
+            kind = k.split()[0] if not k.startswith("head") else f"head {k.split()[-1]}"
+            kinds[kind] = max(kinds.get(kind, 0.0), v if isinstance(v, float) else float("inf"))
+        print("  largest move per part:", {k: round(v, 4) for k, v in kinds.items() if k != "threshold"},
+              "\n  thresholds:", {c: f"{stored.thresholds.get(c, float('nan')):.3f} -> {t:.3f}" for c, t in params.thresholds.items()},
+              "\n  " + moved.get("structure", ""))
     if a.previous_method:  # the candidate (a') judged the same way, for the choice between them (train split only)
         prev = SensitiveDetector(backend=a.backend, params=a.old_params, fitting=PREVIOUS_FITTING)
         pcf = prev.cross_fit(ttr, ltr["art9"], folds, features=feats[tr].reset_index(drop=True), source=source, workers=a.workers)
