@@ -149,6 +149,14 @@ def macro_f1(v) -> float:
     return float(v.per_category.set_index("category").loc[list(FOUR), "f1"].mean())
 
 
+def mean_ap(scores: pd.DataFrame, labels: pd.Series, cats=FOUR) -> float:
+    """Average precision of the scores, mean over `cats` (threshold-free)."""
+    from sklearn.metrics import average_precision_score
+
+    y = label_matrix(labels, list(scores.columns))
+    return float(np.mean([average_precision_score(y[:, list(scores.columns).index(c)], scores[c]) for c in cats]))
+
+
 def brier(scores: pd.DataFrame, labels: pd.Series) -> dict:
     y = label_matrix(labels, list(scores.columns))
     return {c: round(float(np.mean((scores[c].to_numpy() - y[:, j]) ** 2)), 4) for j, c in enumerate(scores.columns)}
@@ -290,6 +298,7 @@ def main() -> None:
     v = evaluate_detector(cf.flags, ltr["art9"])
     print(f"\n== (b) 5-fold grouped CV on the TRAIN split (out-of-fold flags): macro-F1(4) {macro_f1(v):.3f}\n{table(v).to_string()}")
     print("Brier (train, out-of-fold, calibrated):", brier(cf.scores, ltr["art9"]))
+    print(f"mAP(4) (train, out-of-fold calibrated scores): {mean_ap(cf.scores, ltr['art9']):.3f}")
     rnd = label_round(ltr)
     if rnd.nunique() > 1:  # the same out-of-fold flags on each round's rows: rounds are drawn differently, so not one population
         print("out-of-fold macro-F1(4) by labeling round: " + ", ".join(
@@ -349,7 +358,7 @@ def main() -> None:
             r = d.detect(tte, lte["conversation_id"], features=fte)
             vt = evaluate_detector(r.flags, lte["art9"])
             print(f"\n== {name} on the TEST split: macro-F1(4) {macro_f1(vt):.3f}\n{table(vt).to_string()}")
-            print("Brier (test):", brier(r.scores, lte["art9"]))
+            print("Brier (test):", brier(r.scores, lte["art9"]), f"mAP(4) (test): {mean_ap(r.scores, lte['art9']):.3f}")
             rows.append((name, vt))
             if name.startswith("(b)"):
                 print("\nerror kinds (test):\n" + error_kinds(lte, r.flags, fte).to_string())
