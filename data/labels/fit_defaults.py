@@ -118,10 +118,9 @@ def documents_for(lab: pd.DataFrame, docs: pd.Series) -> pd.Series:
 
 
 def label_round(lab: pd.DataFrame) -> pd.Series:
-    """Which labeling round a row comes from: 'older labels', 'round 1', 'round 2' (stratum r2*), 'round 3' (r3*)."""
-    st = lab["stratum"].fillna("").astype(str)
-    return pd.Series(np.select([lab["source"].eq("old").to_numpy(), st.str.startswith("r2").to_numpy(), st.str.startswith("r3").to_numpy()],
-                               ["older labels", "round 2", "round 3"], "round 1"), index=lab.index)
+    """Which labeling round a row comes from: 'older labels', 'round 1', or 'round K' for a stratum `rK...` (K >= 2)."""
+    k = lab["stratum"].fillna("").astype(str).str.extract(r"^r(\d+)", expand=False)
+    return pd.Series(np.where(lab["source"].eq("old"), "older labels", "round " + k.fillna("1")), index=lab.index)
 
 
 def grouped_folds(lab: pd.DataFrame, k: int = 5, seed: int = SEED) -> np.ndarray:

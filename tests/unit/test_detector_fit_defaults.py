@@ -84,3 +84,9 @@ def test_cached_features_are_reused_only_for_unchanged_texts(tmp_path):
     det.spec = "spec-v2"  # a lexicon or prototype change invalidates every row
     fit_defaults.features(det, ["a"], ["back pain"], cache)
     assert det.seen[2] == ["back pain"]
+
+
+def test_rows_are_told_apart_by_labeling_round():
+    lab = pd.DataFrame({"stratum": ["random", "r2nn:ethnicity", "r3hard:health", "r4random", None, "lexicon:health"],
+                        "source": ["gold"] * 5 + ["old"]})
+    assert fit_defaults.label_round(lab).tolist() == ["round 1", "round 2", "round 3", "round 4", "round 1", "older labels"]
