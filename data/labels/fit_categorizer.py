@@ -14,9 +14,11 @@ package, as stage 00 builds them. Steps, each printed:
    share, the taxonomy-prototype vote's share 0 / 0.1 / 0.2 / 0.3);
 3. fitted on all of train (+ the tier-1 prototypes) and judged once on test: tier-1 accuracy of
    non-sensitive conversations labeled with a tier-1, with a 95% CI cluster-robust by chat, and
-   the same with `none` as a class (conversations labeled `none` included);
+   the same with `none` as a class (conversations labeled `none` included); the model shipped
+   until now is judged on the same test rows beside it (`test_before`);
 4. `--write` saves the model to `analysis/data/categorizer_default.npz`.
-Nothing is tuned on test.
+Nothing is tuned on test. `--shipped-only` skips the backend comparison and the settings sweep
+(a refit of the shipped method on a grown train split: its CV and test figures only).
 """
 
 from __future__ import annotations
@@ -98,11 +100,33 @@ def knn_accuracy(V: np.ndarray, y: np.ndarray, folds: np.ndarray, mask: np.ndarr
     return float((pred[mask] == y[mask]).mean())
 
 
+def judge_on_test(cat: ConversationCategorizer, X: np.ndarray, dte: pd.DataFrame, yt: np.ndarray) -> dict:
+    """Tier-1 accuracy on the test rows `dte` (non-sensitive, tier-1 labeled) with a CI cluster-robust
+    by chat; `with_none`: the same with `none` labels and answers included; `per_tier1`: n and correct."""
+    p = cat.predict_proba(X)
+    pt = p.columns.to_numpy()[p.to_numpy().argmax(axis=1)]
+    ms, mn = scored(dte), (dte["art9"].map(len) == 0).to_numpy()
+    out = {}
+    for key, mask in (("test", ms), ("with_none", mn)):
+        pr = np.where(pt[mask] == NONE, None, pt[mask])
+        tru = np.where(yt[mask] == NONE, "__none__", yt[mask])
+        if key == "with_none":  # none predicted for a none label is a hit
+            pr = np.where(pt[mask] == NONE, "__none__", pt[mask])
+        out[key] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in tier1_accuracy(pr, tru, dte.loc[mask, "chat"]).items()}
+        out[key]["ci_method"] = "cluster-robust by ShareGPT chat"
+    ct = pd.crosstab(pd.Series(yt[ms], name="label"), pd.Series(pt[ms], name="predicted"))
+    res = out["test"]
+    res["with_none"] = out["with_none"]
+    res["per_tier1"] = {k: {"n": int(ct.loc[k].sum()), "correct": int(ct.at[k, k]) if k in ct.columns else 0} for k in ct.index}
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--write", action="store_true", help="save the model fitted on train as the shipped default")
     ap.add_argument("--out", help="write the figures as JSON here")
     ap.add_argument("--backend", default="minilm")
+    ap.add_argument("--shipped-only", action="store_true", help="only the shipped settings: no backend comparison, no settings sweep")
     args = ap.parse_args(argv)
 
     df = load_gold()
@@ -118,18 +142,20 @@ def main(argv=None) -> int:
     # 1. backends: 5-NN on the head embedding, CV on train
     head = [str(d)[:2000] for d in docs]
     figs["knn5_cv_train"] = {}
-    for b in ("static", "minilm"):
+    for b in () if args.shipped_only else ("static", "minilm"):
         V = embed([h for h, t in zip(head, tr) if t], b)
         figs["knn5_cv_train"][b] = round(knn_accuracy(V, y[tr], folds, scored(dtr)), 3)
     print("5-NN tier-1 accuracy, 5-fold CV on train (non-sensitive, tier-1 labeled):", figs["knn5_cv_train"], flush=True)
 
     # 2. the categorizer, CV on train
-    user_only = conversation_features(list(docs), args.backend)
+    user_only = None if args.shipped_only else conversation_features(list(docs), args.backend)
     feats = conversation_features(list(docs), args.backend, replies=replies)
     m = scored(dtr)
     # the reply, the kNN vote's share and the prototype vote's share, by the same CV (0: without it)
     figs["categorizer_cv_train_by_setting"] = {}
     settings = [(False, 0.35, 0.0), (True, 0.0, 0.0), (True, 0.35, 0.0), (True, 0.35, 0.1), (True, 0.35, 0.2), (True, 0.35, 0.3)]
+    if args.shipped_only:
+        settings = [(True, 0.35, 0.2)]
     oofs = {}
     for reply, kw, pw in settings:
         f = feats if reply else user_only
@@ -143,28 +169,26 @@ def main(argv=None) -> int:
     oof = oofs[(True, cat.knn_weight, cat.proto_weight)]
     pred = oof.columns.to_numpy()[oof.to_numpy().argmax(axis=1)]
     figs["categorizer_cv_train"] = round(float((pred[m] == y[tr][m]).mean()), 3)
+    ci = tier1_accuracy(pred[m], y[tr][m], dtr.loc[m, "chat"])
+    figs["categorizer_cv_train_ci"] = [round(ci["ci_low"], 3), round(ci["ci_high"], 3), "cluster-robust by ShareGPT chat", int(ci["n"])]
     nonsens = (dtr["art9"].map(len) == 0).to_numpy()
     figs["categorizer_cv_train_with_none"] = round(float((pred[nonsens] == y[tr][nonsens]).mean()), 3)
     print(f"categorizer, 5-fold CV on train: {figs['categorizer_cv_train']} (with none as a class: {figs['categorizer_cv_train_with_none']})", flush=True)
 
-    # 3. fit on train, judge once on test
-    cat.fit(feats.X[tr], y[tr], source=f"ShareGPT gold set, train split ({int(tr.sum())} conversations, labels.csv)")
-    p = cat.predict_proba(feats.X[te])
-    pt = p.columns.to_numpy()[p.to_numpy().argmax(axis=1)]
+    # 3. fit on train, judge once on test (beside the model shipped until now, on the same rows)
     dte = df[te].reset_index(drop=True)
-    yt = y[te]
-    ms, mn = scored(dte), (dte["art9"].map(len) == 0).to_numpy()
-    for key, mask in (("test", ms), ("test_with_none", mn)):
-        pr = np.where(pt[mask] == NONE, None, pt[mask])
-        tru = np.where(yt[mask] == NONE, "__none__", yt[mask])
-        if key == "test_with_none":  # none predicted for a none label is a hit
-            pr = np.where(pt[mask] == NONE, "__none__", pt[mask])
-        figs[key] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in tier1_accuracy(pr, tru, dte.loc[mask, "chat"]).items()}
-        figs[key]["ci_method"] = "cluster-robust by ShareGPT chat"
+    if default_model_path().exists():
+        before = ConversationCategorizer.load(default_model_path())
+        figs["test_before"] = judge_on_test(before, feats.X[te], dte, y[te])
+        figs["test_before"]["model"] = before.fitted_on
+        print("test split (frozen), the model shipped until now:", figs["test_before"], flush=True)
+    cat.fit(feats.X[tr], y[tr], source=f"ShareGPT gold set, train split ({int(tr.sum())} conversations, labels.csv)")
+    res = judge_on_test(cat, feats.X[te], dte, y[te])
+    figs["test_per_tier1"] = res.pop("per_tier1")
+    figs["test_with_none"] = res.pop("with_none")
+    figs["test"] = res
     print("test split (frozen), non-sensitive with a tier-1 label:", figs["test"], flush=True)
     print("test split, non-sensitive incl. 'none' labels and predictions:", figs["test_with_none"], flush=True)
-    ct = pd.crosstab(pd.Series(yt[ms], name="label"), pd.Series(pt[ms], name="predicted"))
-    figs["test_per_tier1"] = {k: {"n": int(ct.loc[k].sum()), "correct": int(ct.at[k, k]) if k in ct.columns else 0} for k in ct.index}
     if args.write:
         out = cat.save(default_model_path())
         print(f"wrote {out}")
