@@ -118,7 +118,20 @@ def judge_on_test(cat: ConversationCategorizer, X: np.ndarray, dte: pd.DataFrame
     res = out["test"]
     res["with_none"] = out["with_none"]
     res["per_tier1"] = {k: {"n": int(ct.loc[k].sum()), "correct": int(ct.at[k, k]) if k in ct.columns else 0} for k in ct.index}
+    res["hits"] = (pt[ms] == yt[ms]).astype(float)
     return res
+
+
+def paired_difference(after: np.ndarray, before: np.ndarray, chats, alpha: float = 0.05) -> dict:
+    """Mean of after - before hits on the same test rows, with a CI cluster-robust by chat (statsmodels)."""
+    import statsmodels.api as sm
+
+    d = np.asarray(after, float) - np.asarray(before, float)
+    g = pd.factorize(pd.Series(np.asarray(chats)).astype(str))[0]
+    fit = sm.OLS(d, np.ones((len(d), 1))).fit(cov_type="cluster", cov_kwds={"groups": g}, use_t=True)
+    lo, hi = fit.conf_int(alpha)[0]
+    return {"difference": round(float(d.mean()), 3), "ci_low": round(float(lo), 3), "ci_high": round(float(hi), 3), "n": int(len(d)),
+            "gained": int((d > 0).sum()), "lost": int((d < 0).sum()), "ci_method": "paired, cluster-robust by ShareGPT chat"}
 
 
 def main(argv=None) -> int:
@@ -171,6 +184,14 @@ def main(argv=None) -> int:
     figs["categorizer_cv_train"] = round(float((pred[m] == y[tr][m]).mean()), 3)
     ci = tier1_accuracy(pred[m], y[tr][m], dtr.loc[m, "chat"])
     figs["categorizer_cv_train_ci"] = [round(ci["ci_low"], 3), round(ci["ci_high"], 3), "cluster-robust by ShareGPT chat", int(ci["n"])]
+    if "stratum" in dtr:  # by labeling round (and, from round 3 on, by the kind of draw): later rounds draw harder rows
+        st = dtr["stratum"].fillna("").str.split(":").str[0]
+        rnd = st.str.extract(r"^r(\d+)", expand=False).fillna("1").astype(int).map(lambda r: "rounds 1-2" if r <= 2 else f"round {r}")
+        figs["categorizer_cv_train_by_round"] = {}
+        for key in list(dict.fromkeys(sorted(rnd))) + sorted(set(st[~rnd.eq("rounds 1-2")])):
+            sel = m & ((rnd == key) | (st == key)).to_numpy()
+            figs["categorizer_cv_train_by_round"][key] = {"accuracy": round(float((pred[sel] == y[tr][sel]).mean()), 3), "n": int(sel.sum())}
+        print("categorizer CV on train by round / draw:", figs["categorizer_cv_train_by_round"], flush=True)
     nonsens = (dtr["art9"].map(len) == 0).to_numpy()
     figs["categorizer_cv_train_with_none"] = round(float((pred[nonsens] == y[tr][nonsens]).mean()), 3)
     print(f"categorizer, 5-fold CV on train: {figs['categorizer_cv_train']} (with none as a class: {figs['categorizer_cv_train_with_none']})", flush=True)
@@ -180,10 +201,15 @@ def main(argv=None) -> int:
     if default_model_path().exists():
         before = ConversationCategorizer.load(default_model_path())
         figs["test_before"] = judge_on_test(before, feats.X[te], dte, y[te])
+        hits_before = figs["test_before"].pop("hits")
         figs["test_before"]["model"] = before.fitted_on
         print("test split (frozen), the model shipped until now:", figs["test_before"], flush=True)
     cat.fit(feats.X[tr], y[tr], source=f"ShareGPT gold set, train split ({int(tr.sum())} conversations, labels.csv)")
     res = judge_on_test(cat, feats.X[te], dte, y[te])
+    hits = res.pop("hits")
+    if "test_before" in figs:
+        figs["test_minus_before"] = paired_difference(hits, hits_before, dte.loc[scored(dte), "chat"])
+        print("test split, this model minus the one shipped until now:", figs["test_minus_before"], flush=True)
     figs["test_per_tier1"] = res.pop("per_tier1")
     figs["test_with_none"] = res.pop("with_none")
     figs["test"] = res
