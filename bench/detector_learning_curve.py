@@ -1,6 +1,6 @@
 """What more labels buy: a learning curve of the shipped detector's method on the TRAIN split (issue 15).
 
-    .venv/bin/python bench/detector_learning_curve.py              # writes bench/results/detector_learning_curve.csv
+    .venv/bin/python bench/detector_learning_curve.py   # writes bench/results/detector_learning_curve_train<N rows>.csv
 
 Outer loop: the 5 folds of `fit_defaults.grouped_folds` (grouped by ShareGPT chat, the shipped CV's
 folds). For each held-out fold, the other folds' ShareGPT chats are shuffled (seeded) and the first
@@ -150,7 +150,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "detector_learning_curve.csv"))
+    ap.add_argument("--out", default=None, help="CSV (default: bench/results/detector_learning_curve_train<N rows>.csv)")
     ap.add_argument("--scores", default=None, help="keep the held-out scores here (.npz; outside the repo: per conversation) "
                     "and summarize from them when they exist")
     ap.add_argument("--features-cache", default=None, help="as fit_defaults.py (default: its default)")
@@ -176,6 +176,7 @@ def main() -> None:
                      **{f"s_{r}_{f}": v[0] for (r, f), v in out.items()}, **{f"f_{r}_{f}": v[1] for (r, f), v in out.items()})
             sizes.to_csv(Path(a.scores).with_suffix(".sizes.csv"), index=False)
     res = summarize(out, sizes, lab, det.cats, fit_defaults.FOUR, seed=fit_defaults.SEED)
+    a.out = a.out or str(ROOT / "bench" / "results" / f"detector_learning_curve_train{len(lab)}.csv")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     res.to_csv(a.out, index=False)
     print(f"\nlearning curve on the TRAIN split ({len(lab)} rows, 5 outer folds grouped by chat, {a.repeats} draw(s) of the "
