@@ -1,32 +1,36 @@
-"""Round 3 of the gold set: ~800 TRAIN conversations where they teach the detector and categorizer most.
+"""Active-learning rounds of the gold set (round 3, round 4, ...): TRAIN conversations where the detector
+and the categorizer learn most.
 
-    CHAT_AD_AUDIT_CACHE=/work/cache .venv/bin/python data/labels/gold/draw_round3.py draw
-    CHAT_AD_AUDIT_CACHE=/work/cache .venv/bin/python data/labels/gold/draw_round3.py packets /work/labeling/round3
+    CHAT_AD_AUDIT_CACHE=/work/cache .venv/bin/python data/labels/gold/draw_active.py --round 4 draw
+    CHAT_AD_AUDIT_CACHE=/work/cache .venv/bin/python data/labels/gold/draw_active.py --round 4 packets /work/labeling/round4
 
 Runs on today's code (unlike the frozen draw_gold.py / draw_round2.py, whose helpers it reuses
 through aliases of their old module names). Issue 15's detector and issue 16's categorizer are
-limited by their training labels; round 3 adds labels to the **train** split only:
+limited by their training labels; each round (ROUNDS: seed, quotas, labelers) adds labels to the
+**train** split only, with scorers fitted on the labels of the rounds before it (the active-learning
+step), so `--round 3` still reproduces round 3 byte for byte after round 4 exists:
 
 - pool: the corpus as draw_gold.py defines it (user side, >= 5 words of prose after `clean_text`)
   minus every labeled conversation (split.csv, the 578 older labels) minus every conversation whose
   ShareGPT chat has any part in the test split (no leakage into the frozen test figures);
-- scorers fitted on TRAIN labels only (labels.csv split == train, plus the 578 older labels): per
+- scorers fitted on TRAIN labels only (labels.csv split == train of the earlier rounds, plus the 578 older labels): per
   category a class-weighted logistic regression on MiniLM vectors of the cleaned user side (first
   EMBED_CHARS characters, the vectors round 2 cached), Platt-calibrated on its 5-fold out-of-fold
   scores; the pool is scored by the mean of the fold models (the same scale as the calibration);
 - strata, drawn in this order, each from what earlier ones left:
-  `r3uncertain:<cat>` random N_UNCERTAIN among the TOP_FACTOR x N_UNCERTAIN pool conversations whose
+  `r<k>uncertain:<cat>` random `uncertain` among the TOP_FACTOR x `uncertain` pool conversations whose
   calibrated probability is closest to the scorer's max-F1 cut on train (out-of-fold);
-  `r3hard:<cat>` the N_HARD highest-scoring conversations with no strong lexicon hit for the category
+  `r<k>hard:<cat>` the `hard` highest-scoring conversations with no strong lexicon hit for the category
   (health words in fitness/diet/clinic marketing, policy-adjacent business text, nationality talk);
-  `r3tier1` the N_TIER1 conversations whose 15-NN vote (cosine-weighted) over the train tier-1
+  `r<k>tier1` the `tier1` conversations whose 15-NN vote (cosine-weighted) over the train tier-1
   labels has the smallest margin between its top two tier-1s (categorizer uncertainty);
-  `r3random` a simple random sample.
+  `r<k>random` a simple random sample.
 
-`draw` appends the rows to split.csv with split = train (asserting the earlier rows unchanged).
-`packets` gives them to L9-L12 (DOUBLE_SHARE read by two, spread evenly over the 6 pairs; each
-doubly-read item names the adjudicator among the other two), under item ids continuing after
-g2461, and writes OUT_DIR/key.csv, packet_L<k>.md, labels_L<k>.csv. Text leaves only into OUT_DIR.
+`draw` writes the round's rows into split.csv with split = train (the rows of other rounds unchanged;
+an existing round is only ever reproduced, never changed). `packets` gives them to the round's four
+labelers (DOUBLE_SHARE read by two, spread evenly over the 6 pairs; each doubly-read item names the
+adjudicator among the other two), under item ids continuing after the earlier rounds', and writes
+OUT_DIR/key.csv, packet_L<k>.md, labels_L<k>.csv. Text leaves only into OUT_DIR.
 """
 
 from __future__ import annotations
@@ -55,31 +59,40 @@ sys.path.insert(0, str(HERE.parent))
 from draw_gold import ASSIST_CHARS, ASSIST_IF_SHORT, corpus, existing_labels  # noqa: E402
 from draw_round2 import excerpt  # noqa: E402  (the round-2 excerpt: windows at today's lexicon and R2LEX, for every item)
 
-SEED = 20261202
 BACKEND = "minilm"
 EMBED_CHARS = 2000  # round 2's text: its cached vectors serve
 TARGETS = ("health", "religion", "politics", "ethnicity")
-N_UNCERTAIN, N_HARD, N_TIER1, N_RANDOM = 90, 30, 120, 200
+ROUNDS = {  # per round: seed, quotas (uncertain and hard per target), labelers
+    3: {"seed": 20261202, "uncertain": 90, "hard": 30, "tier1": 120, "random": 200, "labelers": ["L9", "L10", "L11", "L12"]},
+    4: {"seed": 20261203, "uncertain": 120, "hard": 40, "tier1": 260, "random": 400, "labelers": ["L13", "L14", "L15", "L16"]},
+}
 TOP_FACTOR = 3
 K_NN = 15
 N_FOLDS = 5
-PRIOR_ITEMS = 2461  # rounds 1-2: round-3 item ids start at g2462
-LABELERS = ["L9", "L10", "L11", "L12"]
 DOUBLE_SHARE = 0.20
-STRATA_PREFIX = "r3"
 
 
-def earlier_rounds() -> pd.DataFrame:
-    """split.csv without round-3 rows (so `draw` reruns on what rounds 1-2 left and reproduces itself)."""
-    s = pd.read_csv(HERE / "split.csv", dtype=str)
-    return s[~s["stratum"].str.startswith(STRATA_PREFIX)].reset_index(drop=True)
+def round_of(stratum: pd.Series) -> pd.Series:
+    """The labeling round of a stratum: r<k>... is round k, the rest (rounds 1 and the older batches) 1
+    (collect.round_of's rule)."""
+    return stratum.str.extract(r"^r(\d+)", expand=False).fillna("1").astype(int)
 
 
-def train_labels() -> tuple[pd.DataFrame, pd.Series]:
-    """(art9 positives per target for train conversations: labels.csv train + the 578 older labels,
-    tier-1 of the labels.csv train conversations)."""
+def split_rows() -> pd.DataFrame:
+    return pd.read_csv(HERE / "split.csv", dtype=str)
+
+
+def earlier_rounds(rnd: int) -> pd.DataFrame:
+    """split.csv rows of the rounds before `rnd` (so a round reruns on what they left and reproduces itself)."""
+    s = split_rows()
+    return s[(round_of(s["stratum"]) < rnd).to_numpy()].reset_index(drop=True)
+
+
+def train_labels(rnd: int) -> tuple[pd.DataFrame, pd.Series]:
+    """(art9 positives per target for train conversations: labels.csv train rows of the rounds before `rnd`
+    + the 578 older labels, tier-1 of those labels.csv train conversations)."""
     lab = pd.read_csv(HERE / "labels.csv", dtype=str, keep_default_na=False)
-    lab = lab[lab["split"] == "train"]
+    lab = lab[(lab["split"] == "train") & (round_of(lab["stratum"]) < rnd)]
     old = existing_labels()
     old = old[~old["conversation_id"].isin(set(lab["conversation_id"]))]
     sets = pd.concat([lab["art9"].map(lambda s: set(filter(None, s.split(";")))), old["art9"]], ignore_index=True)
@@ -111,11 +124,16 @@ def calibrated_scorer(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[callable
     return score, p_oof, cut
 
 
-def draw() -> pd.DataFrame:
+def draw(rnd: int) -> pd.DataFrame:
     from analysis.util.embeddings import get_embedder
 
+    cfg, pre = ROUNDS[rnd], f"r{rnd}"
     os.environ.setdefault("CHAT_AD_AUDIT_EMBED_PRECISION", "fp32")  # round 2's cached vectors are fp32
-    split = earlier_rounds()
+    split = earlier_rounds(rnd)
+    labeled = set(pd.read_csv(HERE / "labels.csv", dtype=str)["conversation_id"])
+    if not set(split["conversation_id"]) <= labeled:
+        raise SystemExit(f"labels.csv lacks labels of {len(set(split['conversation_id']) - labeled)} conversations "
+                         f"of rounds before {rnd}: collect and adjudicate them first")
     docs, _, _ = corpus()
     old = existing_labels()
     clean = docs.map(clean_text)
@@ -126,7 +144,7 @@ def draw() -> pd.DataFrame:
     pool = clean[keep.to_numpy()]
     print(f"{len(docs)} conversations; minus {len(done)} labeled, {int((~ids.isin(done) & chat_of(ids).isin(test_chats)).sum())} "
           f"of a test chat, short ones: pool {len(pool)}")
-    ytr, tier = train_labels()
+    ytr, tier = train_labels(rnd)
     print(f"train conversations {len(ytr)} (tier-1 for {len(tier)}); positives {ytr.sum().to_dict()}")
     emb = get_embedder(BACKEND)
     vec = emb.encode([t[:EMBED_CHARS] for t in pool])
@@ -134,7 +152,7 @@ def draw() -> pd.DataFrame:
     print(f"embedded ({emb.model_id}): {emb.stats.computed} computed, {emb.stats.cached} from cache, {emb.stats.seconds:.0f} s")
     lex = SensitiveDetector(backend="static").lexicon.counts(pool.tolist()).set_index(pool.index)
 
-    rng = np.random.default_rng(SEED)
+    rng = np.random.default_rng(cfg["seed"])
     picked: dict[str, str] = {}
     notes: list[str] = []
 
@@ -151,17 +169,17 @@ def draw() -> pd.DataFrame:
     scores = {}
     for c in TARGETS:
         y = ytr[c].to_numpy()
-        score, p_oof, cut = calibrated_scorer(xtr, y, SEED)
+        score, p_oof, cut = calibrated_scorer(xtr, y, cfg["seed"])
         scores[c] = pd.Series(score(vec), index=pool.index)
         gap = (scores[c] - cut).abs().sort_values(kind="stable")
-        take(f"r3uncertain:{c}", list(gap.index), N_UNCERTAIN, TOP_FACTOR * N_UNCERTAIN)
-        band = gap.iloc[TOP_FACTOR * N_UNCERTAIN]
+        take(f"{pre}uncertain:{c}", list(gap.index), cfg["uncertain"], TOP_FACTOR * cfg["uncertain"])
+        band = gap.iloc[TOP_FACTOR * cfg["uncertain"]]
         f1 = 2 * (y & (p_oof >= cut)).sum() / max(y.sum() + (p_oof >= cut).sum(), 1)
         print(f"{c}: {int(y.sum())} train positives; out-of-fold max-F1 {f1:.3f} at p = {cut:.3f}; "
               f"boundary band +-{band:.3f}; pool above the cut {int((scores[c] >= cut).sum())}")
     for c in TARGETS:
         no_strong = scores[c][(lex[f"{c}__strong"] == 0).to_numpy()].sort_values(ascending=False, kind="stable")
-        take(f"r3hard:{c}", list(no_strong.index), N_HARD, N_HARD)
+        take(f"{pre}hard:{c}", list(no_strong.index), cfg["hard"], cfg["hard"])
 
     # categorizer uncertainty: cosine-weighted 15-NN vote over the train tier-1 labels
     tv = xtr[np.isin(ytr.index, tier.index)]
@@ -174,8 +192,8 @@ def draw() -> pd.DataFrame:
         np.add.at(votes, (np.arange(len(pool)), code[nn[:, j]]), sim[np.arange(len(pool)), nn[:, j]])
     top2 = np.sort(votes, axis=1)[:, -2:]
     margin = pd.Series((top2[:, 1] - top2[:, 0]) / votes.sum(axis=1), index=pool.index).sort_values(kind="stable")
-    take("r3tier1", list(margin.index), N_TIER1, N_TIER1)
-    take("r3random", list(pool.index), N_RANDOM, len(pool))  # all tied: a simple random sample
+    take(f"{pre}tier1", list(margin.index), cfg["tier1"], cfg["tier1"])
+    take(f"{pre}random", list(pool.index), cfg["random"], len(pool))  # all tied: a simple random sample
 
     out = pd.DataFrame({"conversation_id": list(picked), "stratum": list(picked.values())})
     out["split"] = "train"
@@ -184,55 +202,57 @@ def draw() -> pd.DataFrame:
     return out.sort_values(["stratum", "conversation_id"]).reset_index(drop=True)
 
 
-def assign_readers(ids: list[str], rng: np.random.Generator) -> tuple[dict[str, list[str]], dict[str, str]]:
+def assign_readers(ids: list[str], rng: np.random.Generator, labelers: list[str]) -> tuple[dict[str, list[str]], dict[str, str]]:
     """One labeler per conversation, a second for DOUBLE_SHARE (cycling over all pairs), loads balanced;
     each doubly-read conversation names an adjudicator who read neither copy, balanced too."""
     order = list(rng.permutation(ids))
     n_double = int(round(DOUBLE_SHARE * len(ids)))
-    pairs = list(combinations(LABELERS, 2))
+    pairs = list(combinations(labelers, 2))
     readers: dict[str, list[str]] = {}
     adjudicator: dict[str, str] = {}
-    load = dict.fromkeys(LABELERS, 0)
-    adj_load = dict.fromkeys(LABELERS, 0)
+    load = dict.fromkeys(labelers, 0)
+    adj_load = dict.fromkeys(labelers, 0)
     for k, cid in enumerate(order[:n_double]):
         pair = list(pairs[k % len(pairs)])
         readers[cid] = pair
         for who in pair:
             load[who] += 1
-        adjudicator[cid] = min((w for w in LABELERS if w not in pair), key=lambda w: (adj_load[w], LABELERS.index(w)))
+        adjudicator[cid] = min((w for w in labelers if w not in pair), key=lambda w: (adj_load[w], labelers.index(w)))
         adj_load[adjudicator[cid]] += 1
     for cid in order[n_double:]:
-        who = min(LABELERS, key=lambda w: (load[w], LABELERS.index(w)))
+        who = min(labelers, key=lambda w: (load[w], labelers.index(w)))
         readers[cid] = [who]
         load[who] += 1
     return readers, adjudicator
 
 
-def packets(out_dir: str) -> None:
+def packets(rnd: int, out_dir: str) -> None:
+    cfg, labelers = ROUNDS[rnd], ROUNDS[rnd]["labelers"]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    split = pd.read_csv(HERE / "split.csv", dtype=str)
-    r3 = split[split["stratum"].str.startswith(STRATA_PREFIX)].reset_index(drop=True)
-    if r3.empty:
-        raise SystemExit("split.csv has no round-3 rows: run `draw` first")
-    for who in LABELERS:  # never overwrite labelers' work with empty templates
+    split = split_rows()
+    rows = split[(round_of(split["stratum"]) == rnd).to_numpy()].reset_index(drop=True)
+    if rows.empty:
+        raise SystemExit(f"split.csv has no round-{rnd} rows: run `--round {rnd} draw` first")
+    prior_items = len(earlier_rounds(rnd))  # every conversation of the rounds before has one item id
+    for who in labelers:  # never overwrite labelers' work with empty templates
         p = out / f"labels_{who}.csv"
         if p.exists() and (pd.read_csv(p, dtype=str, keep_default_na=False).drop(columns="item_id") != "").any().any():
             raise SystemExit(f"{p}: holds answers; packets not rewritten")
     docs, _, assistant = corpus()
     det = SensitiveDetector(backend="static")  # its lexicon (with R2LEX) marks the excerpt's windows
-    rng = np.random.default_rng(SEED + 2)
-    ids = r3["conversation_id"].tolist()
-    item = dict(zip(rng.permutation(ids), (f"g{k:04d}" for k in range(PRIOR_ITEMS + 1, PRIOR_ITEMS + 1 + len(ids)))))
-    readers, adjudicator = assign_readers(ids, rng)
-    key = r3.assign(item_id=r3["conversation_id"].map(item),
-                    labelers=r3["conversation_id"].map(lambda c: ";".join(readers[c])),
-                    adjudicator=r3["conversation_id"].map(lambda c: adjudicator.get(c, "")))
+    rng = np.random.default_rng(cfg["seed"] + 2)
+    ids = rows["conversation_id"].tolist()
+    item = dict(zip(rng.permutation(ids), (f"g{k:04d}" for k in range(prior_items + 1, prior_items + 1 + len(ids)))))
+    readers, adjudicator = assign_readers(ids, rng, labelers)
+    key = rows.assign(item_id=rows["conversation_id"].map(item),
+                      labelers=rows["conversation_id"].map(lambda c: ";".join(readers[c])),
+                      adjudicator=rows["conversation_id"].map(lambda c: adjudicator.get(c, "")))
     key = key[["item_id", "conversation_id", "stratum", "split", "labelers", "adjudicator"]].sort_values("item_id")
     key.to_csv(out / "key.csv", index=False)
-    for who in LABELERS:
+    for who in labelers:
         mine = key[key["labelers"].str.split(";").map(lambda r, w=who: w in r)]
-        order = mine.sample(frac=1.0, random_state=SEED + int(who[1:]))
+        order = mine.sample(frac=1.0, random_state=cfg["seed"] + int(who[1:]))
         with open(out / f"packet_{who}.md", "w", encoding="utf-8") as f:
             f.write(f"# Packet {who}: {len(order)} items. Label under GUIDELINE.md; answers go to labels_{who}.csv in this order.\n")
             for k, (iid, cid) in enumerate(zip(order["item_id"], order["conversation_id"]), 1):
@@ -246,27 +266,39 @@ def packets(out_dir: str) -> None:
         ).to_csv(out / f"labels_{who}.csv", index=False)
         print(f"{who}: {len(order)} items ({int((mine['labelers'].str.count(';') > 0).sum())} double-read)")
     dbl = key[key["labelers"].str.count(";") > 0]
-    print(f"{len(key)} round-3 conversations ({key['item_id'].min()}..{key['item_id'].max()}), {len(dbl)} read twice; "
+    print(f"{len(key)} round-{rnd} conversations ({key['item_id'].min()}..{key['item_id'].max()}), {len(dbl)} read twice; "
           f"pairs {dbl['labelers'].value_counts().sort_index().to_dict()}; "
           f"adjudicators {dbl['adjudicator'].value_counts().sort_index().to_dict()} -> {out / 'key.csv'}")
 
 
 def main(argv: list[str]) -> None:
-    if argv[:1] == ["draw"]:
-        before = earlier_rounds()
-        drawn = draw()
-        assert not drawn["conversation_id"].isin(before["conversation_id"]).any()
-        assert not chat_of(drawn["conversation_id"]).isin(set(chat_of(before.loc[before["split"] == "test", "conversation_id"]))).any()
-        new = pd.concat([before, drawn], ignore_index=True)
-        new.to_csv(HERE / "split.csv", index=False)
-        check = pd.read_csv(HERE / "split.csv", dtype=str)
-        assert check.iloc[: len(before)].equals(before.reset_index(drop=True)), "earlier split rows changed"
-        print(drawn["stratum"].value_counts().sort_index().to_string())
-        print(f"round 3 total {len(drawn)} (all train); split.csv {len(check)} rows, test {int((check.split == 'test').sum())}")
-    elif argv[:1] == ["packets"] and len(argv) == 2:
-        packets(argv[1])
-    else:
-        raise SystemExit(__doc__)
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--round", type=int, required=True, choices=sorted(ROUNDS), dest="rnd")
+    ap.add_argument("command", choices=["draw", "packets"])
+    ap.add_argument("out_dir", nargs="?", help="packets: the round's labeling folder (outside the repo)")
+    args = ap.parse_args(argv)
+    if args.command == "packets":
+        if not args.out_dir:
+            ap.error("packets needs OUT_DIR")
+        packets(args.rnd, args.out_dir)
+        return
+    rows = split_rows()
+    rnd_of = round_of(rows["stratum"]).to_numpy()
+    before, have, later = rows[rnd_of < args.rnd], rows[rnd_of == args.rnd], rows[rnd_of > args.rnd]
+    drawn = draw(args.rnd)
+    assert not drawn["conversation_id"].isin(before["conversation_id"]).any()
+    assert not chat_of(drawn["conversation_id"]).isin(set(chat_of(before.loc[before["split"] == "test", "conversation_id"]))).any()
+    if len(have) and not have.reset_index(drop=True).equals(drawn):
+        raise SystemExit(f"split.csv's round-{args.rnd} rows differ from this draw: a drawn round is frozen, not rewritten")
+    new = pd.concat([before, drawn, later], ignore_index=True)
+    new.to_csv(HERE / "split.csv", index=False)
+    check = split_rows()
+    assert check.iloc[: len(before)].equals(before.reset_index(drop=True)), "earlier split rows changed"
+    print(drawn["stratum"].value_counts().sort_index().to_string())
+    print(f"round {args.rnd}: {len(drawn)} (all train){' (reproduced)' if len(have) else ''}; "
+          f"split.csv {len(check)} rows, test {int((check.split == 'test').sum())}")
 
 
 if __name__ == "__main__":
