@@ -67,6 +67,9 @@ def test_rounds_collected_with_their_own_adjudication(collect, folders, tmp_path
     assert pol.loc[("all", "politics"), "n_items"] == 2 and pol.loc[("round 3", "politics"), "n_items"] == 1
     assert pol.loc[("round 1", "iab_tier1"), "agreement"] == 1.0 and pol.loc[("round 3", "iab_tier1"), "agreement"] == 0.0
 
+    assert collect.main(["--check", "ADJ", "--dir", str(r3)]) == 0  # read-only check of the empty template
+    _answers(r3 / "adjudication.csv", ["g0004,politics,false,Politic,true,en,campaign strategy"])
+    assert collect.main(["--check", "ADJ", "--dir", str(r3)]) == 1
     _answers(r3 / "adjudication.csv", ["g0004,politics,false,Politics,true,en,campaign strategy"])
     assert collect.main(["--dir", str(r1), "--out", str(out)]) == 0
     lab = pd.read_csv(out / "labels.csv", keep_default_na=False).set_index("conversation_id")

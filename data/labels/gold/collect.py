@@ -23,7 +23,8 @@ readings (`scope` all) and per round (round from the stratum: r2* round 2, r3* r
 
 `--partial` accepts answer files that do not yet cover every item (progress checks); final
 labels are then not written. `--check L3` validates only DIR's labels_L3.csv against DIR/key.csv
-and writes nothing (for labelers; `--check L9 --dir /work/labeling/round3` in round 3).
+and writes nothing (for labelers; `--check L9 --dir /work/labeling/round3` in round 3); `--check ADJ`
+validates DIR/adjudication.csv the same way (for adjudicators).
 """
 
 from __future__ import annotations
@@ -198,13 +199,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", default="/work/labeling", type=Path, help="the labeling folder (its round*/ subfolders are read too)")
     ap.add_argument("--out", default=HERE, type=Path, help="where labels_raw.csv / agreement.csv / labels.csv go")
     ap.add_argument("--partial", action="store_true")
-    ap.add_argument("--check", metavar="LABELER", help="only validate DIR/labels_LABELER.csv (partial); write nothing")
+    ap.add_argument("--check", metavar="LABELER", help="only validate DIR/labels_LABELER.csv (ADJ: DIR/adjudication.csv), partial; write nothing")
     args = ap.parse_args(argv)
     tiers = tier1_names()
     if args.check:
         key = pd.read_csv(args.dir / "key.csv", dtype=str, keep_default_na=False)
-        df, errs = read_answers(args.dir / f"labels_{args.check}.csv", args.check, key, tiers, partial=True)
-        print(f"labels_{args.check}.csv: {len(df)} rows filled, {int(df['borderline'].sum()) if len(df) else 0} borderline, {len(errs)} problem(s)",
+        name = "adjudication.csv" if args.check == "ADJ" else f"labels_{args.check}.csv"
+        if args.check == "ADJ":  # the template collect wrote lists exactly the disputed items
+            listed = set(pd.read_csv(args.dir / name, dtype=str, keep_default_na=False)["item_id"])
+            key = key[key["item_id"].isin(listed)].assign(labelers="ADJ")
+        df, errs = read_answers(args.dir / name, args.check, key, tiers, partial=True)
+        print(f"{name}: {len(df)} rows filled, {int(df['borderline'].sum()) if len(df) else 0} borderline, {len(errs)} problem(s)",
               *errs[:200], sep="\n  ")
         return 1 if errs else 0
     folders = round_folders(args.dir)
