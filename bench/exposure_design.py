@@ -1,10 +1,12 @@
 """The black-box exposure design in simulated worlds (issue 14): placebo windows, negative controls and
 the "outside interest" world. Run on demand:
 
-    .venv/bin/python bench/exposure_design.py [--worlds 100] [--workers 1] [--rows DIR]
+    .venv/bin/python bench/exposure_design.py [--worlds 1000] [--outside-worlds 30] [--workers 1] [--rows DIR]
 
-Worlds (the three share their pre-policy data seed by seed, so placebo rates are read off `default`; full simulator, 2,000 users / 8,000 conversations / 200,000 impressions; the design is run
-on the true sensitive categories by `analysis.validation.worlds.exposure_world_rows`, 999 permutations):
+Worlds (the three share their pre-policy data seed by seed, so placebo rates are read off `default`; full simulator,
+2,000 users / 8,000 conversations / 200,000 impressions; the design is run on the true sensitive categories by
+`analysis.validation.worlds.exposure_world_rows`, as stage 03 runs it: sequential permutation tests of at most 9,999
+draws; `--worlds` default worlds, `--outside-worlds` of each outside-interest kind):
 
   default                       chat -> ad flow in included regions after the policy date only
   outside_interest              no chat flow; for 30 days after a conversation 30% of the user's other ads
@@ -65,7 +67,8 @@ def rate(x) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--worlds", type=int, default=40)
+    ap.add_argument("--worlds", type=int, default=40, help="default worlds")
+    ap.add_argument("--outside-worlds", type=int, default=30, help="worlds of each outside-interest kind")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--chunk", type=int, default=10)
     ap.add_argument("--rows", type=Path, default=ROOT / "bench" / "out" / "exposure_design")
@@ -73,8 +76,10 @@ def main() -> None:
     ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated world kinds to run (tables print from every row present)")
     a = ap.parse_args()
     a.rows.mkdir(parents=True, exist_ok=True)
-    chunks = [(i, np.arange(i, min(i + a.chunk, a.worlds)) + 300_000) for i in range(0, a.worlds, a.chunk)]
-    jobs = [(k, c, a.rows / f"{k}_{i:05d}_{len(c)}") for i, c in chunks for k in KINDS if k in a.kinds.split(",")]
+    def chunks(n):
+        return [(i, np.arange(i, min(i + a.chunk, n)) + 300_000) for i in range(0, n, a.chunk)]
+    jobs = [(k, c, a.rows / f"{k}_{i:05d}_{len(c)}") for k in KINDS if k in a.kinds.split(",")
+            for i, c in chunks(a.worlds if k == "default" else a.outside_worlds)]
     todo = [j for j in jobs if not j[2].with_suffix(".checks.parquet").exists()]
     t0 = time.perf_counter()
     with ProcessPoolExecutor(a.workers) as ex:
@@ -106,9 +111,13 @@ def main() -> None:
                                                        can_fail=("can_fail", "mean"))
     cc["failed"] = c.groupby(["world", "check"], sort=False)["failed"].apply(rate)
     print(cc.reset_index().to_markdown(index=False, floatfmt=".3f"))
-    print("\n## Violations: share of worlds with any excluded region flagged (no world here violates)\n")
-    vv = v[v["region"] != "ALL excluded"].groupby(["world", "seed"])["flagged"].any().groupby("world").apply(rate)
-    print(vv.to_frame("any region flagged").reset_index().to_markdown(index=False))
+    print("\n## Violations: share of worlds with a flag by the exposure tests (one Holm family; no world here violates)\n")
+    v["by_test"] = v["exposure_p"] < 0.05  # the family's adjusted p; ai_chat sources (none in these worlds) flag apart
+    fam = v.groupby(["world", "seed"])["by_test"].any().groupby("world")
+    one = v[v["region"] != "ALL excluded"].groupby(["world", "seed"])["by_test"].any().groupby("world")
+    vv = pd.DataFrame({"worlds": fam.size(), "any flag (family-wise false alarm)": fam.apply(rate),
+                       "a single region flagged": one.apply(rate)})
+    print(vv.reset_index().to_markdown(index=False))
 
 
 if __name__ == "__main__":

@@ -167,7 +167,7 @@ class LeakageSettings(StageSettings):
     alpha: float = 0.05
     leak_tolerance: float = 0.01  # the leak rate the platform's promise is tested against (one-sided exact test)
     exposure_window_days: float = 30.0
-    exposure_permutations: int = 999  # user-level permutations of the black-box exposure test
+    exposure_permutations: int = 9999  # most user-level permutations per black-box exposure test (sequential: a null test stops early)
     n_boot: int = 4000  # bootstrap draws of the misclassification-corrected CI
     control_topics: dict | None = None  # positive controls: topic -> IAB node(s); None: hiking, cooking, fitness, video games, dogs
     seed: int = SEED

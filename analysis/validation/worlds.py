@@ -133,7 +133,7 @@ def validate_leakage_world(world_config: dict, *, sensitivity: float = 0.9, spec
     return out
 
 
-def exposure_world_rows(world_config: dict, *, alpha: float = 0.05, n_permutations: int = 999, sensitivity: float = 0.9,
+def exposure_world_rows(world_config: dict, *, alpha: float = 0.05, n_permutations: int = 9999, sensitivity: float = 0.9,
                         specificity: float = 0.995) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Simulate one world and run the black-box design as stage 03 does (positive and negative controls,
     the policy window and the pre-policy placebo, each excluded region's own test, the violation

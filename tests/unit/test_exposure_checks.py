@@ -97,3 +97,20 @@ def test_design_checks_fail_on_a_placebo_rise_and_say_when_they_cannot_fail():
     weak = design_checks(pd.concat([rise, neg]), min_p=0.01)  # 10 tests x 0.01 >= 0.05
     assert not weak["can_fail"].any() and not weak["failed"].any()
     assert "cannot fail" in design_caveat(weak)
+
+
+def test_sequential_permutation_p_value_is_uniform_under_the_null_and_fine_at_the_tail():
+    """Besag-Clifford: valid (P(p <= u) ~ u, heavy tails, unequal groups), stops early under the null,
+    and keeps the full run's 1 / (B + 1) resolution where multiplicity families decide."""
+    from analysis.leakage.exposure import _perm_welch, _subset_sums
+
+    rng = np.random.default_rng(3)
+    subsets = _subset_sums(2.0 ** np.arange(7), 3, 70_000, rng)[0]  # each 3-subset of 7 has a distinct sum
+    _, counts = np.unique(subsets, return_counts=True)
+    assert len(counts) == 35 and counts.min() > 0.9 * 2000 and counts.max() < 1.1 * 2000
+    p = np.array([_perm_welch(rng.standard_t(3, 25), 2 * rng.standard_t(3, 300), 9999, rng) for _ in range(1500)])
+    for u in (0.05, 0.2, 0.5):
+        assert abs((p <= u).mean() - u) < 3.5 * np.sqrt(u * (1 - u) / len(p)), u
+    assert _perm_welch(rng.normal(1.5, 1, 30), rng.normal(0, 1, 400), 9999, rng) == 1 / 10_000
+    mid = _perm_welch(rng.normal(0.2, 1, 30), rng.normal(0, 1, 400), 9999, rng)  # stops at 50 exceedances
+    assert 0.005 < mid < 0.5 and abs(50 / mid - round(50 / mid)) < 1e-6  # h / draws
