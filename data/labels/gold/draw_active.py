@@ -1,4 +1,4 @@
-"""Active-learning rounds of the gold set (round 3, round 4, ...): TRAIN conversations where the detector
+"""Active-learning rounds of the gold set (rounds 3, 4, 5): TRAIN conversations where the detector
 and the categorizer learn most.
 
     CHAT_AD_AUDIT_CACHE=/work/cache .venv/bin/python data/labels/gold/draw_active.py --round 4 draw
@@ -65,6 +65,7 @@ TARGETS = ("health", "religion", "politics", "ethnicity")
 ROUNDS = {  # per round: seed, quotas (uncertain and hard per target), labelers
     3: {"seed": 20261202, "uncertain": 90, "hard": 30, "tier1": 120, "random": 200, "labelers": ["L9", "L10", "L11", "L12"]},
     4: {"seed": 20261203, "uncertain": 120, "hard": 40, "tier1": 260, "random": 400, "labelers": ["L13", "L14", "L15", "L16"]},
+    5: {"seed": 20261204, "uncertain": 150, "hard": 50, "tier1": 400, "random": 800, "labelers": ["L17", "L18", "L19", "L20"]},
 }
 TOP_FACTOR = 3
 K_NN = 15
