@@ -682,6 +682,17 @@ def main() -> None:
                 continue
             lo, hi = boot_diff(lambda ix: macro_f1_of(F[ix], Y[trn][ix], cats), lambda ix: macro_f1_of(base[ix], Y[trn][ix], cats), chats)
             print(f"  {name[:5]} | {rule}: {macro_f1_of(F, Y[trn], cats) - macro_f1_of(base, Y[trn], cats):+.3f} [{lo:+.3f}, {hi:+.3f}]")
+        # the choice between candidates: each under the shipped rule against (b) under it, and threshold-free mAP(4)
+        shipped_b, zb = nested[(NAMES["b"], RULES[2])], cv[NAMES["b"]][trn]
+        print("\n95% bootstrap CIs (chats resampled) against (b), both under the shipped rule: nested macro-F1(4); mAP(4)")
+        for name, oof in five.items():
+            if name == NAMES["b"]:
+                continue
+            F, zo = nested[(name, RULES[2])], oof[trn]
+            lo, hi = boot_diff(lambda ix: macro_f1_of(F[ix], Y[trn][ix], cats), lambda ix: macro_f1_of(shipped_b[ix], Y[trn][ix], cats), chats)
+            mlo, mhi = boot_diff(lambda ix: mean_ap(zo[ix], Y[trn][ix], cats), lambda ix: mean_ap(zb[ix], Y[trn][ix], cats), chats)
+            print(f"  {name[:5]}: macro-F1(4) {macro_f1_of(F, Y[trn], cats) - macro_f1_of(shipped_b, Y[trn], cats):+.3f} [{lo:+.3f}, {hi:+.3f}]; "
+                  f"mAP(4) {mean_ap(zo, Y[trn], cats) - mean_ap(zb, Y[trn], cats):+.3f} [{mlo:+.3f}, {mhi:+.3f}]")
 
     ho = trn[folds[trn] == 0]
     if NAMES["d"] in cv:
