@@ -295,15 +295,27 @@ class AuditSummary:
             open_ = set(ub[ub["group"].map(lambda g: g.get("verdict")) == "not shown to exceed"]["group"].map(lambda g: g.get("category")))
             budget = self._m(LEAKAGE, M.LABEL_BUDGET)
             if len(budget) and open_:
-                budget = budget[budget["group"].map(lambda g: g.get("category") in open_) & budget["estimate"].notna()]
-                by_basis = {b: int(x["estimate"].max()) for b, x in budget.groupby(budget["group"].map(lambda g: g.get("basis", "")))}
-                labels_only = next((n for b, n in by_basis.items() if b.startswith("labels only")), None)
-                with_scores = next((n for b, n in by_basis.items() if b.startswith("PPI++")), None)
-                if labels_only is not None:
-                    s += f" Showing those below it would take about {labels_only:,} labeled conversations at the current estimates"
-                    s += (f" ({with_scores:,} with the detector's scores, PPI++)." if with_scores is not None else ".")
-                elif with_scores is not None:
-                    s += f" Showing those below it would take about {with_scores:,} labeled conversations at the current estimates (with the detector's scores, PPI++)."
+                budget = budget[budget["group"].map(lambda g: g.get("category") in open_)]
+                basis = budget["group"].map(lambda g: g.get("basis", ""))
+                labels_only = budget[basis.str.startswith("labels only")]
+                with_scores = budget[basis.str.startswith("PPI++")]
+                main, other = (labels_only, with_scores) if len(labels_only) else (with_scores, labels_only)
+                reachable = main[main["estimate"].notna()]
+                cat = lambda frame: sorted({g["category"].replace("_", " ") for g in frame["group"]})  # noqa: E731
+                # the planner has no budget for a category whose estimate is at or above the tolerance
+                above = sorted(set(cat(main)) - set(cat(reachable)))
+                if len(reachable):
+                    s += (f" At the current estimates, showing {_join(cat(reachable))} below the tolerance would take about"
+                          f" {_about(reachable['estimate'].max())} labeled conversations")
+                    extra = other["estimate"].dropna()
+                    if main is labels_only and len(extra):
+                        s += f" ({_about(extra.max())} with the detector's scores, PPI++)"
+                    elif main is with_scores:
+                        s += " (with the detector's scores, PPI++)"
+                    s += "."
+                if above:
+                    s += (f" {_join(above).capitalize()} cannot be shown below it: {'its estimate lies' if len(above) == 1 else 'their estimates lie'}"
+                          " at or above the tolerance.")
         return s
 
     def answer_lift(self) -> Answer:
@@ -526,6 +538,15 @@ def _join(parts: list[str]) -> str:
     if not parts:
         return "none above the small-cell threshold"
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _about(n: float) -> str:
+    """A planned count as precisely as a plan deserves: exact below 10,000, else two significant digits."""
+    n = int(round(n))
+    if n < 10_000:
+        return f"{n:,}"
+    r = int(float(f"{n:.2g}"))
+    return f"{r / 1e6:g} million" if r >= 1_000_000 else f"{r:,}"
 
 
 def _signed_pct(x) -> str:

@@ -51,6 +51,22 @@ def test_sentences_carry_the_numbers_of_the_stage_outputs(fake_run):
 
 
 
+def test_label_budget_sentence_rounds_large_plans_and_names_what_no_budget_can_show(tmp_path):
+    """A category whose estimate lies above the tolerance gets no budget: the sentence says so instead
+    of quoting the other category's budget for both; millions are not quoted to the unit."""
+    rows = [{"metric": "leak_rate_clustered", "group": {"category": c, "region_group": "all", "clusters": 150}, "estimate": e, "ci_low": lo, "ci_high": hi}
+            for c, e, lo, hi in (("religion", 0.0097, 0.003, 0.035), ("ethnicity", 0.02, 0.008, 0.047), ("health", 0.05, 0.03, 0.08))]
+    rows += [{"metric": "leak_rate_upper_bound", "group": {"category": c, "basis": "labels, user-clustered", "verdict": v}, "estimate": 0.05}
+             for c, v in (("religion", "not shown to exceed"), ("ethnicity", "not shown to exceed"), ("health", "exceeds"))]
+    rows += [{"metric": "label_budget", "group": {"category": "religion", "basis": "labels only (design effect)"}, "estimate": 20_983_087},
+             {"metric": "label_budget", "group": {"category": "ethnicity", "basis": "labels only (design effect)"}, "estimate": None}]
+    _metrics(tmp_path, "03_leakage", rows)
+    a = {x.key: x.sentence for x in AuditSummary(tmp_path).answers()}["leakage"]
+    assert "showing religion below the tolerance would take about 21 million labeled conversations." in a
+    assert "Ethnicity cannot be shown below it: its estimate lies at or above the tolerance." in a
+    assert "20,983,087" not in a
+
+
 def test_topics_and_categories_are_named_by_readable_labels_and_counted_in_users(fake_run):
     """Stage 02's readable topic labels (without their tier-1 tail) name the topics; each conversation's
     own tier-1 answers question 2; a topic or category of fewer than k users is not named."""
@@ -133,5 +149,5 @@ def test_truth_table_names_each_headline_estimate_and_whether_its_interval_holds
             "the highest of the two sensitive categories with data from at least 10 users.") in a
     assert "Trade" not in a and "5 users" not in a  # a rate resting on fewer than k users is not shown
     assert "1 of 2 categories exceed it, 0 are shown below it, and 1 is neither" in a
-    assert "about 5,000 labeled conversations at the current estimates (3,000 with the detector's scores, PPI++)" in a
+    assert "At the current estimates, showing health below the tolerance would take about 5,000 labeled conversations (3,000 with the detector's scores, PPI++)." in a
     assert AuditSummary(tmp_path / "empty").truth_table().empty
