@@ -104,23 +104,20 @@ class AuditSummary:
         return sorted(self.metrics["stage"].unique()) if len(self.metrics) else []
 
     # -------------------------------------------------------------------- answers
-    def _users_per(self, path: Path, column: str) -> pd.Series | None:
+    def _users_per(self, table: pd.DataFrame, column: str) -> pd.Series | None:
         """Distinct users per value of `column` of a per-conversation table (stage 00's user ids), or
-        None when either table is missing: the small-cell rule counts people, not conversations."""
-        conv = self.rd.conversations
-        if not (path.exists() and conv.exists()):
+        None without stage 00's conversations: the small-cell rule counts people, not conversations."""
+        if not self.rd.conversations.exists():
             return None
-        t = pd.read_parquet(path, columns=["conversation_id", column])
-        users = pd.read_parquet(conv, columns=["conversation_id", "user_id"])
-        return t.merge(users, on="conversation_id").groupby(column)["user_id"].nunique()
+        users = pd.read_parquet(self.rd.conversations, columns=["conversation_id", "user_id"])
+        return table[["conversation_id", column]].merge(users, on="conversation_id").groupby(column)["user_id"].nunique()
 
-    def _named_topics(self) -> tuple[pd.DataFrame, str]:
-        """Stage 01's topics (outliers excluded), largest first, of at least k users (k conversations
-        when user ids are missing), with the name a reader sees: stage 02's readable label without its
-        tier-1 tail when stage 02 ran, else stage 01's; and the source of those names."""
-        t = pd.read_parquet(self.rd.topic_info)
-        real = t[t["topic"] != -1].sort_values("size", ascending=False)
-        users = self._users_per(self.rd.topics, "topic")
+    def _named_topics(self, info: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+        """Stage 01's topics (`info`, outliers excluded), largest first, of at least k users (k
+        conversations when user ids are missing), with the name a reader sees: stage 02's readable
+        label without its tier-1 tail when stage 02 ran, else stage 01's; and the source of those names."""
+        real = info[info["topic"] != -1].sort_values("size", ascending=False)
+        users = self._users_per(pd.read_parquet(self.rd.topics), "topic") if self.rd.topics.exists() else None
         real = real[real["topic"].map(users).fillna(0) >= self.k] if users is not None else real[real["size"] >= self.k]
         name = real["label"].astype(str)
         src = "01_topics: data/topic_info.parquet"
@@ -137,7 +134,7 @@ class AuditSummary:
         if not self.rd.topic_info.exists():
             return _not_run("topics", q, "topics", "01", src)
         t = pd.read_parquet(self.rd.topic_info)
-        named, src = self._named_topics()
+        named, src = self._named_topics(t)
         parts = [f"{_quoted(r.name)} ({pct(r.share)})" for r in named.head(3).itertuples()]
         outl = t.loc[t["topic"] == -1, "share"].sum()
         s = (
@@ -158,11 +155,9 @@ class AuditSummary:
         names = load_taxonomy().set_index("id")["label"]
         cat = c[col].map(names).fillna("no ad category") if col in c else pd.Series("no ad category", index=c.index)
         shares = cat.value_counts(normalize=True)
-        users = self._users_per(p, col)
-        if users is not None:
-            users = users.rename(index=names)
-        big = [v for v in shares.index if (users.get(v, 0) if users is not None else int((cat == v).sum())) >= self.k]
-        mapped = shares.reindex(big).drop("no ad category", errors="ignore").sort_values(ascending=False)
+        users = self._users_per(c, col) if col in c else None
+        size = users.rename(index=names) if users is not None else cat.value_counts()  # conversations without user ids
+        mapped = shares[shares.index.isin(size.index[size >= self.k])].drop("no ad category", errors="ignore")
         parts = [f"{name} ({pct(v)})" for name, v in mapped.head(3).items()]
         subject = "By each conversation's own category, chats" if col == "conv_tier1_id" else "Chat topics"
         s = f"{subject} feed mostly the IAB categories " + _join(parts)
@@ -516,7 +511,7 @@ class AuditSummary:
             return None
         import plotly.express as px
 
-        t = self._named_topics()[0].head(top)
+        t = self._named_topics(pd.read_parquet(p))[0].head(top)
         fig = px.bar(t.iloc[::-1], x="share", y="name", orientation="h", labels={"share": "share of conversations", "name": ""}, title="Largest topics")
         fig.update_layout(height=max(300, 26 * len(t) + 120), margin=dict(l=10, r=10, t=40, b=10), xaxis_tickformat=".1%")
         return fig
