@@ -294,7 +294,8 @@ class AuditSummary:
                 basis = budget["group"].map(lambda g: g.get("basis", ""))
                 labels_only = budget[basis.str.startswith("labels only")]
                 with_scores = budget[basis.str.startswith("PPI++")]
-                main, other = (labels_only, with_scores) if len(labels_only) else (with_scores, labels_only)
+                on_labels = len(labels_only) > 0  # the labels-only plan leads when there is one; PPI++ is its companion
+                main, other = (labels_only, with_scores) if on_labels else (with_scores, labels_only)
                 reachable = main[main["estimate"].notna()]
                 cat = lambda frame: sorted({g["category"].replace("_", " ") for g in frame["group"]})  # noqa: E731
                 # the planner has no budget for a category whose estimate is at or above the tolerance
@@ -303,9 +304,9 @@ class AuditSummary:
                     s += (f" At the current estimates, showing {_join(cat(reachable))} below the tolerance would take about"
                           f" {_about(reachable['estimate'].max())} labeled conversations")
                     extra = other["estimate"].dropna()
-                    if main is labels_only and len(extra):
+                    if on_labels and len(extra):
                         s += f" ({_about(extra.max())} with the detector's scores, PPI++)"
-                    elif main is with_scores:
+                    elif not on_labels:
                         s += " (with the detector's scores, PPI++)"
                     s += "."
                 if above:
