@@ -490,7 +490,9 @@ def readable_labels(info: pd.DataFrame, mix: pd.DataFrame, n_phrases: int = 3, m
     conversations' category mix, never a conversation's text): the dominant tier-2 node's name when
     it covers at least `min_tier2_share` of the topic, up to `n_phrases` key phrases
     (`key_phrases` of `representation`, else `keywords`), and the dominant tier-1 with its share:
-    "Job Search: cover letter, job description, interview (Careers 62%)"."""
+    "Job Search: cover letter, job description, interview (Careers 62%)"; and the same name without
+    the tier-1 tail (`readable_name`: "Job Search: cover letter, job description, interview") for
+    readers that show the category elsewhere or not at all (the stakeholder summary)."""
     share = mix.set_index("topic")
     rows = []
     for r in info.itertuples():
@@ -508,5 +510,5 @@ def readable_labels(info: pd.DataFrame, mix: pd.DataFrame, n_phrases: int = 3, m
             if isinstance(t2, str) and m.get("top_tier2_share", 0) >= min_tier2_share:
                 head = t2 + (": " if phrases else "")
         text = head + phrases if (head or phrases) else str(getattr(r, "label", t))
-        rows.append({"topic": t, "readable_label": text + cat})
-    return pd.DataFrame(rows, columns=["topic", "readable_label"])
+        rows.append({"topic": t, "readable_label": text + cat, "readable_name": text})
+    return pd.DataFrame(rows, columns=["topic", "readable_label", "readable_name"])

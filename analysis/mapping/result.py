@@ -60,8 +60,9 @@ class AdMappingResult:
         t["conversations"] = t["topic"].map(size).fillna(0).astype(int)
         t["users"] = t["topic"].map(users).fillna(0).astype(int)
         t["topic_label"] = t["topic_label"].astype(str).map(scrub_pii)
-        if "readable_label" in t:
-            t["readable_label"] = t["readable_label"].astype(str).map(scrub_pii)
+        for c in ("readable_label", "readable_name"):
+            if c in t:
+                t[c] = t[c].astype(str).map(scrub_pii)
         t["top3"] = t["top3"].map(lambda x: "; ".join(x) if isinstance(x, (list, np.ndarray)) else x)
         cols = ["topic", "topic_label", "readable_label", "conversations", "users", "category_mix", "iab_id", "path", "score", "source", "art9_node", "sensitive_share",
                 "top3"]

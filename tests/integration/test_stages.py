@@ -37,7 +37,7 @@ def test_stage_outputs_on_a_small_world(small_world_dir, small_run, tmp_path):
     assert cc["conv_tier1_label"].notna().all()
     hiking = cc[cc["topic"].astype(str) == "hiking"]
     assert len(hiking) and (hiking["conv_category_source"] == "override_topic").all() and (hiking["conv_tier1_id"] == "150").all()
-    assert {"category_mix", "top_tier1_share", "readable_label"} <= set(tc.columns) and tc["readable_label"].notna().all()
+    assert {"category_mix", "top_tier1_share", "readable_label", "readable_name"} <= set(tc.columns) and tc["readable_label"].notna().all()
     # refitted on the world's 305 tier-1 labels by cross-fitting, validated out of fold (6,000 labels of the default world: see docs/mapping.md)
     t = res.conversation_tier1_accuracy
     assert "refitted" in res.categorizer_source and t["accuracy"] >= 0.7 and t["ci_low"] < t["accuracy"] < t["ci_high"], t

@@ -139,6 +139,9 @@ def test_readable_label_is_tier2_key_phrases_and_the_dominant_category():
     assert r["1"] == "Job Search: cover letter, job description, line (Careers 67%)"
     assert r["2"] == "src, flask, app (Technology & Computing 100%)"  # "x_train" (code-like) dropped
     assert r["3"] == "3_y (none 100%)"  # no words: the topic's own label
+    # the name alone, without the tier-1 tail (what the stakeholder summary shows)
+    n = readable_labels(info, topic_mix(cats)).set_index("topic")["readable_name"]
+    assert n.to_dict() == {"1": "Job Search: cover letter, job description, line", "2": "src, flask, app", "3": "3_y"}
 
 
 def test_readable_labels_are_built_from_aggregates_only():
