@@ -7,7 +7,6 @@ not assessed, not guessed.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +35,6 @@ METRIC_LABELS = {
     M.AB_REL: "Lift, treatment vs holdout (randomized)",
 }
 
-_TIER1_SHARE = re.compile(r"\s*\([^()]*\d+%\)$")  # the "(Careers 62%)" tail of a readable topic label
 
 
 def _quoted(label: str) -> str:
@@ -115,7 +113,7 @@ class AuditSummary:
     def _named_topics(self, info: pd.DataFrame) -> tuple[pd.DataFrame, str]:
         """Stage 01's topics (`info`, outliers excluded), largest first, of at least k users (k
         conversations when user ids are missing), with the name a reader sees: stage 02's readable
-        label without its tier-1 tail when stage 02 ran, else stage 01's; and the source of those names."""
+        name (its readable label without the tier-1 tail) when stage 02 ran, else stage 01's; and the source of those names."""
         real = info[info["topic"] != -1].sort_values("size", ascending=False)
         users = self._users_per(pd.read_parquet(self.rd.topics), "topic") if self.rd.topics.exists() else None
         real = real[real["topic"].map(users).fillna(0) >= self.k] if users is not None else real[real["size"] >= self.k]
@@ -123,9 +121,9 @@ class AuditSummary:
         src = "01_topics: data/topic_info.parquet"
         if self.rd.topic_categories.exists():
             tc = pd.read_parquet(self.rd.topic_categories)
-            if "readable_label" in tc:
-                readable = tc.set_index(tc["topic"].astype(str))["readable_label"].dropna().astype(str)
-                name = real["topic"].astype(str).map(readable).map(lambda v: scrub_pii(_TIER1_SHARE.sub("", v)), na_action="ignore").fillna(name)
+            if "readable_name" in tc:
+                readable = tc.set_index(tc["topic"].astype(str))["readable_name"].dropna().astype(str)
+                name = real["topic"].astype(str).map(readable).map(scrub_pii, na_action="ignore").fillna(name)
                 src += ", 02_ad_mapping: data/topic_categories.parquet (readable labels)"
         return real.assign(name=name), src
 

@@ -68,7 +68,7 @@ def test_label_budget_sentence_rounds_large_plans_and_names_what_no_budget_can_s
 
 
 def test_topics_and_categories_are_named_by_readable_labels_and_counted_in_users(fake_run):
-    """Stage 02's readable topic labels (without their tier-1 tail) name the topics; each conversation's
+    """Stage 02's readable topic names (labels without their tier-1 tail) name the topics; each conversation's
     own tier-1 answers question 2; a topic or category of fewer than k users is not named."""
     d = fake_run / "data"
     conv_ids = [f"c{i}" for i in range(954)]
@@ -78,7 +78,9 @@ def test_topics_and_categories_are_named_by_readable_labels_and_counted_in_users
     user = [f"u{i}" if t != 1 else f"u{i % 5}" for i, t in enumerate(topic)]
     write_parquet(pd.DataFrame({"conversation_id": conv_ids, "user_id": user}), d / "conversations.parquet")
     write_parquet(pd.DataFrame({"topic": [0, 1, 2], "readable_label": ["Hiking: trail shoes, boot sizes (Travel 81%)", "Baking (Food & Drink 90%)",
-                                                                    "Job Search: cover letter, interview (Careers 62%)"]}), d / "topic_categories.parquet")
+                                                                    "Job Search: cover letter, interview (Careers 62%)"],
+                                "readable_name": ["Hiking: trail shoes, boot sizes", "Baking", "Job Search: cover letter, interview"]}),
+                  d / "topic_categories.parquet")
     tier1 = ["653"] * 500 + ["123"] * 400 + [None] * 54  # Travel, Careers, none
     write_parquet(pd.DataFrame({"conversation_id": conv_ids, "tier1_id": ["596"] * 954, "conv_tier1_id": tier1}), d / "conversation_categories.parquet")
     a = {x.key: x for x in AuditSummary(fake_run).answers()}
