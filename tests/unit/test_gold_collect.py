@@ -97,3 +97,48 @@ def test_an_item_in_two_rounds_is_refused(collect, folders, capsys):
     k.to_csv(r3 / "key.csv", index=False)
     assert collect.main(["--dir", str(r1), "--out", str(r1 / "out"), "--partial"]) == 1
     assert "more than one row" in capsys.readouterr().err
+
+
+def test_round6_tier2_and_the_tier2_pass(collect, folders, capsys):
+    """Round 6 (L21, L22) labels iab_tier2 too: validated against the tier-1's children, kappa on same-tier-1
+    pairs, a tier-2-only dispute adjudicated; the tier-2 pass adds the test row b_0's tier-2 under its gold tier-1."""
+    r1, r3 = folders
+    r6 = r1 / "round6"
+    r6.mkdir()
+    _key([["g0006", "f_0", "r6random", "train", "L21;L22", "L23"], ["g0007", "h_0", "r6tier1", "train", "L21", ""]]
+         ).to_csv(r6 / "key.csv", index=False)
+    h6 = HEADER.rstrip("\n") + ",iab_tier2\n"
+    (r6 / "labels_L21.csv").write_text(h6 + "g0006,,false,Technology & Computing,false,en,python,Computing\n"
+                                       "g0007,,false,Careers,false,en,cv,Job Search\n", encoding="utf-8")
+    (r6 / "labels_L22.csv").write_text(h6 + "g0006,,false,Technology & Computing,true,en,llm,Artificial Intelligence\n", encoding="utf-8")
+    pd.DataFrame([["g0008", "b_0", "random", "test", "Technology & Computing", "L21;L22", "L23"]],
+                 columns=["item_id", "conversation_id", "stratum", "split", "iab_tier1", "labelers", "adjudicator"]
+                 ).to_csv(r6 / "tier2_key.csv", index=False)
+    (r6 / "tier2_labels_L21.csv").write_text("item_id,iab_tier2,borderline,note\ng0008,Job Search,false,x\n", encoding="utf-8")
+    (r6 / "tier2_labels_L22.csv").write_text("item_id,iab_tier2,borderline,note\ng0008,Computing,false,python\n", encoding="utf-8")
+    assert collect.main(["--check", "L21", "--dir", str(r6)]) == 1
+    out = capsys.readouterr().out
+    assert ("tier2_labels_L21.csv row 2 (item g0008) column iab_tier2: 'Job Search' is not a tier-2 child of "
+            "'Technology & Computing'") in out and "labels_L21.csv: 2 rows filled, 0 borderline, 0 problem(s)" in out
+    (r6 / "tier2_labels_L21.csv").write_text("item_id,iab_tier2,borderline,note\ng0008,Computing,false,x\n", encoding="utf-8")
+    assert collect.main(["--check", "L21", "--dir", str(r6)]) == 0
+
+    out_dir = r1 / "out"
+    assert collect.main(["--dir", str(r1), "--out", str(out_dir)]) == 0
+    assert pd.read_csv(r6 / "adjudication.csv").columns[-1] == "iab_tier2"
+    assert "iab_tier2=[Artificial Intelligence]" in (r6 / "disagreements.md").read_text(encoding="utf-8")
+    assert pd.read_csv(r6 / "tier2_adjudication.csv").empty  # the pass readers agreed
+    agr = pd.read_csv(out_dir / "agreement.csv").set_index(["scope", "field"])
+    assert agr.loc[("round 6", "iab_tier2"), "agreement"] == 0.0 and agr.loc[("round 6", "iab_tier1"), "agreement"] == 1.0
+    assert agr.loc[("tier2 pass (test)", "iab_tier2"), "n_items"] == 1 and ("round 3", "iab_tier2") not in agr.index
+
+    _answers(r3 / "adjudication.csv", ["g0004,politics,false,Politics,true,en,campaign strategy"])
+    (r6 / "adjudication.csv").write_text(h6 + "g0006,,false,Technology & Computing,true,en,python,Robotic\n", encoding="utf-8")
+    assert collect.main(["--dir", str(r1), "--out", str(out_dir)]) == 1
+    assert "adjudication.csv row 2 (item g0006) column iab_tier2: 'Robotic' is not a tier-2 child" in capsys.readouterr().err
+    (r6 / "adjudication.csv").write_text(h6 + "g0006,,false,Technology & Computing,true,en,python,Computing\n", encoding="utf-8")
+    assert collect.main(["--dir", str(r1), "--out", str(out_dir)]) == 0
+    lab = pd.read_csv(out_dir / "labels.csv", keep_default_na=False).set_index("conversation_id")
+    assert lab.loc["f_0", "iab_tier2"] == "Computing" and bool(lab.loc["f_0", "adjudicated"])
+    assert lab.loc["h_0", "iab_tier2"] == "Job Search" and lab.loc["b_0", "iab_tier2"] == "Computing"
+    assert lab.loc["b_0", "split"] == "test" and lab.loc["a_0", "iab_tier2"] == "" and len(lab) == 7

@@ -21,9 +21,17 @@ DIR/round*/ subfolder holding a key.csv is read with DIR, its disagreements go t
 disagreements.md and adjudication.csv, and agreement.csv gives kappa pooled over all double
 readings (`scope` all) and per round (round from the stratum: r2* round 2, r3* round 3, else 1).
 
+Round 6 on (GUIDELINE.md section 7) the answer files carry `iab_tier2` (a child of the row's tier-1
+or empty; validated against the taxonomy), kappa gets an `iab_tier2` row (doubly-read items whose
+readings share the tier-1) and a tier-2 dispute is a disagreement. A round folder may also hold
+the **tier-2 pass** over earlier rows (draw_active.py): tier2_key.csv (with the gold `iab_tier1`
+shown), tier2_labels_L<k>.csv (item_id, iab_tier2, borderline, note), tier2_disagreements.md and
+tier2_adjudication.csv; its readings go to labels_tier2_raw.csv, its kappa to scope `tier2 pass
+(test)`, and its final tier-2 into labels.csv's `iab_tier2` (empty for rows without one).
+
 `--partial` accepts answer files that do not yet cover every item (progress checks); final
-labels are then not written. `--check L3` validates only DIR's labels_L3.csv against DIR/key.csv
-and writes nothing (for labelers; `--check L9 --dir /work/labeling/round3` in round 3); `--check ADJ`
+labels are then not written. `--check L3` validates only DIR's labels_L3.csv (and tier2_labels_L3.csv) against
+DIR/key.csv (tier2_key.csv) and writes nothing (for labelers; `--check L9 --dir /work/labeling/round3` in round 3); `--check ADJ`
 validates DIR/adjudication.csv the same way (for adjudicators).
 """
 

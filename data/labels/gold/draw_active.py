@@ -1,4 +1,4 @@
-"""Active-learning rounds of the gold set (rounds 3, 4, 5): TRAIN conversations where the detector
+"""Active-learning rounds of the gold set (rounds 3-6): TRAIN conversations where the detector
 and the categorizer learn most.
 
     CHAT_AD_AUDIT_CACHE=/work/cache .venv/bin/python data/labels/gold/draw_active.py --round 4 draw
@@ -27,10 +27,16 @@ step), so `--round 3` still reproduces round 3 byte for byte after round 4 exist
   `r<k>random` a simple random sample.
 
 `draw` writes the round's rows into split.csv with split = train (the rows of other rounds unchanged;
-an existing round is only ever reproduced, never changed). `packets` gives them to the round's four
+an existing round is only ever reproduced, never changed). `packets` gives them to the round's
 labelers (DOUBLE_SHARE read by two, spread evenly over the 6 pairs; each doubly-read item names the
 adjudicator among the other two), under item ids continuing after the earlier rounds', and writes
 OUT_DIR/key.csv, packet_L<k>.md, labels_L<k>.csv. Text leaves only into OUT_DIR.
+
+Round 6 is for ad categories: no Art. 9 strata (the pool's Art. 9 talk is used up: 3 positives in
+round 5's 800 random), five labelers (10 pairs), answer files with `iab_tier2`, OUT_DIR/TIER2.md (the
+closed list of tier-2 names per tier-1) and the **tier-2 pass** over the frozen test split: every
+labels.csv test row whose gold tier-1 has children gets tier-2 readings (tier2_key.csv,
+tier2_packet_L<k>.md showing the gold tier-1, tier2_labels_L<k>.csv; item ids after the round's).
 """
 
 from __future__ import annotations
