@@ -291,12 +291,12 @@ def write_disagreements(folder: Path, differ: list[str], two: pd.DataFrame, adj_
     with open(folder / f"{prefix}disagreements.md", "w", encoding="utf-8") as f:
         f.write(f"# {len(differ)} disagreements to adjudicate under GUIDELINE.md section 6"
                 f"{' and section 7 (tier-2)' if 'iab_tier2' in columns else ''}\n"
-                f"Write one final row per item to {prefix}adjudication.csv (columns {','.join(columns)}).\n")
+                f"Write one final row per item to {prefix}adjudication.csv (same columns as the {'tier-2 ' if prefix else ''}answer files).\n")
         for i in differ:
             g = two[two["item_id"] == i]
             f.write(f"\n\n===== {i} · adjudicator {adj_of[i]} =====\n")
             for r in g.to_dict("records"):
-                f.write(f"- {r['labeler']}: " + " ".join(f"{c}=[{_fmt(r.get(c))}]" for c in shown) + f" note: {r['note']}\n")
+                f.write(f"- {r['labeler']}: " + " ".join((f"{c}=[{_fmt(r.get(c))}]" if c in ("art9", "iab_tier2") else f"{c}={_fmt(r.get(c))}") for c in shown) + f" note: {r['note']}\n")
             f.write(f"\n{ex.get(i, '(excerpt not found in the packets)')}\n")
     adj_path = folder / f"{prefix}adjudication.csv"
     if not adj_path.exists():
@@ -461,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
                        language=a["language"], borderline=bool(a["borderline"] or g["borderline"].any()))
         final.append(row)
     final = pd.DataFrame(final).set_index("conversation_id")
+    final["iab_tier2"] = final["iab_tier2"].astype(object)  # all-NaN before round 6 reads
     # the tier-2 pass: the single reading, the agreed one, or the adjudicated one, under the row's gold tier-1
     padj = padj.set_index("item_id")
     for i, g in praw.groupby("item_id"):
@@ -471,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         final.loc[cid, "iab_tier2"] = padj.loc[i, "iab_tier2"] if i in pdiffer else g["iab_tier2"].iloc[0]
     final.reset_index().sort_values("conversation_id").to_csv(args.out / "labels.csv", index=False)
-    print(f"{len(final)} conversations -> {args.out / 'labels.csv'}; iab_tier2 for {int(final['iab_tier2'].fillna('').ne('').sum())}")
+    print(f"{len(final)} conversations -> {args.out / 'labels.csv'}; iab_tier2 for {int(final['iab_tier2'].map(lambda v: isinstance(v, str) and v != '').sum())}")
     return 0
 
 
