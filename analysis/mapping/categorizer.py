@@ -142,6 +142,31 @@ def vote_prototypes(backend: str = "minilm", cache_dir=None, taxonomy: pd.DataFr
     return embed_texts(texts, backend, cache_dir).astype(np.float32), np.asarray(list(guide) + [t1[k] for k in described], dtype=str)
 
 
+def tier2_tree(taxonomy: pd.DataFrame | None = None) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(tier-1 id -> its tier-2 children's ids, tier-2 id -> the ids of its subtree: itself and every node below)."""
+    tax = load_taxonomy() if taxonomy is None else taxonomy
+    kids = tax[tax["tier"] == 2].groupby("tier1_id")["id"].apply(list).to_dict()
+    path_id = dict(zip(tax["path"], tax["id"]))
+    deep = tax[tax["tier"] >= 2]
+    subtree: dict[str, list[str]] = {}
+    for n, q in zip(deep["id"], deep["path"]):
+        subtree.setdefault(path_id[" > ".join(q.split(" > ")[:2])], []).append(n)
+    return kids, subtree
+
+
+def check_tier2(tier1: Sequence[str], tier2: Sequence[str | None], taxonomy: pd.DataFrame | None = None) -> np.ndarray:
+    """Tier-2 ids as stored for the vote ("" where there is none); a tier-2 that is not a child of its
+    row's tier-1 raises ValueError naming the row."""
+    if len(tier2) != len(tier1):
+        raise ValueError(f"{len(tier1)} tier-1 labels but {len(tier2)} tier-2 labels")
+    kids, _ = tier2_tree(taxonomy)
+    out = np.asarray(["" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in tier2], dtype=object)
+    for i, (a, b) in enumerate(zip(tier1, out)):
+        if b and b not in kids.get(str(a), []):
+            raise ValueError(f"row {i}: tier-2 {b!r} is not a child of tier-1 {a!r}")
+    return out.astype(str)
+
+
 @dataclass
 class ConversationCategorizer:
     """Multinomial logistic regression: features -> tier-1 id or NONE (see the module docstring)."""
@@ -163,18 +188,26 @@ class ConversationCategorizer:
     intercept: np.ndarray | None = None
     knn_vectors: np.ndarray | None = None  # unit [head | segment mean] of the labeled conversations
     knn_labels: np.ndarray | None = None
+    knn_tier2: np.ndarray | None = None  # tier-2 id of each labeled conversation ("" when it has none)
+    tier2_weight: float = 0.0  # share of the tier-2 kNN vote in the tier-2 probabilities (0: zero-shot alone)
+    tier2_k: int = 10
+    tier2_temperature: float = 20.0  # tier-2 vote weight exp(temperature * cosine)
+    tier2_zs_temperature: float = 40.0  # zero-shot tier-2 probabilities: softmax of this x cosine
     fitted_on: str = ""
     cache_dir: str | None = None
     meta: dict = field(default_factory=dict)
 
     # ---- fitting
-    def fit(self, X: np.ndarray, y: Sequence[str], *, source: str = "") -> "ConversationCategorizer":
-        """Fit on feature rows `X` and their tier-1 ids (or NONE), plus the tier-1 prototypes."""
+    def fit(self, X: np.ndarray, y: Sequence[str], *, tier2: Sequence[str] | None = None, source: str = "",
+            taxonomy: pd.DataFrame | None = None) -> "ConversationCategorizer":
+        """Fit on feature rows `X` and their tier-1 ids (or NONE), plus the tier-1 prototypes; `tier2`
+        (a tier-2 id per row, "" or None where there is none) feeds the tier-2 vote."""
         from sklearn.linear_model import LogisticRegression
 
         y = np.asarray([str(v) for v in y], dtype=object)
         if len(y) != len(X):
             raise ValueError(f"{len(X)} feature rows but {len(y)} labels")
+        self.knn_tier2 = None if tier2 is None else check_tier2(y, tier2, taxonomy)
         P, pid = prototype_features(self.backend, self.cache_dir, self.with_reply)
         if X.shape[1] != P.shape[1]:
             raise ValueError(f"features have {X.shape[1]} columns, {P.shape[1]} expected (backend {self.backend!r}, "
@@ -242,9 +275,20 @@ class ConversationCategorizer:
             out.loc[np.flatnonzero(te), p.columns] = p.to_numpy()
         return out
 
+    def with_tier2_vote(self, X: np.ndarray, tier2: Sequence[str], y: Sequence[str], taxonomy: pd.DataFrame | None = None) -> "ConversationCategorizer":
+        """A copy whose tier-2 vote reads the labeled rows `X` (tier-1 `y`, tier-2 `tier2`) and nothing
+        else: for cross-validating the tier-2 vote without refitting the tier-1 model."""
+        m = self._blank()
+        m.knn_vectors = self._knn_part(X).astype(np.float16).astype(np.float32)
+        m.knn_labels = np.asarray([str(v) for v in y])
+        m.knn_tier2 = check_tier2(m.knn_labels, tier2, taxonomy)
+        return m
+
     def _blank(self) -> "ConversationCategorizer":
         return ConversationCategorizer(self.backend, self.C, self.prototype_weight, self.knn_weight, self.knn_k, self.knn_temperature,
-                                       self.seed, self.with_reply, self.proto_weight, self.proto_temperature, cache_dir=self.cache_dir)
+                                       self.seed, self.with_reply, self.proto_weight, self.proto_temperature, tier2_weight=self.tier2_weight,
+                                       tier2_k=self.tier2_k, tier2_temperature=self.tier2_temperature,
+                                       tier2_zs_temperature=self.tier2_zs_temperature, cache_dir=self.cache_dir)
 
     # ---- predicting
     def predict_proba(self, X: np.ndarray) -> pd.DataFrame:
@@ -265,57 +309,89 @@ class ConversationCategorizer:
 
     def categorize(self, feats: Features, proba: pd.DataFrame | None = None, taxonomy: pd.DataFrame | None = None) -> pd.DataFrame:
         """Per row: tier1_id (None for NONE), tier1_label ("none" for NONE), tier1_score (its
-        probability), iab_id / path (the tier-2 node, or the tier-1 without children), iab_score.
-
-        The tier-2 is the child of the tier-1 whose subtree (the child and its descendants) holds the
-        node most similar to the conversation's head; iab_score is that cosine. Tier-2 texts alone are
-        too terse: code chats went to "Robotics" or "Augmented Reality" rather than "Computing", whose
-        descendants (programming languages, software, databases ...) say what it holds."""
+        probability), iab_id / path (the tier-2 node, or the tier-1 without children), iab_score (the
+        tier-2's cosine, `tier2_proba`)."""
         tax = load_taxonomy() if taxonomy is None else taxonomy
         p = self.predict_proba(feats.X) if proba is None else proba
         best = p.to_numpy().argmax(axis=1)
         t1 = p.columns.to_numpy()[best]
         by_id = tax.set_index("id")
-        nodes = node_texts(tax)
-        kids = tax[tax["tier"] == 2].groupby("tier1_id")["id"].apply(list).to_dict()
-        path_id = dict(zip(tax["path"], tax["id"]))
-        deep = tax[tax["tier"] >= 2]
-        tier2_of = dict(zip(deep["id"], [path_id[" > ".join(q.split(" > ")[:2])] for q in deep["path"]]))
-        subtree: dict[str, list[str]] = {}
-        for n, k in tier2_of.items():
-            subtree.setdefault(k, []).append(n)
-        need = sorted({n for t in set(t1) if t != NONE for k in kids.get(t, []) for n in subtree.get(k, [k])})
-        NV = embed_texts([nodes[k] for k in need], self.backend, self.cache_dir) if need else np.zeros((0, feats.head.shape[1]))
-        col = {k: j for j, k in enumerate(need)}
-        S = feats.head @ NV.T if need else None
+        t2 = self.tier2_proba(feats, t1, tax)
         rows = []
         for i, t in enumerate(t1):
             score = float(p.iat[i, best[i]])
             if t == NONE:
                 rows.append((None, NONE, score, None, None, np.nan))
                 continue
-            ch = kids.get(t, [])
+            ch, cos, prob = t2[i]
             if ch:
-                s = [S[i, [col[n] for n in subtree.get(k, [k])]].max() for k in ch]
-                node, ns = ch[int(np.argmax(s))], float(np.max(s))
+                j = int(np.argmax(prob))
+                node, ns = ch[j], float(cos[j])
             else:
                 node, ns = t, np.nan
             rows.append((t, by_id.at[t, "label"], score, node, by_id.at[node, "path"], ns))
         return pd.DataFrame(rows, columns=["tier1_id", "tier1_label", "tier1_score", "iab_id", "path", "iab_score"])
+
+    def tier2_proba(self, feats: Features, tier1: Sequence[str], taxonomy: pd.DataFrame | None = None) -> list[tuple[list[str], np.ndarray, np.ndarray]]:
+        """Per row, under its tier-1 `tier1[i]`: the tier-1's children, their cosines and probabilities.
+
+        Zero-shot, a child's cosine is that of the node of its subtree (the child and its descendants)
+        most similar to the conversation's head: tier-2 texts alone are too terse (code chats went to
+        "Robotics" rather than "Computing", whose descendants say what it holds); the zero-shot
+        probabilities are a softmax of `tier2_zs_temperature` x cosine. With tier-2 labels and
+        `tier2_weight` > 0 they are blended with a vote of the `tier2_k` nearest labeled conversations
+        having a tier-2 under the same tier-1 (same vectors as the tier-1 vote, weight exp(`tier2_temperature`
+        x cosine)); a tier-1 without such labels keeps the zero-shot answer. No children: ([], [], [])."""
+        tax = load_taxonomy() if taxonomy is None else taxonomy
+        kids, subtree = tier2_tree(tax)
+        t1 = [str(t) for t in tier1]
+        need = sorted({n for t in set(t1) for k in kids.get(t, []) for n in subtree[k]})
+        nodes = node_texts(tax)
+        NV = embed_texts([nodes[k] for k in need], self.backend, self.cache_dir) if need else np.zeros((0, feats.head.shape[1]))
+        col = {k: j for j, k in enumerate(need)}
+        S = feats.head @ NV.T if need else np.zeros((len(t1), 0))
+        vote = self.tier2_weight > 0 and self.knn_tier2 is not None and self.knn_vectors is not None and len(self.knn_vectors)
+        V = self._knn_part(feats.X) if vote else None
+        out: list = [([], np.zeros(0), np.zeros(0))] * len(t1)
+        for t in set(t1):
+            ch = kids.get(t, [])
+            if not ch:
+                continue
+            rows = np.flatnonzero(np.asarray(t1) == t)
+            cos = np.stack([S[rows][:, [col[n] for n in subtree[k]]].max(axis=1) for k in ch], axis=1)
+            z = self.tier2_zs_temperature * (cos - cos.max(axis=1, keepdims=True))
+            prob = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+            pool = np.flatnonzero(np.isin(self.knn_tier2, ch)) if vote else np.zeros(0, int)
+            if len(pool):
+                Sk = V[rows] @ self.knn_vectors[pool].T
+                k = min(self.tier2_k, len(pool))
+                nn = np.argpartition(-Sk, k - 1, axis=1)[:, :k]
+                w = np.exp(self.tier2_temperature * (np.take_along_axis(Sk, nn, 1) - 1.0))
+                pos = {c: j for j, c in enumerate(ch)}
+                lab = np.array([pos[c] for c in self.knn_tier2[pool]])[nn]
+                q = np.zeros((len(rows), len(ch)))
+                np.add.at(q, (np.repeat(np.arange(len(rows)), k), lab.ravel()), w.ravel())
+                q /= np.maximum(q.sum(axis=1, keepdims=True), 1e-300)
+                prob = (1 - self.tier2_weight) * prob + self.tier2_weight * q
+            for r, c, pr in zip(rows, cos, prob):
+                out[r] = (list(ch), c, pr)
+        return out
 
     # ---- persistence
     def save(self, path: str | Path) -> Path:
         p = Path(path)
         meta = {"backend": self.backend, "C": self.C, "prototype_weight": self.prototype_weight, "knn_weight": self.knn_weight,
                 "knn_k": self.knn_k, "knn_temperature": self.knn_temperature, "seed": self.seed, "with_reply": self.with_reply,
-                "proto_weight": self.proto_weight, "proto_temperature": self.proto_temperature,
+                "proto_weight": self.proto_weight, "proto_temperature": self.proto_temperature, "tier2_weight": self.tier2_weight,
+                "tier2_k": self.tier2_k, "tier2_temperature": self.tier2_temperature, "tier2_zs_temperature": self.tier2_zs_temperature,
                 "fitted_on": self.fitted_on, **self.meta}
         kv = np.zeros((0, 0), np.float16) if self.knn_vectors is None else self.knn_vectors.astype(np.float16)
         kl = np.zeros(0, dtype=str) if self.knn_labels is None else np.asarray(self.knn_labels, dtype=str)
         pv = np.zeros((0, 0), np.float16) if self.proto_vectors is None else self.proto_vectors.astype(np.float16)
         pl = np.zeros(0, dtype=str) if self.proto_labels is None else np.asarray(self.proto_labels, dtype=str)
+        extra = {} if self.knn_tier2 is None else {"knn_tier2": np.asarray(self.knn_tier2, dtype=str)}
         np.savez_compressed(p, classes=np.asarray(self.classes, dtype=str), coef=self.coef, intercept=self.intercept,
-                            knn_vectors=kv, knn_labels=kl, proto_vectors=pv, proto_labels=pl, meta=np.asarray(json.dumps(meta)))
+                            knn_vectors=kv, knn_labels=kl, proto_vectors=pv, proto_labels=pl, meta=np.asarray(json.dumps(meta)), **extra)
         return p if p.suffix == ".npz" else p.with_suffix(p.suffix + ".npz")
 
     @classmethod
@@ -331,11 +407,14 @@ class ConversationCategorizer:
                 knn_weight=meta.pop("knn_weight", 0.0) if has_knn else 0.0, knn_k=meta.pop("knn_k", 10),
                 knn_temperature=meta.pop("knn_temperature", 20.0), seed=meta.pop("seed"), with_reply=bool(meta.pop("with_reply", False)),
                 proto_weight=meta.pop("proto_weight", 0.0) if has_proto else 0.0, proto_temperature=meta.pop("proto_temperature", 40.0),
+                tier2_weight=meta.pop("tier2_weight", 0.0) if "knn_tier2" in z.files else 0.0, tier2_k=meta.pop("tier2_k", 10),
+                tier2_temperature=meta.pop("tier2_temperature", 20.0), tier2_zs_temperature=meta.pop("tier2_zs_temperature", 40.0),
                 fitted_on=meta.pop("fitted_on"),
                 cache_dir=cache_dir, meta=meta)
         m.classes, m.coef, m.intercept = z["classes"].astype(str), z["coef"], z["intercept"]
         if has_knn:
             m.knn_vectors, m.knn_labels = z["knn_vectors"].astype(np.float32), z["knn_labels"].astype(str)
+            m.knn_tier2 = z["knn_tier2"].astype(str) if "knn_tier2" in z.files else None
         if has_proto:
             m.proto_vectors, m.proto_labels = z["proto_vectors"].astype(np.float32), z["proto_labels"].astype(str)
         return m

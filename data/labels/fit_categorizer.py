@@ -12,10 +12,16 @@ package, as stage 00 builds them. Steps, each printed:
 2. the categorizer (`analysis.mapping.categorizer`) by the same CV: settings are chosen here, on
    train only (printed: the user side alone vs with the assistant's first reply, the kNN vote's
    share, the taxonomy-prototype vote's share 0 / 0.1 / 0.2 / 0.3);
+   2b. tier-2 (labels from round 6 on, `iab_tier2`: a child's name of the row's tier-1) by the same
+   folds, under the gold tier-1: zero-shot vs the vote of labeled neighbours blended in
+   (`TIER2_SETTINGS`); the best vote ships only if it beats zero-shot by a paired CI (cluster-robust
+   by chat) clear of zero, a rule fixed before the labels;
 3. fitted on all of train (+ the tier-1 prototypes) and judged once on test: tier-1 accuracy of
    non-sensitive conversations labeled with a tier-1, with a 95% CI cluster-robust by chat, and
    the same with `none` as a class (conversations labeled `none` included); the model shipped
-   until now is judged on the same test rows beside it (`test_before`);
+   until now is judged on the same test rows beside it (`test_before`); tier-2 on the test rows
+   with a tier-2 label, zero-shot and learned: accuracy where the tier-1 is right, joint tier-1 +
+   tier-2 accuracy, and under the gold tier-1 (`test_tier2`);
 4. `--write` saves the model to `analysis/data/categorizer_default.npz`.
 Nothing is tuned on test. `--shipped-only` skips the backend comparison and the settings sweep
 (a refit of the shipped method on a grown train split: its CV and test figures only).
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +40,9 @@ import pandas as pd
 from analysis.ingest.conversations import build_conversations
 from analysis.ingest.importers import import_sharegpt
 from analysis.mapping.accuracy import tier1_accuracy
-from analysis.mapping.categorizer import NONE, ConversationCategorizer, conversation_features, default_model_path
+from analysis.mapping.categorizer import NONE, ConversationCategorizer, Features, conversation_features, default_model_path, tier2_tree
 from analysis.util.embeddings import embed
-from analysis.util.taxonomy import resolve_tier1
+from analysis.util.taxonomy import load_taxonomy, resolve_tier1
 
 GOLD = Path(__file__).parent / "gold"
 
@@ -52,9 +59,30 @@ def load_gold() -> pd.DataFrame:
         row = int(np.flatnonzero(bad)[0])
         raise ValueError(f"{GOLD / 'labels.csv'}: row {row + 2}, column iab_tier1: not a tier-1 name: {df['iab_tier1'].iat[row]!r}")
     df["tier1"] = ids.fillna(NONE).astype(str)
+    df["tier2"] = resolve_tier2(df["tier1"], df["iab_tier2"] if "iab_tier2" in df else pd.Series("", index=df.index), GOLD / "labels.csv")
     df["art9"] = df["art9"].map(lambda s: [c for c in str(s).split(";") if c])
     df["chat"] = df["conversation_id"].map(lambda s: s.rsplit("_", 1)[0])
     return df
+
+
+def resolve_tier2(tier1: pd.Series, names: pd.Series, file) -> pd.Series:
+    """Tier-2 names (GUIDELINE.md section 7: a child of the row's tier-1, written exactly; empty for
+    none) -> tier-2 ids ("" where empty); a name that is not a child of its tier-1 is an error naming
+    file, row and column."""
+    tax = load_taxonomy()
+    kids, _ = tier2_tree(tax)
+    label = dict(zip(tax["id"], tax["label"]))
+    out = []
+    for row, (t1, name) in enumerate(zip(tier1, names.fillna("").astype(str).str.strip())):
+        if not name:
+            out.append("")
+            continue
+        hit = [k for k in kids.get(t1, []) if label[k] == name]
+        if not hit:
+            raise ValueError(f"{file}: row {row + 2}, column iab_tier2: {name!r} is not a tier-2 child of "
+                             f"{label.get(t1, t1)!r} (GUIDELINE.md section 7)")
+        out.append(hit[0])
+    return pd.Series(out, index=tier1.index, dtype=str)
 
 
 def load_documents(ids) -> pd.DataFrame:
@@ -122,6 +150,61 @@ def judge_on_test(cat: ConversationCategorizer, X: np.ndarray, dte: pd.DataFrame
     return res
 
 
+TIER2_SETTINGS = [(0.0, 40.0)] + [(w, t) for w in (0.25, 0.5, 0.75) for t in (20.0, 40.0, 80.0)] + [(1.0, 40.0)]  # (vote share, zero-shot temperature)
+
+
+def tier2_predict(cat: ConversationCategorizer, feats: Features, tier1) -> np.ndarray:
+    """The tier-2 id `cat` gives each row under the tier-1s `tier1` ("" where the tier-1 has no children)."""
+    return np.array([ch[int(np.argmax(pr))] if ch else "" for ch, _, pr in cat.tier2_proba(feats, tier1)], dtype=object)
+
+
+def tier2_cv(feats: Features, d: pd.DataFrame, folds: np.ndarray, with_reply: bool = True) -> dict:
+    """Out-of-fold tier-2 per setting of TIER2_SETTINGS, on the rows with a tier-2 label, under their
+    gold tier-1 (the tier-2 on its own): the vote of fold k reads the tier-2 labels of the other folds."""
+    has = (d["tier2"] != "").to_numpy()
+    pred = {st: np.full(len(d), "", dtype=object) for st in TIER2_SETTINGS}
+    for k in np.unique(folds):
+        te, tr = (folds == k) & has, folds != k
+        if not te.any():
+            continue
+        base = ConversationCategorizer(with_reply=with_reply).with_tier2_vote(feats.X[tr], d["tier2"].to_numpy()[tr], d["tier1"].to_numpy()[tr])
+        sub = Features(feats.X[te], feats.head[te], with_reply)
+        for w, t in TIER2_SETTINGS:
+            base.tier2_weight, base.tier2_zs_temperature = w, t
+            pred[(w, t)][te] = tier2_predict(base, sub, d["tier1"].to_numpy()[te])
+    return pred
+
+
+def judge_tier2_on_test(cat: ConversationCategorizer, feats: Features, dte: pd.DataFrame, learned: bool) -> dict:
+    """Tier-2 on the test rows with a tier-2 label (non-sensitive, tier-1 labeled), zero-shot and (when
+    `learned`) with the fitted model's vote: accuracy on rows whose tier-1 is answered correctly,
+    joint tier-1 + tier-2 accuracy, and under the gold tier-1; CIs cluster-robust by chat, paired
+    differences learned minus zero-shot."""
+    p = cat.predict_proba(feats.X)
+    t1 = p.columns.to_numpy()[p.to_numpy().argmax(axis=1)]
+    gold1, gold2 = dte["tier1"].to_numpy(dtype=object), dte["tier2"].to_numpy(dtype=object)
+    rows = scored(dte) & (gold2 != "")
+    right1 = rows & (t1 == gold1)
+    models = {"zero-shot": ConversationCategorizer(backend=cat.backend, with_reply=cat.with_reply)} | ({"learned": cat} if learned and cat.tier2_weight > 0 else {})
+    out, hits = {"rows with a tier-2": int(rows.sum()), "of which tier-1 right": int(right1.sum())}, {}
+    chats = dte["chat"].to_numpy()
+    for name, m in models.items():
+        pr = tier2_predict(m, feats, t1)
+        po = tier2_predict(m, feats, gold1)
+        r = {}
+        for key, mask, pred in (("tier2_given_tier1_right", right1, pr), ("joint_tier1_tier2", rows, pr),  # a wrong tier-1 has none of the gold tier-2's siblings
+                                ("tier2_under_gold_tier1", rows, po)):
+            a = tier1_accuracy(pred[mask], gold2[mask], chats[mask])
+            r[key] = [round(a["accuracy"], 3), round(a["ci_low"], 3), round(a["ci_high"], 3), int(a["n"])]
+            hits[(name, key)] = ((pred[mask] == gold2[mask]).astype(float), chats[mask])
+        out[name] = r
+    if "learned" in models:
+        out["learned_minus_zero_shot"] = {key: paired_difference(hits[("learned", key)][0], hits[("zero-shot", key)][0], hits[("learned", key)][1])
+                                          for key in out["learned"]}
+    out["ci_method"] = "cluster-robust by ShareGPT chat; [accuracy, low, high, n]"
+    return out
+
+
 def paired_difference(after: np.ndarray, before: np.ndarray, chats, alpha: float = 0.05) -> dict:
     """Mean of after - before hits on the same test rows, with a CI cluster-robust by chat (statsmodels)."""
     import statsmodels.api as sm
@@ -140,7 +223,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="write the figures as JSON here")
     ap.add_argument("--backend", default="minilm")
     ap.add_argument("--shipped-only", action="store_true", help="only the shipped settings: no backend comparison, no settings sweep")
+    ap.add_argument("--prefetch", metavar="SPLIT_CSV", help="only embed the conversations of this split file (a drawn round before "
+                    "its labels exist) into the embedding cache ($CHAT_AD_AUDIT_CACHE), then stop")
     args = ap.parse_args(argv)
+    if args.prefetch:
+        ids = pd.read_csv(args.prefetch, dtype=str)["conversation_id"]
+        t0 = time.perf_counter()
+        texts = load_documents(ids)
+        conversation_features(texts["document"].tolist(), args.backend, replies=texts["first_reply"].tolist())
+        print(f"prefetch: {len(ids)} conversations of {args.prefetch} embedded ({time.perf_counter() - t0:.0f} s)")
+        return 0
 
     df = load_gold()
     texts = load_documents(df["conversation_id"])
@@ -196,6 +288,30 @@ def main(argv=None) -> int:
     figs["categorizer_cv_train_with_none"] = round(float((pred[nonsens] == y[tr][nonsens]).mean()), 3)
     print(f"categorizer, 5-fold CV on train: {figs['categorizer_cv_train']} (with none as a class: {figs['categorizer_cv_train_with_none']})", flush=True)
 
+    # 2b. tier-2 by the same folds, on the train rows with a tier-2 label (round 6 on), under the gold
+    # tier-1; the rule fixed before the labels: the best setting ships if it beats zero-shot (the first
+    # setting) by a paired CI clear of zero, else the zero-shot tier-2 stays
+    t2 = df["tier2"].to_numpy(dtype=object)
+    m2 = m & (dtr["tier2"] != "").to_numpy()
+    figs["tier2_train_rows"] = {"with a tier-2": int((dtr["tier2"] != "").sum()), "scored (non-sensitive, tier-1 labeled)": int(m2.sum())}
+    chosen = TIER2_SETTINGS[0]
+    if m2.sum() >= 20:
+        pred2 = tier2_cv(Features(feats.X[tr], feats.head[tr], True), dtr, folds)
+        hits2 = {st: (p[m2] == t2[tr][m2]).astype(float) for st, p in pred2.items()}
+        figs["tier2_cv_train_by_setting"] = {f"vote {w}, zero-shot temperature {t}": round(float(h.mean()), 3) for (w, t), h in hits2.items()}
+        print("tier-2 CV on train (rows with a tier-2, under the gold tier-1):", figs["tier2_cv_train_by_setting"], flush=True)
+        best = max(TIER2_SETTINGS[1:], key=lambda st: hits2[st].mean())
+        zs = tier1_accuracy(pred2[TIER2_SETTINGS[0]][m2], t2[tr][m2], dtr.loc[m2, "chat"])
+        figs["tier2_cv_train_zero_shot"] = [round(zs["accuracy"], 3), round(zs["ci_low"], 3), round(zs["ci_high"], 3), int(zs["n"])]
+        diff = paired_difference(hits2[best], hits2[TIER2_SETTINGS[0]], dtr.loc[m2, "chat"])
+        figs["tier2_cv_train_best_minus_zero_shot"] = {"setting": list(best), **diff}
+        if diff["ci_low"] > 0:
+            chosen = best
+        print(f"tier-2 CV on train: zero-shot {figs['tier2_cv_train_zero_shot']}, best {best} minus zero-shot {diff}", flush=True)
+    figs["tier2_shipped"] = {"vote": chosen[0], "zero_shot_temperature": chosen[1],
+                             "why": "learned vote wins train CV by a paired CI clear of zero" if chosen[0] else "zero-shot (the vote did not win train CV clear of noise, or too few tier-2 labels)"}
+    print("tier-2 shipped:", figs["tier2_shipped"], flush=True)
+
     # 3. fit on train, judge once on test (beside the model shipped until now, on the same rows)
     dte = df[te].reset_index(drop=True)
     if default_model_path().exists():
@@ -204,8 +320,14 @@ def main(argv=None) -> int:
         hits_before = figs["test_before"].pop("hits")
         figs["test_before"]["model"] = before.fitted_on
         print("test split (frozen), the model shipped until now:", figs["test_before"], flush=True)
-    cat.fit(feats.X[tr], y[tr], source=f"ShareGPT gold set, train split ({int(tr.sum())} conversations, labels.csv)")
+    has_t2 = (dtr["tier2"] != "").any()
+    cat.tier2_weight, cat.tier2_zs_temperature = chosen
+    cat.fit(feats.X[tr], y[tr], tier2=t2[tr] if has_t2 else None, source=f"ShareGPT gold set, train split ({int(tr.sum())} conversations, labels.csv)"
+            + (f"; tier-2 labels of {int((dtr['tier2'] != '').sum())}" if has_t2 else ""))
     res = judge_on_test(cat, feats.X[te], dte, y[te])
+    if (dte["tier2"] != "").any():
+        figs["test_tier2"] = judge_tier2_on_test(cat, Features(feats.X[te], feats.head[te], True), dte, has_t2)
+        print("test split (frozen), tier-2:", json.dumps(figs["test_tier2"], indent=1), flush=True)
     hits = res.pop("hits")
     if "test_before" in figs:
         figs["test_minus_before"] = paired_difference(hits, hits_before, dte.loc[scored(dte), "chat"])

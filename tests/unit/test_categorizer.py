@@ -63,6 +63,24 @@ def test_categorizer_learns_tier1_and_none_and_gives_tier2_inside_it(fitted):
     assert (none["tier1_label"] == NONE).all() and none["tier1_id"].isna().all() and none["iab_id"].isna().all()
 
 
+def test_tier2_vote_of_labeled_neighbours_blends_with_zero_shot_and_persists(fitted, tmp_path):
+    cat, feats, y = fitted
+    # every labeled Technology chat says Artificial Intelligence (597); zero-shot says Computing (599)
+    t2 = ["597" if t == "596" else "" for t in y]
+    new = conversation_features(["my javascript function returns undefined, can you debug it"], "static")
+    zero = cat.categorize(new).at[0, "iab_id"]
+    voted = ConversationCategorizer(backend="static", C=4.0, tier2_weight=0.8).fit(feats.X, y, tier2=t2)
+    assert zero == "599" and voted.categorize(new).at[0, "iab_id"] == "597"
+    assert voted.categorize(new).at[0, "tier1_id"] == "596"  # the tier-1 does not move
+    # under a tier-1 without tier-2 labels the zero-shot answer stands
+    food = conversation_features(["recipe for a quick tomato soup"], "static")
+    assert voted.categorize(food).at[0, "iab_id"] == cat.categorize(food).at[0, "iab_id"]
+    back = ConversationCategorizer.load(voted.save(tmp_path / "t2.npz"))
+    assert back.tier2_weight == 0.8 and back.categorize(new).at[0, "iab_id"] == "597"
+    with pytest.raises(ValueError, match="row 0: tier-2 '127' is not a child of tier-1 '596'"):
+        ConversationCategorizer(backend="static").fit(feats.X, y, tier2=["127"] + t2[1:])
+
+
 def test_prototypes_make_an_unlabeled_tier1_reachable(fitted):
     cat, _, _ = fitted
     assert "422" in set(cat.classes)  # Pets: no labeled example, only its guide prototype
