@@ -22,9 +22,10 @@ A topic of "writing help" holds cover letters (Careers), essays (Education) and 
   nodes of `iab_descriptions.yaml`, each for its tier-1, softmax of `proto_temperature` · cosine to
   the conversation's head): alone it is weak (0.24 on the gold train split) but it pulls the
   answer towards what the taxonomy says a tier-1 is for;
-- **tier-2**: the child of the predicted tier-1 whose IAB text (label, path, synonyms,
-  description) is most similar to the conversation's head vector (the tier-1 itself when it has
-  no children); its cosine is the tier-2 score.
+- **tier-2**: among the predicted tier-1's children (the tier-1 itself when it has none), zero-shot
+  the one whose subtree holds the IAB text most similar to the conversation's head vector; with
+  tier-2 labels (`fit(tier2=...)`, `tier2_weight` > 0) blended with a vote of the nearest labeled
+  conversations under the same tier-1 (`tier2_proba`). The tier-2 score is the chosen child's cosine.
 
 The shipped model (`analysis/data/categorizer_default.npz`) is fitted on the train split of the
 ShareGPT gold set by `data/labels/fit_categorizer.py`; a run with tier-1 labels refits on them
@@ -188,7 +189,8 @@ class ConversationCategorizer:
     intercept: np.ndarray | None = None
     knn_vectors: np.ndarray | None = None  # unit [head | segment mean] of the labeled conversations
     knn_labels: np.ndarray | None = None
-    knn_tier2: np.ndarray | None = None  # tier-2 id of each labeled conversation ("" when it has none)
+    tier2_vectors: np.ndarray | None = None  # the tier-2 vote's labeled conversations (as knn_vectors) ...
+    tier2_ids: np.ndarray | None = None  # ... and their tier-2 ids
     tier2_weight: float = 0.0  # share of the tier-2 kNN vote in the tier-2 probabilities (0: zero-shot alone)
     tier2_k: int = 10
     tier2_temperature: float = 20.0  # tier-2 vote weight exp(temperature * cosine)
@@ -207,7 +209,7 @@ class ConversationCategorizer:
         y = np.asarray([str(v) for v in y], dtype=object)
         if len(y) != len(X):
             raise ValueError(f"{len(X)} feature rows but {len(y)} labels")
-        self.knn_tier2 = None if tier2 is None else check_tier2(y, tier2, taxonomy)
+        t2 = None if tier2 is None else check_tier2(y, tier2, taxonomy)
         P, pid = prototype_features(self.backend, self.cache_dir, self.with_reply)
         if X.shape[1] != P.shape[1]:
             raise ValueError(f"features have {X.shape[1]} columns, {P.shape[1]} expected (backend {self.backend!r}, "
@@ -220,6 +222,7 @@ class ConversationCategorizer:
         # float16-rounded now so that a saved and reloaded model (float16 on disk) predicts the same
         self.knn_vectors = self._knn_part(X).astype(np.float16).astype(np.float32)
         self.knn_labels = y.astype(str)
+        self.tier2_vectors, self.tier2_ids = (None, None) if t2 is None else (self.knn_vectors[t2 != ""], t2[t2 != ""])
         if self.proto_weight > 0:
             V, lab = vote_prototypes(self.backend, self.cache_dir)
             keep = np.isin(lab, self.classes)
@@ -279,10 +282,20 @@ class ConversationCategorizer:
         """A copy whose tier-2 vote reads the labeled rows `X` (tier-1 `y`, tier-2 `tier2`) and nothing
         else: for cross-validating the tier-2 vote without refitting the tier-1 model."""
         m = self._blank()
-        m.knn_vectors = self._knn_part(X).astype(np.float16).astype(np.float32)
-        m.knn_labels = np.asarray([str(v) for v in y])
-        m.knn_tier2 = check_tier2(m.knn_labels, tier2, taxonomy)
+        t2 = check_tier2(y, tier2, taxonomy)
+        m.tier2_vectors, m.tier2_ids = self._knn_part(X[t2 != ""]).astype(np.float16).astype(np.float32), t2[t2 != ""]
         return m
+
+    def take_tier2_vote(self, other: "ConversationCategorizer") -> bool:
+        """Use `other`'s tier-2 vote (its labeled conversations and settings), e.g. the shipped model's
+        in a model refitted on a run's tier-1 labels; only between models with the same features
+        (backend, reply). Returns whether it was taken."""
+        if other.tier2_ids is None or other.tier2_weight <= 0 or (other.backend, other.with_reply) != (self.backend, self.with_reply):
+            return False
+        self.tier2_vectors, self.tier2_ids = other.tier2_vectors, other.tier2_ids
+        self.tier2_weight, self.tier2_k, self.tier2_temperature, self.tier2_zs_temperature = (
+            other.tier2_weight, other.tier2_k, other.tier2_temperature, other.tier2_zs_temperature)
+        return True
 
     def _blank(self) -> "ConversationCategorizer":
         return ConversationCategorizer(self.backend, self.C, self.prototype_weight, self.knn_weight, self.knn_k, self.knn_temperature,
@@ -340,8 +353,9 @@ class ConversationCategorizer:
         "Robotics" rather than "Computing", whose descendants say what it holds); the zero-shot
         probabilities are a softmax of `tier2_zs_temperature` x cosine. With tier-2 labels and
         `tier2_weight` > 0 they are blended with a vote of the `tier2_k` nearest labeled conversations
-        having a tier-2 under the same tier-1 (same vectors as the tier-1 vote, weight exp(`tier2_temperature`
-        x cosine)); a tier-1 without such labels keeps the zero-shot answer. No children: ([], [], [])."""
+        having a tier-2 under the same tier-1 (`tier2_vectors`: the same parts as the tier-1 vote, weight
+        exp(`tier2_temperature` x cosine)); a tier-1 without such labels keeps the zero-shot answer.
+        No children: ([], [], [])."""
         tax = load_taxonomy() if taxonomy is None else taxonomy
         kids, subtree = tier2_tree(tax)
         t1 = [str(t) for t in tier1]
@@ -350,7 +364,7 @@ class ConversationCategorizer:
         NV = embed_texts([nodes[k] for k in need], self.backend, self.cache_dir) if need else np.zeros((0, feats.head.shape[1]))
         col = {k: j for j, k in enumerate(need)}
         S = feats.head @ NV.T if need else np.zeros((len(t1), 0))
-        vote = self.tier2_weight > 0 and self.knn_tier2 is not None and self.knn_vectors is not None and len(self.knn_vectors)
+        vote = self.tier2_weight > 0 and self.tier2_ids is not None and len(self.tier2_ids) > 0
         V = self._knn_part(feats.X) if vote else None
         out: list = [([], np.zeros(0), np.zeros(0))] * len(t1)
         for t in set(t1):
@@ -361,14 +375,14 @@ class ConversationCategorizer:
             cos = np.stack([S[rows][:, [col[n] for n in subtree[k]]].max(axis=1) for k in ch], axis=1)
             z = self.tier2_zs_temperature * (cos - cos.max(axis=1, keepdims=True))
             prob = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
-            pool = np.flatnonzero(np.isin(self.knn_tier2, ch)) if vote else np.zeros(0, int)
+            pool = np.flatnonzero(np.isin(self.tier2_ids, ch)) if vote else np.zeros(0, int)
             if len(pool):
-                Sk = V[rows] @ self.knn_vectors[pool].T
+                Sk = V[rows] @ self.tier2_vectors[pool].T
                 k = min(self.tier2_k, len(pool))
                 nn = np.argpartition(-Sk, k - 1, axis=1)[:, :k]
                 w = np.exp(self.tier2_temperature * (np.take_along_axis(Sk, nn, 1) - 1.0))
                 pos = {c: j for j, c in enumerate(ch)}
-                lab = np.array([pos[c] for c in self.knn_tier2[pool]])[nn]
+                lab = np.array([pos[c] for c in self.tier2_ids[pool]])[nn]
                 q = np.zeros((len(rows), len(ch)))
                 np.add.at(q, (np.repeat(np.arange(len(rows)), k), lab.ravel()), w.ravel())
                 q /= np.maximum(q.sum(axis=1, keepdims=True), 1e-300)
@@ -389,7 +403,7 @@ class ConversationCategorizer:
         kl = np.zeros(0, dtype=str) if self.knn_labels is None else np.asarray(self.knn_labels, dtype=str)
         pv = np.zeros((0, 0), np.float16) if self.proto_vectors is None else self.proto_vectors.astype(np.float16)
         pl = np.zeros(0, dtype=str) if self.proto_labels is None else np.asarray(self.proto_labels, dtype=str)
-        extra = {} if self.knn_tier2 is None else {"knn_tier2": np.asarray(self.knn_tier2, dtype=str)}
+        extra = {} if self.tier2_ids is None else {"tier2_vectors": self.tier2_vectors.astype(np.float16), "tier2_ids": np.asarray(self.tier2_ids, dtype=str)}
         np.savez_compressed(p, classes=np.asarray(self.classes, dtype=str), coef=self.coef, intercept=self.intercept,
                             knn_vectors=kv, knn_labels=kl, proto_vectors=pv, proto_labels=pl, meta=np.asarray(json.dumps(meta)), **extra)
         return p if p.suffix == ".npz" else p.with_suffix(p.suffix + ".npz")
@@ -407,16 +421,17 @@ class ConversationCategorizer:
                 knn_weight=meta.pop("knn_weight", 0.0) if has_knn else 0.0, knn_k=meta.pop("knn_k", 10),
                 knn_temperature=meta.pop("knn_temperature", 20.0), seed=meta.pop("seed"), with_reply=bool(meta.pop("with_reply", False)),
                 proto_weight=meta.pop("proto_weight", 0.0) if has_proto else 0.0, proto_temperature=meta.pop("proto_temperature", 40.0),
-                tier2_weight=meta.pop("tier2_weight", 0.0) if "knn_tier2" in z.files else 0.0, tier2_k=meta.pop("tier2_k", 10),
+                tier2_weight=meta.pop("tier2_weight", 0.0) if "tier2_ids" in z.files else 0.0, tier2_k=meta.pop("tier2_k", 10),
                 tier2_temperature=meta.pop("tier2_temperature", 20.0), tier2_zs_temperature=meta.pop("tier2_zs_temperature", 40.0),
                 fitted_on=meta.pop("fitted_on"),
                 cache_dir=cache_dir, meta=meta)
         m.classes, m.coef, m.intercept = z["classes"].astype(str), z["coef"], z["intercept"]
         if has_knn:
             m.knn_vectors, m.knn_labels = z["knn_vectors"].astype(np.float32), z["knn_labels"].astype(str)
-            m.knn_tier2 = z["knn_tier2"].astype(str) if "knn_tier2" in z.files else None
         if has_proto:
             m.proto_vectors, m.proto_labels = z["proto_vectors"].astype(np.float32), z["proto_labels"].astype(str)
+        if "tier2_ids" in z.files:
+            m.tier2_vectors, m.tier2_ids = z["tier2_vectors"].astype(np.float32), z["tier2_ids"].astype(str)
         return m
 
 
@@ -482,6 +497,9 @@ def categorize_run(conv: pd.DataFrame, labels: pd.DataFrame | None, *, backend: 
             feats.X[lp], y, source=f"{len(lab)} tier-1 labels of this run")
         proba = cat.predict_proba(feats.X)
         source = f"refitted on this run's {len(lab)} tier-1 labels" + (" (user side and the assistant's first reply)" if has_replies else " (user side)")
+        shipped = Path(model_path) if model_path else default_model_path()
+        if shipped.exists() and cat.take_tier2_vote(ConversationCategorizer.load(shipped, cache_dir=cache_dir)):
+            source += f"; tier-2 voted by the {len(cat.tier2_ids)} tier-2 labels of {shipped.name}"
         if cv_folds and cv_folds > 1:
             users = conv["user_id"].iloc[lp] if "user_id" in conv else lab["conversation_id"]
             folds = (id_hash(users.reset_index(drop=True), seed) * cv_folds).astype(int)

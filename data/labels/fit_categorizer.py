@@ -150,7 +150,8 @@ def judge_on_test(cat: ConversationCategorizer, X: np.ndarray, dte: pd.DataFrame
     return res
 
 
-TIER2_SETTINGS = [(0.0, 40.0)] + [(w, t) for w in (0.25, 0.5, 0.75) for t in (20.0, 40.0, 80.0)] + [(1.0, 40.0)]  # (vote share, zero-shot temperature)
+# (vote share, zero-shot temperature, neighbours); the first is zero-shot alone
+TIER2_SETTINGS = [(0.0, 40.0, 10)] + [(w, t, k) for k in (10, 25) for w in (0.25, 0.5, 0.75) for t in (20.0, 40.0, 80.0)] + [(1.0, 40.0, 10), (1.0, 40.0, 25)]
 
 
 def tier2_predict(cat: ConversationCategorizer, feats: Features, tier1) -> np.ndarray:
@@ -169,9 +170,9 @@ def tier2_cv(feats: Features, d: pd.DataFrame, folds: np.ndarray, with_reply: bo
             continue
         base = ConversationCategorizer(with_reply=with_reply).with_tier2_vote(feats.X[tr], d["tier2"].to_numpy()[tr], d["tier1"].to_numpy()[tr])
         sub = Features(feats.X[te], feats.head[te], with_reply)
-        for w, t in TIER2_SETTINGS:
-            base.tier2_weight, base.tier2_zs_temperature = w, t
-            pred[(w, t)][te] = tier2_predict(base, sub, d["tier1"].to_numpy()[te])
+        for w, t, kn in TIER2_SETTINGS:
+            base.tier2_weight, base.tier2_zs_temperature, base.tier2_k = w, t, kn
+            pred[(w, t, kn)][te] = tier2_predict(base, sub, d["tier1"].to_numpy()[te])
     return pred
 
 
@@ -298,7 +299,7 @@ def main(argv=None) -> int:
     if m2.sum() >= 20:
         pred2 = tier2_cv(Features(feats.X[tr], feats.head[tr], True), dtr, folds)
         hits2 = {st: (p[m2] == t2[tr][m2]).astype(float) for st, p in pred2.items()}
-        figs["tier2_cv_train_by_setting"] = {f"vote {w}, zero-shot temperature {t}": round(float(h.mean()), 3) for (w, t), h in hits2.items()}
+        figs["tier2_cv_train_by_setting"] = {f"vote {w}, zero-shot temperature {t}, k {kn}": round(float(h.mean()), 3) for (w, t, kn), h in hits2.items()}
         print("tier-2 CV on train (rows with a tier-2, under the gold tier-1):", figs["tier2_cv_train_by_setting"], flush=True)
         best = max(TIER2_SETTINGS[1:], key=lambda st: hits2[st].mean())
         zs = tier1_accuracy(pred2[TIER2_SETTINGS[0]][m2], t2[tr][m2], dtr.loc[m2, "chat"])
@@ -308,7 +309,7 @@ def main(argv=None) -> int:
         if diff["ci_low"] > 0:
             chosen = best
         print(f"tier-2 CV on train: zero-shot {figs['tier2_cv_train_zero_shot']}, best {best} minus zero-shot {diff}", flush=True)
-    figs["tier2_shipped"] = {"vote": chosen[0], "zero_shot_temperature": chosen[1],
+    figs["tier2_shipped"] = {"vote": chosen[0], "zero_shot_temperature": chosen[1], "k": chosen[2],
                              "why": "learned vote wins train CV by a paired CI clear of zero" if chosen[0] else "zero-shot (the vote did not win train CV clear of noise, or too few tier-2 labels)"}
     print("tier-2 shipped:", figs["tier2_shipped"], flush=True)
 
@@ -321,7 +322,7 @@ def main(argv=None) -> int:
         figs["test_before"]["model"] = before.fitted_on
         print("test split (frozen), the model shipped until now:", figs["test_before"], flush=True)
     has_t2 = (dtr["tier2"] != "").any()
-    cat.tier2_weight, cat.tier2_zs_temperature = chosen
+    cat.tier2_weight, cat.tier2_zs_temperature, cat.tier2_k = chosen
     cat.fit(feats.X[tr], y[tr], tier2=t2[tr] if has_t2 else None, source=f"ShareGPT gold set, train split ({int(tr.sum())} conversations, labels.csv)"
             + (f"; tier-2 labels of {int((dtr['tier2'] != '').sum())}" if has_t2 else ""))
     res = judge_on_test(cat, feats.X[te], dte, y[te])

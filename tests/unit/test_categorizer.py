@@ -77,6 +77,10 @@ def test_tier2_vote_of_labeled_neighbours_blends_with_zero_shot_and_persists(fit
     assert voted.categorize(food).at[0, "iab_id"] == cat.categorize(food).at[0, "iab_id"]
     back = ConversationCategorizer.load(voted.save(tmp_path / "t2.npz"))
     assert back.tier2_weight == 0.8 and back.categorize(new).at[0, "iab_id"] == "597"
+    # a model refitted on a run's tier-1 labels takes the shipped model's tier-2 vote (same features only)
+    refit = ConversationCategorizer(backend="static", C=4.0).fit(feats.X, y)
+    assert refit.take_tier2_vote(back) and refit.categorize(new).at[0, "iab_id"] == "597"
+    assert not ConversationCategorizer(backend="static", with_reply=True).take_tier2_vote(back)
     with pytest.raises(ValueError, match="row 0: tier-2 '127' is not a child of tier-1 '596'"):
         ConversationCategorizer(backend="static").fit(feats.X, y, tier2=["127"] + t2[1:])
 
