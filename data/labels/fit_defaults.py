@@ -19,7 +19,8 @@ refit is from the stored defaults (a dry run on unchanged labels reproduces them
 
 `--test` scores the test split once with (a) the defaults of `--old-params` (the JSON as shipped
 before the refit), with `--previous-method` (a') the pre-issue-15 pooled-logistic method (head C 2,
-TF-IDF part, max-F1 thresholds) refitted on the train split, and (b) this run's refit; the trained
+TF-IDF part, max-F1 thresholds) refitted on the train split, and (b) this run's refit, and prints
+(b) minus (a) (macro-F1 and mAP over the four, paired bootstrap over chats); the trained
 candidates (c), (d) are scored by `bench/detector_finetune.py`. Nothing is fitted or chosen on the
 test split.
 """
@@ -203,6 +204,34 @@ def reliability(lab: pd.DataFrame, scores: pd.DataFrame, cats=FOUR) -> tuple[pd.
     return bins, base
 
 
+def paired_bootstrap(lab: pd.DataFrame, before, after, cats=FOUR, n_boot: int = 1000, seed: int = SEED) -> dict:
+    """Differences after - before of macro-F1 and mAP over `cats` on the same rows (detections
+    `before`, `after`), with 95% CIs from `n_boot` resamples of ShareGPT chats (paired)."""
+    from sklearn.metrics import average_precision_score
+
+    Y = label_matrix(lab["art9"], list(cats))
+    S = [r.scores[list(cats)].to_numpy() for r in (before, after)]
+    F = [r.flags[list(cats)].to_numpy(dtype=bool) for r in (before, after)]
+
+    def both(ix):
+        out = []
+        for s, f in zip(S, F):
+            y, tp = Y[ix], (f[ix] & Y[ix]).sum(0)
+            d = f[ix].sum(0) + y.sum(0)
+            f1 = np.mean([2 * tp[j] / d[j] if d[j] else 0.0 for j in range(len(cats))])
+            ap = np.nanmean([average_precision_score(y[:, j], s[ix, j]) if y[:, j].any() else np.nan for j in range(len(cats))])
+            out.append((f1, ap))
+        return np.subtract(out[1], out[0])
+
+    g = pd.factorize(chat_of(lab["conversation_id"]))[0]
+    members = [np.flatnonzero(g == c) for c in range(g.max() + 1)]
+    rng = np.random.default_rng(seed)
+    boot = np.array([both(np.concatenate([members[c] for c in rng.integers(0, len(members), len(members))])) for _ in range(n_boot)])
+    point = both(np.arange(len(lab)))
+    lo, hi = np.percentile(boot, [2.5, 97.5], axis=0)
+    return {k: f"{point[i]:+.3f} [{lo[i]:+.3f}, {hi[i]:+.3f}]" for i, k in enumerate(("macro-F1(4)", "mAP(4)"))}
+
+
 def _text_keys(det: SensitiveDetector, texts) -> list[str]:
     """Per text, a hash of the text and of what the features depend on besides it (backend, segments, lexicon
     and prototypes): a cached row whose key differs is recomputed."""
@@ -352,9 +381,10 @@ def main() -> None:
             prev.cross_fit(ttr, ltr["art9"], folds, features=feats[tr].reset_index(drop=True), source=source, workers=a.workers)
             cands["(a') previous method, refit on train"] = prev
         cands[f"(b) frozen {a.backend} + calibrated heads (shipped)"] = SensitiveDetector(backend=a.backend, params=params)
-        rows, out = [], {"conversation_id": lte["conversation_id"].to_numpy()}
+        rows, out, dets = [], {"conversation_id": lte["conversation_id"].to_numpy()}, {}
         for name, d in cands.items():
             r = d.detect(tte, lte["conversation_id"], features=fte)
+            dets[name[:4].strip()] = r
             vt = evaluate_detector(r.flags, lte["art9"])
             print(f"\n== {name} on the TEST split: macro-F1(4) {macro_f1(vt):.3f}\n{table(vt).to_string()}")
             print("Brier (test):", brier(r.scores, lte["art9"]), f"mAP(4) (test): {mean_ap(r.scores, lte['art9']):.3f}")
@@ -366,6 +396,8 @@ def main() -> None:
             for c in ART9:
                 out[f"{name[:4].strip()}__score_{c}"] = r.scores[c].to_numpy()
                 out[f"{name[:4].strip()}__flag_{c}"] = r.flags[c].to_numpy()
+        if "(a)" in dets:
+            print("\n(b) minus (a) on the TEST split, paired (1,000 resamples of ShareGPT chats):", paired_bootstrap(lte, dets["(a)"], dets["(b)"]))
         if a.out:
             pd.DataFrame(out).to_parquet(a.out)
         print("\n| candidate | " + " | ".join(FOUR) + " | macro-F1 |")
