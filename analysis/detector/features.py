@@ -15,6 +15,8 @@ from analysis.detector.text import clean_text, segments
 from analysis.util.embeddings import embed
 from analysis.util.taxonomy import Art9Spec, load_art9
 
+REPLY_CHARS = 2000  # the head of the assistant's first reply that is embedded (MiniLM reads ~256 word pieces)
+
 # ------------------------------------------------------------------------------ the lexicon
 
 
@@ -170,6 +172,26 @@ class EmbeddingDetector:
         for i in range(d):
             cols[f"emb__max_{i}"] = pooled[:, d + i]
         return pd.DataFrame(cols)
+
+
+def reply_vectors(replies: Sequence[str | None], backend: str, cache_dir=None, dims: int | None = None) -> np.ndarray:
+    """Unit vector of each reply's first `REPLY_CHARS` characters; zeros for a missing or empty reply
+    (`dims` columns when no reply has text)."""
+    txt = ["" if r is None or (isinstance(r, float) and np.isnan(r)) else str(r)[:REPLY_CHARS] for r in replies]
+    has = np.array([bool(t.strip()) for t in txt], dtype=bool)
+    V = embed_texts([t for t, h in zip(txt, has) if h], backend, cache_dir) if has.any() else None
+    if V is None and dims is None:
+        dims = embed_texts(["x"], backend, cache_dir).shape[1]
+    out = np.zeros((len(txt), V.shape[1] if V is not None else int(dims)), np.float32)
+    if V is not None:
+        out[has] = V
+    return out
+
+
+def reply_columns(replies: Sequence[str | None], backend: str, cache_dir=None) -> pd.DataFrame:
+    """The reply's vector as the detector's head columns `emb__reply_i`."""
+    R = reply_vectors(replies, backend, cache_dir)
+    return pd.DataFrame(R, columns=[f"emb__reply_{i}" for i in range(R.shape[1])])
 
 
 def _group_max(x: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:

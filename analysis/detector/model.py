@@ -17,7 +17,7 @@ import scipy.optimize  # noqa: F401  (threadpoolctl limits only the libraries lo
 from threadpoolctl import threadpool_limits
 
 from analysis.contract.art9 import label_matrix
-from analysis.detector.features import EmbeddingDetector, LexiconDetector
+from analysis.detector.features import EmbeddingDetector, LexiconDetector, reply_columns
 from analysis.detector.text import clean_text
 from analysis.util.privacy import suppress_small_cells
 from analysis.util.storage import write_json
@@ -50,12 +50,14 @@ class DetectorParams:
     # the rule-based fallback of a category too rare for a head: flagged on a strong lexicon hit, its
     # score the labeled positive rate with / without a hit: {category: {"p_hit", "p_miss", "n_hit", "n_miss"}}
     rules: dict = field(default_factory=dict)
+    # the heads also read the assistant's first reply (`emb__reply_i` columns: SensitiveDetector.features(replies=...))
+    with_reply: bool = False
 
     def to_dict(self) -> dict:
         return {
             "backend": self.backend, "coef": self.coef, "intercept": self.intercept, "thresholds": self.thresholds,
             "fitted_on": self.fitted_on, "n_train": self.n_train, "features": list(FEATURES), "notes": self.notes,
-            "heads": self.heads, "tfidf": self.tfidf, "rules": self.rules,
+            "heads": self.heads, "tfidf": self.tfidf, "rules": self.rules, "with_reply": self.with_reply,
         }
 
     @classmethod
@@ -63,7 +65,8 @@ class DetectorParams:
         return cls(coef={k: float(v) for k, v in d["coef"].items()}, intercept=float(d["intercept"]),
                    thresholds={k: float(v) for k, v in d["thresholds"].items()}, backend=d.get("backend", "minilm"),
                    fitted_on=d.get("fitted_on", ""), n_train=d.get("n_train"), notes=d.get("notes") or {},
-                   heads=d.get("heads") or {}, tfidf=d.get("tfidf") or {}, rules=d.get("rules") or {})
+                   heads=d.get("heads") or {}, tfidf=d.get("tfidf") or {}, rules=d.get("rules") or {},
+                   with_reply=bool(d.get("with_reply", False)))
 
     def save(self, path: str | Path) -> Path:
         return write_json(self.to_dict(), path)
@@ -169,13 +172,34 @@ class SensitiveDetector:
         self.backend = backend
         self.lexicon = LexiconDetector(self.spec)
         self.embedding = EmbeddingDetector(self.spec, backend=backend, cache_dir=cache_dir, max_segments=max_segments)
+        self._params_file = None
         if params is None or isinstance(params, (str, Path)):
+            self._params_file = Path(params) if params is not None else default_params_path()
             params = DetectorParams.load(params, backend)
         self.params = params
 
-    def features(self, texts: Sequence[str]) -> pd.DataFrame:
+    def user_side_params(self) -> DetectorParams | None:
+        """For params that read the assistant's first reply: the `<backend>_user_side` entry of the file
+        they came from (the same method fitted on the same rows without the reply), which scores a corpus
+        without replies better than zeros in the reply's place; None where there is none."""
+        if not self.params.with_reply or self._params_file is None:
+            return None
+        try:
+            return DetectorParams.load(self._params_file, f"{self.backend}_user_side")
+        except KeyError:
+            return None
+
+    def features(self, texts: Sequence[str], replies: Sequence[str | None] | None = None) -> pd.DataFrame:
+        """Per text: prototype-similarity and lexicon features and the pooled segment embeddings; with
+        `replies` (the assistant's first reply per text, None/empty where there is none), also the
+        reply's embedding (`emb__reply_i`, zeros without a reply) for heads fitted `with_reply`."""
         texts = ["" if t is None else str(t) for t in texts]
-        return pd.concat([self.embedding.features(texts), self.lexicon.counts(texts)], axis=1)
+        parts = [self.embedding.features(texts), self.lexicon.counts(texts)]
+        if replies is not None:
+            if len(replies) != len(texts):
+                raise ValueError(f"{len(texts)} texts but {len(replies)} replies")
+            parts.append(reply_columns(replies, self.backend, self.embedding.cache_dir))
+        return pd.concat(parts, axis=1)
 
     def _score(self, feats: pd.DataFrame, params: DetectorParams | None = None, texts: Sequence[str] | None = None) -> pd.DataFrame:
         p = params or self.params
@@ -184,6 +208,10 @@ class SensitiveDetector:
         out = pd.DataFrame(1 / (1 + np.exp(-(x @ w + p.intercept))), columns=self.cats)
         if p.heads:
             H = _head_matrix(feats, self.cats)
+            width = len(next(iter(p.heads.values()))["mean"])
+            if H.shape[1] != width:
+                raise ValueError(f"features give {H.shape[1]} head columns, the detector's heads read {width} (with_reply={p.with_reply}): "
+                                 "compute features(texts, replies=...) when the params read replies, without them otherwise")
             T = _tfidf(p.tfidf).transform([clean_text(t) for t in texts]) if p.tfidf and texts is not None else None
             if p.tfidf and texts is None:
                 raise ValueError("these detector params have a text (TF-IDF) part: pass the texts")
@@ -194,8 +222,17 @@ class SensitiveDetector:
             out[c] = np.where(feats[f"{c}__strong"].to_numpy() > 0, r["p_hit"], r["p_miss"])
         return out
 
-    def detect(self, texts: Sequence[str], conversation_id: Sequence | None = None, *, features: pd.DataFrame | None = None) -> Detection:
-        feats = self.features(texts) if features is None else features
+    def detect(self, texts: Sequence[str], conversation_id: Sequence | None = None, *, features: pd.DataFrame | None = None,
+               replies: Sequence[str | None] | None = None) -> Detection:
+        """Scores and flags; params fitted `with_reply` read `replies`; without them the user-side
+        parameters score (`user_side_params`), else zeros stand in for the replies (less accurate)."""
+        if features is None and replies is None and (alt := self.user_side_params()) is not None:
+            return SensitiveDetector(backend=self.backend, params=alt, spec=self.spec, cache_dir=self.embedding.cache_dir,
+                                     max_segments=self.embedding.max_segments).detect(texts, conversation_id)
+        if features is None:
+            feats = self.features(texts, (replies if replies is not None else [None] * len(texts)) if self.params.with_reply else None)
+        else:
+            feats = features
         scores = self._score(feats, texts=texts)
         flags = pd.DataFrame({c: scores[c].to_numpy() >= self.params.thresholds[c] for c in self.cats})
         ids = pd.Series(conversation_id if conversation_id is not None else np.arange(len(feats)))
@@ -240,6 +277,7 @@ class SensitiveDetector:
             # no shared out-of-fold scores here: every head's threshold comes from its nested 5-fold search
             params = self._with_heads(pooled, fitted, y, np.full(y.shape, np.nan), H, clean, _strong_hits(feats, self.cats),
                                       head_C=head_C, beta=beta, seed=seed)
+        params.with_reply = bool(params.heads) and _reads_reply(feats)
         self.params = params
         return params
 
@@ -329,6 +367,7 @@ class SensitiveDetector:
                     usable[:, j] = oof_raw[:, j]
             params = self._with_heads(pooled[("all",)], heads.get(("all",)), y, usable, H, clean, hit, head_C=head_C, beta=beta, seed=seed)
         params.notes["cross_fit"] = {"folds": int(len(ks)), "fold_sizes": {str(k): int((folds == k).sum()) for k in ks}}
+        params.with_reply = bool(params.heads) and _reads_reply(feats)
         self.params = params
         cols = list(self.cats)
         return CrossFit(pd.DataFrame(oof_s, columns=cols), pd.DataFrame(oof_f, columns=cols), params, folds)
@@ -504,6 +543,10 @@ def _head_probs(heads: dict, H: np.ndarray, T, cats: Sequence[str], *, calibrate
         if c in heads:
             out[:, j] = _head_prob(heads[c], H, T, z, calibrated=calibrated)
     return out
+
+
+def _reads_reply(feats: pd.DataFrame) -> bool:
+    return any(c.startswith("emb__reply_") for c in feats.columns)
 
 
 def _head_matrix(feats: pd.DataFrame, cats: Sequence[str]) -> np.ndarray:

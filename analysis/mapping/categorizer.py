@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from analysis.detector.features import embed_texts
+from analysis.detector.features import embed_texts, reply_vectors
 from analysis.detector.text import segments
 from analysis.mapping.labels import id_hash
 from analysis.mapping.mapper import node_descriptions, node_texts
@@ -53,7 +53,7 @@ from analysis.util.embeddings import STATIC_PCA_DIMS
 from analysis.util.taxonomy import load_taxonomy
 
 NONE = "none"
-HEAD_CHARS = 2000
+HEAD_CHARS = 2000  # = detector.features.REPLY_CHARS for the reply
 STATIC = "static"
 
 
@@ -104,17 +104,6 @@ def conversation_features(documents: Sequence[str], backend: str = "minilm", cac
             raise ValueError(f"{len(docs)} documents but {len(replies)} replies")
         parts.append(reply_vectors(replies, backend, cache_dir, hv.shape[1]))
     return Features(np.hstack(parts).astype(np.float32), hv, replies is not None)
-
-
-def reply_vectors(replies: Sequence[str], backend: str, cache_dir=None, dims: int | None = None) -> np.ndarray:
-    """Unit vector of each reply's first `HEAD_CHARS` characters; zeros for a missing or empty reply."""
-    txt = ["" if r is None or (isinstance(r, float) and np.isnan(r)) else str(r)[:HEAD_CHARS] for r in replies]
-    has = np.array([bool(t.strip()) for t in txt])
-    V = embed_texts([t for t, h in zip(txt, has) if h], backend, cache_dir) if has.any() else None
-    out = np.zeros((len(txt), V.shape[1] if V is not None else int(dims or 0)), np.float32)
-    if V is not None:
-        out[has] = V
-    return out
 
 
 def prototype_features(backend: str = "minilm", cache_dir=None, with_reply: bool = False) -> tuple[np.ndarray, list[str]]:
@@ -191,6 +180,7 @@ class ConversationCategorizer:
     knn_labels: np.ndarray | None = None
     tier2_vectors: np.ndarray | None = None  # the tier-2 vote's labeled conversations (as knn_vectors) ...
     tier2_ids: np.ndarray | None = None  # ... and their tier-2 ids
+    tier2_rows: np.ndarray | None = None  # where tier2_vectors are rows of knn_vectors (saved as these indices)
     tier2_weight: float = 0.0  # share of the tier-2 kNN vote in the tier-2 probabilities (0: zero-shot alone)
     tier2_k: int = 10
     tier2_temperature: float = 20.0  # tier-2 vote weight exp(temperature * cosine)
@@ -222,7 +212,8 @@ class ConversationCategorizer:
         # float16-rounded now so that a saved and reloaded model (float16 on disk) predicts the same
         self.knn_vectors = self._knn_part(X).astype(np.float16).astype(np.float32)
         self.knn_labels = y.astype(str)
-        self.tier2_vectors, self.tier2_ids = (None, None) if t2 is None else (self.knn_vectors[t2 != ""], t2[t2 != ""])
+        self.tier2_rows = None if t2 is None else np.flatnonzero(t2 != "")
+        self.tier2_vectors, self.tier2_ids = (None, None) if t2 is None else (self.knn_vectors[self.tier2_rows], t2[self.tier2_rows])
         if self.proto_weight > 0:
             V, lab = vote_prototypes(self.backend, self.cache_dir)
             keep = np.isin(lab, self.classes)
@@ -292,7 +283,7 @@ class ConversationCategorizer:
         (backend, reply). Returns whether it was taken."""
         if other.tier2_ids is None or other.tier2_weight <= 0 or (other.backend, other.with_reply) != (self.backend, self.with_reply):
             return False
-        self.tier2_vectors, self.tier2_ids = other.tier2_vectors, other.tier2_ids
+        self.tier2_vectors, self.tier2_ids, self.tier2_rows = other.tier2_vectors, other.tier2_ids, None
         self.tier2_weight, self.tier2_k, self.tier2_temperature, self.tier2_zs_temperature = (
             other.tier2_weight, other.tier2_k, other.tier2_temperature, other.tier2_zs_temperature)
         return True
@@ -403,7 +394,10 @@ class ConversationCategorizer:
         kl = np.zeros(0, dtype=str) if self.knn_labels is None else np.asarray(self.knn_labels, dtype=str)
         pv = np.zeros((0, 0), np.float16) if self.proto_vectors is None else self.proto_vectors.astype(np.float16)
         pl = np.zeros(0, dtype=str) if self.proto_labels is None else np.asarray(self.proto_labels, dtype=str)
-        extra = {} if self.tier2_ids is None else {"tier2_vectors": self.tier2_vectors.astype(np.float16), "tier2_ids": np.asarray(self.tier2_ids, dtype=str)}
+        extra = {}
+        if self.tier2_ids is not None:  # the vote's rows as indices into knn_vectors where they are theirs (no second copy)
+            extra = {"tier2_ids": np.asarray(self.tier2_ids, dtype=str)} | (
+                {"tier2_rows": self.tier2_rows} if self.tier2_rows is not None else {"tier2_vectors": self.tier2_vectors.astype(np.float16)})
         np.savez_compressed(p, classes=np.asarray(self.classes, dtype=str), coef=self.coef, intercept=self.intercept,
                             knn_vectors=kv, knn_labels=kl, proto_vectors=pv, proto_labels=pl, meta=np.asarray(json.dumps(meta)), **extra)
         return p if p.suffix == ".npz" else p.with_suffix(p.suffix + ".npz")
@@ -431,7 +425,12 @@ class ConversationCategorizer:
         if has_proto:
             m.proto_vectors, m.proto_labels = z["proto_vectors"].astype(np.float32), z["proto_labels"].astype(str)
         if "tier2_ids" in z.files:
-            m.tier2_vectors, m.tier2_ids = z["tier2_vectors"].astype(np.float32), z["tier2_ids"].astype(str)
+            m.tier2_ids = z["tier2_ids"].astype(str)
+            if "tier2_rows" in z.files:
+                m.tier2_rows = z["tier2_rows"]
+                m.tier2_vectors = m.knn_vectors[m.tier2_rows]
+            else:
+                m.tier2_vectors = z["tier2_vectors"].astype(np.float32)
         return m
 
 

@@ -36,10 +36,11 @@ class DetectorRun:
 
 def detect_with_refit(det: SensitiveDetector, conv: pd.DataFrame, labels: pd.DataFrame | None, settings: MappingSettings,
                       *, params_source: str) -> DetectorRun:
-    """Score `conv` (conversation_id, document) with `det`, refitting it on `labels` per the policy above."""
+    """Score `conv` (conversation_id, document, optionally first_reply) with `det`, refitting it on
+    `labels` per the policy above. A refit reads the assistant's first reply when `conv` has any; the
+    shipped parameters read it when they were fitted with it (zeros, and a note, when `conv` has none)."""
     s = settings
     notes: list[str] = []
-    feats = det.features(conv["document"].tolist())
     pos = pd.Series(np.arange(len(conv)), index=conv["conversation_id"])
     docs_all = conv["document"].tolist()
     fit = False
@@ -49,6 +50,19 @@ def detect_with_refit(det: SensitiveDetector, conv: pd.DataFrame, labels: pd.Dat
         if not fit:
             notes.append(f"detector not refitted ({len(labels)} labels < min_labels_to_fit={s.min_labels_to_fit} or fit_detector off): "
                          "validation uses all labels" + (" — in-sample if these labels tuned the defaults" if s.labels_path else ""))
+    replies = conv["first_reply"].tolist() if "first_reply" in conv else None
+    has_replies = replies is not None and any(isinstance(r, str) and r.strip() for r in replies)
+    if not fit and det.params.with_reply and not has_replies:
+        alt = det.user_side_params()
+        if alt is not None:
+            det.params = alt
+            notes.append("these conversations have no assistant reply (no `first_reply` or all empty): the detector's user-side parameters "
+                         "(the same fit without the reply) score them")
+        else:
+            notes.append("the detector reads the assistant's first reply, but these conversations have none (no `first_reply` or all empty): "
+                         "zeros stand in for it, less accurately than measured")
+    use_reply = has_replies if fit else det.params.with_reply
+    feats = det.features(docs_all, (replies if has_replies else [None] * len(conv)) if use_reply else None)
     oof = None
     if labels is not None and fit and s.cv_folds and s.cv_folds > 1:
         fold = (id_hash(labels["conversation_id"], s.seed) * s.cv_folds).astype(int)

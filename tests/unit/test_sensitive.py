@@ -3,6 +3,8 @@ done-criterion on a simulated world (precision and recall >= 0.90 for every cate
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,10 +12,11 @@ from statsmodels.stats.proportion import proportion_confint
 
 from analysis.contract.art9 import ART9, label_matrix
 from analysis.detector.evaluation import evaluate_detector
-from analysis.detector.features import LexiconDetector
+from analysis.detector.features import LexiconDetector, reply_columns
 from analysis.detector.model import DetectorParams, FitOptions, SensitiveDetector, choose_threshold
 from analysis.detector.text import clean_text, segments
 from analysis.ingest.conversations import build_conversations
+from analysis.util.embeddings import STATIC_PCA_DIMS
 
 
 @pytest.fixture(scope="module")
@@ -207,6 +210,33 @@ def test_cross_fit_falls_back_to_the_nested_search_for_a_rare_category(small_lab
     cf = SensitiveDetector(backend="static", fitting=FitOptions(min_head_positives=n_tu, seed=1)).cross_fit(docs, truth, folds, features=feats)
     assert "trade_union" in cf.params.heads
     assert "nested" in cf.params.notes["thresholds"]["trade_union"]
+
+
+def test_heads_read_the_first_reply_when_fitted_with_it(small_world, small_labeled, tmp_path):
+    """Reply columns join the heads' input; the params record it, reload with it, score replies given
+    as text like the precomputed features, and refuse features of the other kind."""
+    docs, truth, feats = small_labeled
+    conv = build_conversations(small_world.messages, small_world.users)
+    replies = conv["first_reply"].tolist()
+    det = SensitiveDetector(backend="static", fitting=FitOptions(min_head_positives=10, seed=1))
+    fr = pd.concat([feats, reply_columns(replies, "static")], axis=1)
+    assert sum(c.startswith("emb__reply_") for c in fr) == STATIC_PCA_DIMS
+    det.cross_fit(docs, truth, np.arange(len(docs)) % 3, features=fr)
+    assert det.params.with_reply and det.params.heads
+    again = SensitiveDetector.load(det.save(tmp_path / "r.json"))
+    assert again.params.with_reply
+    a, b = det.detect(docs, features=fr), again.detect(docs, replies=replies)
+    np.testing.assert_allclose(a.scores.to_numpy(), b.scores.to_numpy(), rtol=1e-6)
+    with pytest.raises(ValueError, match="head columns"):
+        again.detect(docs, features=feats)
+    # no replies at all: zeros in their place, the user side still scores
+    assert again.detect(docs[:5]).scores.notna().all().all()
+    # ... unless the params file has the user-side fit beside it (`<backend>_user_side`): it scores them
+    both = tmp_path / "both.json"
+    both.write_text(json.dumps({"static": det.params.to_dict(), "static_user_side": DetectorParams.load(None, "static").to_dict()}))
+    d = SensitiveDetector(backend="static", params=both)
+    assert not d.user_side_params().with_reply
+    np.testing.assert_array_equal(d.detect(docs[:20]).scores.to_numpy(), SensitiveDetector(backend="static").detect(docs[:20]).scores.to_numpy())
 
 
 # ------------------------------------------------------------------- the simulated world

