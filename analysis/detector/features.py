@@ -15,7 +15,7 @@ from analysis.detector.text import clean_text, segments
 from analysis.util.embeddings import embed
 from analysis.util.taxonomy import Art9Spec, load_art9
 
-REPLY_CHARS = 2000  # the head of the assistant's first reply that is embedded (MiniLM reads ~256 word pieces)
+HEAD_CHARS = 2000  # a text's head embedded whole (user side or first reply; MiniLM reads its first ~256 word pieces)
 
 # ------------------------------------------------------------------------------ the lexicon
 
@@ -175,9 +175,9 @@ class EmbeddingDetector:
 
 
 def reply_vectors(replies: Sequence[str | None], backend: str, cache_dir=None, dims: int | None = None) -> np.ndarray:
-    """Unit vector of each reply's first `REPLY_CHARS` characters; zeros for a missing or empty reply
+    """Unit vector of each reply's first `HEAD_CHARS` characters; zeros for a missing or empty reply
     (`dims` columns when no reply has text)."""
-    txt = ["" if r is None or (isinstance(r, float) and np.isnan(r)) else str(r)[:REPLY_CHARS] for r in replies]
+    txt = ["" if r is None or (isinstance(r, float) and np.isnan(r)) else str(r)[:HEAD_CHARS] for r in replies]
     has = np.array([bool(t.strip()) for t in txt], dtype=bool)
     V = embed_texts([t for t, h in zip(txt, has) if h], backend, cache_dir) if has.any() else None
     if V is None and dims is None:
@@ -192,6 +192,13 @@ def reply_columns(replies: Sequence[str | None], backend: str, cache_dir=None) -
     """The reply's vector as the detector's head columns `emb__reply_i`."""
     R = reply_vectors(replies, backend, cache_dir)
     return pd.DataFrame(R, columns=[f"emb__reply_{i}" for i in range(R.shape[1])])
+
+
+def head_columns(texts: Sequence[str], backend: str, cache_dir=None) -> pd.DataFrame:
+    """The vector of each text's first `HEAD_CHARS` characters (what the chat asks; the categorizer's
+    head vector, so the cache serves both) as the detector's head columns `emb__head_i`."""
+    V = embed_texts([("" if t is None else str(t))[:HEAD_CHARS] for t in texts], backend, cache_dir)
+    return pd.DataFrame(V, columns=[f"emb__head_{i}" for i in range(V.shape[1])])
 
 
 def _group_max(x: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:

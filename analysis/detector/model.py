@@ -17,7 +17,7 @@ import scipy.optimize  # noqa: F401  (threadpoolctl limits only the libraries lo
 from threadpoolctl import threadpool_limits
 
 from analysis.contract.art9 import label_matrix
-from analysis.detector.features import EmbeddingDetector, LexiconDetector, reply_columns
+from analysis.detector.features import EmbeddingDetector, LexiconDetector, head_columns, reply_columns
 from analysis.detector.text import clean_text
 from analysis.util.privacy import suppress_small_cells
 from analysis.util.storage import write_json
@@ -52,12 +52,14 @@ class DetectorParams:
     rules: dict = field(default_factory=dict)
     # the heads also read the assistant's first reply (`emb__reply_i` columns: SensitiveDetector.features(replies=...))
     with_reply: bool = False
+    # ... and the vector of the user side's head (`emb__head_i`: SensitiveDetector.features(head=True))
+    with_head: bool = False
 
     def to_dict(self) -> dict:
         return {
             "backend": self.backend, "coef": self.coef, "intercept": self.intercept, "thresholds": self.thresholds,
             "fitted_on": self.fitted_on, "n_train": self.n_train, "features": list(FEATURES), "notes": self.notes,
-            "heads": self.heads, "tfidf": self.tfidf, "rules": self.rules, "with_reply": self.with_reply,
+            "heads": self.heads, "tfidf": self.tfidf, "rules": self.rules, "with_reply": self.with_reply, "with_head": self.with_head,
         }
 
     @classmethod
@@ -66,7 +68,7 @@ class DetectorParams:
                    thresholds={k: float(v) for k, v in d["thresholds"].items()}, backend=d.get("backend", "minilm"),
                    fitted_on=d.get("fitted_on", ""), n_train=d.get("n_train"), notes=d.get("notes") or {},
                    heads=d.get("heads") or {}, tfidf=d.get("tfidf") or {}, rules=d.get("rules") or {},
-                   with_reply=bool(d.get("with_reply", False)))
+                   with_reply=bool(d.get("with_reply", False)), with_head=bool(d.get("with_head", False)))
 
     def save(self, path: str | Path) -> Path:
         return write_json(self.to_dict(), path)
@@ -189,12 +191,15 @@ class SensitiveDetector:
         except KeyError:
             return None
 
-    def features(self, texts: Sequence[str], replies: Sequence[str | None] | None = None) -> pd.DataFrame:
+    def features(self, texts: Sequence[str], replies: Sequence[str | None] | None = None, *, head: bool | None = None) -> pd.DataFrame:
         """Per text: prototype-similarity and lexicon features and the pooled segment embeddings; with
+        `head` (default: as the params were fitted), the vector of the text's head (`emb__head_i`); with
         `replies` (the assistant's first reply per text, None/empty where there is none), also the
         reply's embedding (`emb__reply_i`, zeros without a reply) for heads fitted `with_reply`."""
         texts = ["" if t is None else str(t) for t in texts]
         parts = [self.embedding.features(texts), self.lexicon.counts(texts)]
+        if self.params.with_head if head is None else head:
+            parts.append(head_columns(texts, self.backend, self.embedding.cache_dir))
         if replies is not None:
             if len(replies) != len(texts):
                 raise ValueError(f"{len(texts)} texts but {len(replies)} replies")
@@ -210,8 +215,8 @@ class SensitiveDetector:
             H = _head_matrix(feats, self.cats)
             width = len(next(iter(p.heads.values()))["mean"])
             if H.shape[1] != width:
-                raise ValueError(f"features give {H.shape[1]} head columns, the detector's heads read {width} (with_reply={p.with_reply}): "
-                                 "compute features(texts, replies=...) when the params read replies, without them otherwise")
+                raise ValueError(f"features give {H.shape[1]} head columns, the detector's heads read {width} (with_head={p.with_head}, "
+                                 f"with_reply={p.with_reply}): compute features(texts, replies=..., head=...) as the params were fitted")
             T = _tfidf(p.tfidf).transform([clean_text(t) for t in texts]) if p.tfidf and texts is not None else None
             if p.tfidf and texts is None:
                 raise ValueError("these detector params have a text (TF-IDF) part: pass the texts")
@@ -230,7 +235,8 @@ class SensitiveDetector:
             return SensitiveDetector(backend=self.backend, params=alt, spec=self.spec, cache_dir=self.embedding.cache_dir,
                                      max_segments=self.embedding.max_segments).detect(texts, conversation_id)
         if features is None:
-            feats = self.features(texts, (replies if replies is not None else [None] * len(texts)) if self.params.with_reply else None)
+            feats = self.features(texts, (replies if replies is not None else [None] * len(texts)) if self.params.with_reply else None,
+                                  head=self.params.with_head)
         else:
             feats = features
         scores = self._score(feats, texts=texts)
@@ -277,7 +283,7 @@ class SensitiveDetector:
             # no shared out-of-fold scores here: every head's threshold comes from its nested 5-fold search
             params = self._with_heads(pooled, fitted, y, np.full(y.shape, np.nan), H, clean, _strong_hits(feats, self.cats),
                                       head_C=head_C, beta=beta, seed=seed)
-        params.with_reply = bool(params.heads) and _reads_reply(feats)
+        params.with_reply, params.with_head = bool(params.heads) and _reads("reply", feats), bool(params.heads) and _reads("head", feats)
         self.params = params
         return params
 
@@ -367,7 +373,7 @@ class SensitiveDetector:
                     usable[:, j] = oof_raw[:, j]
             params = self._with_heads(pooled[("all",)], heads.get(("all",)), y, usable, H, clean, hit, head_C=head_C, beta=beta, seed=seed)
         params.notes["cross_fit"] = {"folds": int(len(ks)), "fold_sizes": {str(k): int((folds == k).sum()) for k in ks}}
-        params.with_reply = bool(params.heads) and _reads_reply(feats)
+        params.with_reply, params.with_head = bool(params.heads) and _reads("reply", feats), bool(params.heads) and _reads("head", feats)
         self.params = params
         cols = list(self.cats)
         return CrossFit(pd.DataFrame(oof_s, columns=cols), pd.DataFrame(oof_f, columns=cols), params, folds)
@@ -545,8 +551,9 @@ def _head_probs(heads: dict, H: np.ndarray, T, cats: Sequence[str], *, calibrate
     return out
 
 
-def _reads_reply(feats: pd.DataFrame) -> bool:
-    return any(c.startswith("emb__reply_") for c in feats.columns)
+def _reads(block: str, feats: pd.DataFrame) -> bool:
+    """Whether the features hold the `emb__<block>_i` columns (block: reply, head)."""
+    return any(c.startswith(f"emb__{block}_") for c in feats.columns)
 
 
 def _head_matrix(feats: pd.DataFrame, cats: Sequence[str]) -> np.ndarray:

@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from analysis.detector.features import embed_texts, reply_vectors
+from analysis.detector.features import HEAD_CHARS, embed_texts, reply_vectors
 from analysis.detector.text import segments
 from analysis.mapping.labels import id_hash
 from analysis.mapping.mapper import node_descriptions, node_texts
@@ -53,7 +53,6 @@ from analysis.util.embeddings import STATIC_PCA_DIMS
 from analysis.util.taxonomy import load_taxonomy
 
 NONE = "none"
-HEAD_CHARS = 2000  # = detector.features.REPLY_CHARS for the reply
 STATIC = "static"
 
 

@@ -62,7 +62,8 @@ def detect_with_refit(det: SensitiveDetector, conv: pd.DataFrame, labels: pd.Dat
             notes.append("the detector reads the assistant's first reply, but these conversations have none (no `first_reply` or all empty): "
                          "zeros stand in for it, less accurately than measured")
     use_reply = has_replies if fit else det.params.with_reply
-    feats = det.features(docs_all, (replies if has_replies else [None] * len(conv)) if use_reply else None)
+    use_head = True if fit else det.params.with_head  # a refit reads the head vector, as the shipped fit does
+    feats = det.features(docs_all, (replies if has_replies else [None] * len(conv)) if use_reply else None, head=use_head)
     oof = None
     if labels is not None and fit and s.cv_folds and s.cv_folds > 1:
         fold = (id_hash(labels["conversation_id"], s.seed) * s.cv_folds).astype(int)

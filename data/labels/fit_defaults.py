@@ -10,8 +10,9 @@ in the test split. Texts come from the ShareGPT corpus by conversation id (label
 label row the corpus lacks, a gold row missing from split.csv, or a train row sharing a chat with the
 test split is an error naming file and row. Features are cached per conversation id and text hash
 (`--features-cache`), so a grown label set computes only its new conversations; the heads also read
-the assistant's first reply (`emb__reply_i`, vectors from the embedding cache; `--user-side-only`:
-without, the method before session 7). Folds: 5, stratified
+the vector of the user side's head and of the assistant's first reply (`emb__head_i`, `emb__reply_i`:
+from the embedding cache; `--user-side-only`: without the reply, the fallback for corpora without
+replies). Folds: 5, stratified
 (on each row's rarest positive category) and grouped by ShareGPT chat, seeded. `cross_fit` gives every
 training row an out-of-fold score and flag (the figures printed), Platt calibrations and thresholds
 (max F1 among cut-offs with out-of-fold precision >= 0.80 that keep >= 25% of the positives, else max
@@ -41,7 +42,7 @@ import pandas as pd
 from analysis.contract.art9 import ART9, label_matrix
 from analysis.contract.schemas import DataError
 from analysis.detector.evaluation import evaluate_detector
-from analysis.detector.features import reply_columns
+from analysis.detector.features import head_columns, reply_columns
 from analysis.detector.model import REAL_CHAT_FITTING, DetectorParams, FitOptions, SensitiveDetector, default_params_path
 from analysis.ingest.conversations import build_conversations
 from analysis.ingest.importers import import_sharegpt
@@ -268,7 +269,7 @@ def features(det: SensitiveDetector, ids, texts, cache: Path | None) -> pd.DataF
     todo = np.flatnonzero(~ok)
     if len(todo):
         t0 = time.perf_counter()
-        new = det.features([texts[i] for i in todo])
+        new = det.features([texts[i] for i in todo], head=False)  # the head vector is added by the caller, from the embedding cache
         new.index = pd.Index([ids[i] for i in todo], name="conversation_id")
         print(f"features: {len(todo)} conversations computed in {time.perf_counter() - t0:.1f} s, "
               f"{len(ids) - len(todo)} from {cache}")
@@ -320,8 +321,9 @@ def main() -> None:
     if a.prefetch:
         ids = pd.read_csv(a.prefetch, dtype=str)[["conversation_id"]].assign(labels_file=str(a.prefetch))
         t0 = time.perf_counter()
-        features(SensitiveDetector(backend=a.backend), ids["conversation_id"], load_documents(ids).tolist(), cache)
-        reply_columns(load_replies(ids), a.backend)  # into the embedding cache
+        texts = load_documents(ids).tolist()
+        features(SensitiveDetector(backend=a.backend), ids["conversation_id"], texts, cache)
+        head_columns(texts, a.backend), reply_columns(load_replies(ids), a.backend)  # into the embedding cache
         print(f"prefetch: {len(ids)} conversations of {a.prefetch} in the features cache {cache} ({time.perf_counter() - t0:.0f} s)")
         return
     lab = load_labels()
@@ -333,11 +335,12 @@ def main() -> None:
     y = label_matrix(lab["art9"], ART9)
     print("positives train:", dict(zip(ART9, y[tr].sum(0).tolist())), "test:", dict(zip(ART9, y[~tr].sum(0).tolist())))
     det = SensitiveDetector(backend=a.backend, fitting=REAL_CHAT_FITTING)
-    user_feats = features(det, lab["conversation_id"], texts, cache)
-    # the heads also read the assistant's first reply (train CV, round 1-5 rows: mAP(4) 0.605 -> 0.651,
-    # +0.045 [+0.027, +0.063]); its vectors come from the embedding cache the categorizer fills
-    feats = user_feats if a.user_side_only else pd.concat([user_feats, reply_columns(load_replies(lab), a.backend)], axis=1)
-    print("features:", "user side only" if a.user_side_only else f"user side + first reply ({sum(1 for c in feats if c.startswith('emb__reply_'))} columns)")
+    user_feats = features(det, lab["conversation_id"], texts, cache)  # the method before session 7 (candidates a, a')
+    # the heads also read the vector of the user side's head and of the assistant's first reply (train CV on
+    # the round 1-6 rows, macro-F1(4) / mAP(4): 0.536 / 0.616, + reply 0.586 / 0.657, + reply + head 0.614 /
+    # 0.676, each step's paired CI clear of zero); their vectors come from the embedding cache the categorizer fills
+    feats = pd.concat([user_feats, head_columns(texts, a.backend)] + ([] if a.user_side_only else [reply_columns(load_replies(lab), a.backend)]), axis=1)
+    print("features:", "user side + head" + ("" if a.user_side_only else " + first reply"))
     ltr = lab[tr].reset_index(drop=True)
     ttr = [t for t, k in zip(texts, tr) if k]
     folds = grouped_folds(ltr)
@@ -411,7 +414,7 @@ def main() -> None:
         cands[f"(b) frozen {a.backend} + calibrated heads (shipped)"] = SensitiveDetector(backend=a.backend, params=params)
         rows, out, dets = [], {"conversation_id": lte["conversation_id"].to_numpy()}, {}
         for name, d in cands.items():
-            r = d.detect(tte, lte["conversation_id"], features=fte if d.params.with_reply else user_feats[te].reset_index(drop=True))
+            r = d.detect(tte, lte["conversation_id"], features=fte if d.params.with_head else user_feats[te].reset_index(drop=True))
             dets[name[:4].strip()] = r
             vt = evaluate_detector(r.flags, lte["art9"])
             print(f"\n== {name} on the TEST split: macro-F1(4) {macro_f1(vt):.3f}\n{table(vt).to_string()}")

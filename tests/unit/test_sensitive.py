@@ -12,7 +12,7 @@ from statsmodels.stats.proportion import proportion_confint
 
 from analysis.contract.art9 import ART9, label_matrix
 from analysis.detector.evaluation import evaluate_detector
-from analysis.detector.features import LexiconDetector, reply_columns
+from analysis.detector.features import LexiconDetector, head_columns, reply_columns
 from analysis.detector.model import DetectorParams, FitOptions, SensitiveDetector, choose_threshold
 from analysis.detector.text import clean_text, segments
 from analysis.ingest.conversations import build_conversations
@@ -212,19 +212,19 @@ def test_cross_fit_falls_back_to_the_nested_search_for_a_rare_category(small_lab
     assert "nested" in cf.params.notes["thresholds"]["trade_union"]
 
 
-def test_heads_read_the_first_reply_when_fitted_with_it(small_world, small_labeled, tmp_path):
-    """Reply columns join the heads' input; the params record it, reload with it, score replies given
-    as text like the precomputed features, and refuse features of the other kind."""
+def test_heads_read_the_head_vector_and_first_reply_when_fitted_with_them(small_world, small_labeled, tmp_path):
+    """Head-vector and reply columns join the heads' input; the params record it, reload with it, score
+    texts and replies like the precomputed features, and refuse features of the other kind."""
     docs, truth, feats = small_labeled
     conv = build_conversations(small_world.messages, small_world.users)
     replies = conv["first_reply"].tolist()
     det = SensitiveDetector(backend="static", fitting=FitOptions(min_head_positives=10, seed=1))
-    fr = pd.concat([feats, reply_columns(replies, "static")], axis=1)
-    assert sum(c.startswith("emb__reply_") for c in fr) == STATIC_PCA_DIMS
+    fr = pd.concat([feats, head_columns(docs, "static"), reply_columns(replies, "static")], axis=1)
+    assert sum(c.startswith("emb__reply_") for c in fr) == sum(c.startswith("emb__head_") for c in fr) == STATIC_PCA_DIMS
     det.cross_fit(docs, truth, np.arange(len(docs)) % 3, features=fr)
-    assert det.params.with_reply and det.params.heads
+    assert det.params.with_reply and det.params.with_head and det.params.heads
     again = SensitiveDetector.load(det.save(tmp_path / "r.json"))
-    assert again.params.with_reply
+    assert again.params.with_reply and again.params.with_head
     a, b = det.detect(docs, features=fr), again.detect(docs, replies=replies)
     np.testing.assert_allclose(a.scores.to_numpy(), b.scores.to_numpy(), rtol=1e-6)
     with pytest.raises(ValueError, match="head columns"):
