@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Mapping
 
 ENGINES = ("pandas", "dask")
 OUTLIER_STRATEGIES = ("embeddings", "c-tf-idf", "distributions", "none")
+DETECTOR_FITTINGS = ("simulated", "real_chat")  # analysis.detector.model.FITTINGS
 REPRESENTATIONS = ("keybert", "mmr", "ctfidf")
 SEED = 20251216  # the audit's seed: detector tuning split, bootstraps, permutations, UMAP/HDBSCAN
 POLICY_DATE = "2025-12-16"
@@ -146,6 +147,9 @@ class MappingSettings(StageSettings):
     overrides_file: str | None = "configs/mapping_overrides.yaml"  # analyst overrides (topic -> IAB id, category -> ad nodes)
     detector_params: str | None = None  # None: the shipped defaults (fitted on hand-labeled ShareGPT conversations)
     fit_detector: bool | str = "auto"  # refit on labels: True, False, or "auto" (at least min_labels_to_fit labels)
+    # how a refit fits: "simulated" (C 2, TF-IDF part, heads from 40 positives: what the simulated worlds' recall bars
+    # need) or "real_chat" (C 0.005, no TF-IDF, heads from 20: how the shipped detector was fitted on real chats)
+    detector_fitting: str = "simulated"
     min_labels_to_fit: int = 200
     cv_folds: int = 5  # refit by K-fold cross-fitting (validated out of fold over all labels); 1 or less: a tune_share split
     tune_share: float = 0.5
@@ -154,6 +158,11 @@ class MappingSettings(StageSettings):
     seed: int = SEED
     use_truth_topics: bool = False  # development only: the simulator's true topics instead of stage 01's
     cache_dir: str | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.detector_fitting not in DETECTOR_FITTINGS:
+            raise ValueError(f"detector_fitting must be one of {DETECTOR_FITTINGS}, got {self.detector_fitting!r}")
 
 
 @dataclass(frozen=True)

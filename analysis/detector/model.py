@@ -156,6 +156,8 @@ class FitOptions:
 # flag at the top of 2,157 out-of-fold scores and the shipped cut (0.95) flagged nothing on test (nested
 # train CV: macro-F1(4) +0.045 [+0.010, +0.116], bench/detector_finetune.py)
 REAL_CHAT_FITTING = FitOptions(min_head_positives=20, head_C=0.005, text_model=False, min_recall=0.25)
+# the refit presets stage 02 offers (`detector_fitting`; names in analysis.contract.settings.DETECTOR_FITTINGS)
+FITTINGS = {"simulated": FitOptions(), "real_chat": REAL_CHAT_FITTING}
 
 
 class SensitiveDetector:

@@ -10,6 +10,8 @@ runs the detector, with `detector_params` (a JSON file) or the shipped defaults,
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 
@@ -18,7 +20,7 @@ from analysis.contract.rundir import RunDir, StageInputError, project_path
 from analysis.contract.schemas import DataError
 from analysis.contract.settings import MappingSettings
 from analysis.contract.stages import MAPPING
-from analysis.detector.model import DetectorParams, FitOptions, SensitiveDetector
+from analysis.detector.model import FITTINGS, DetectorParams, SensitiveDetector
 from analysis.engines import Engine
 from analysis.mapping.accuracy import tier1_accuracy, tier1_confusion
 from analysis.mapping.categorizer import NONE, apply_overrides, categorize_run, readable_labels, topic_mix
@@ -66,7 +68,7 @@ def run(run_dir: RunDir | str, settings: MappingSettings | None = None, engine: 
     # ---- sensitive detection: labels, refit policy, validation
     labels = _labels(rd, s, conv, notes)
     params = DetectorParams.load(project_path(s.detector_params), s.detector_backend) if s.detector_params else None
-    det = SensitiveDetector(backend=s.detector_backend, params=params, spec=spec, cache_dir=s.cache_dir, fitting=FitOptions(seed=s.seed))
+    det = SensitiveDetector(backend=s.detector_backend, params=params, spec=spec, cache_dir=s.cache_dir, fitting=replace(FITTINGS[s.detector_fitting], seed=s.seed))
     source = str(s.detector_params) if s.detector_params else f"shipped defaults ({det.params.fitted_on or 'hand-set'})"
     dr = detect_with_refit(det, conv[[c for c in ("conversation_id", "document", "first_reply") if c in conv]], labels, s, params_source=source)
     notes += dr.notes

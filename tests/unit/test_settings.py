@@ -10,7 +10,7 @@ import papermill
 import pytest
 import yaml
 
-from analysis.contract.settings import STAGE_SETTINGS, LeakageSettings, MappingSettings, TopicSettings
+from analysis.contract.settings import DETECTOR_FITTINGS, STAGE_SETTINGS, LeakageSettings, MappingSettings, TopicSettings
 from analysis.pipeline import NOTEBOOK_DIR, PROJECT_ROOT, parameters_cell, stage_notebooks
 
 
@@ -82,3 +82,15 @@ def test_from_namespace_reads_a_notebooks_globals():
     ns = {"run_dir": "x", "leak_tolerance": 0.02, "exposure_permutations": 99, "plt": object()}
     s = LeakageSettings.from_namespace(ns)
     assert (s.leak_tolerance, s.exposure_permutations, s.alpha) == (0.02, 99, 0.05)
+
+
+def test_detector_fitting_names_a_refit_preset_and_refuses_others():
+    """`detector_fitting` picks how stage 02 refits the detector on a run's labels: the simulated worlds' preset
+    or the one the shipped detector was fitted with on real chats; a misspelt name is an error, not a default."""
+    from analysis.detector.model import FITTINGS, REAL_CHAT_FITTING
+
+    assert MappingSettings().detector_fitting == "simulated"
+    assert FITTINGS[MappingSettings(detector_fitting="real_chat").detector_fitting] == REAL_CHAT_FITTING
+    assert set(FITTINGS) == set(DETECTOR_FITTINGS)
+    with pytest.raises(ValueError, match="detector_fitting must be one of"):
+        MappingSettings(detector_fitting="realchat")
