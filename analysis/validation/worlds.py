@@ -91,7 +91,7 @@ def validate_leakage_world(world_config: dict, *, sensitivity: float = 0.9, spec
     corrected CI with a simulated detector, and whether each covers the true leak rate), plus with
     `exposure` the black-box p-values per category, design and region group."""
 
-    w = simulate(world_config)
+    w = simulate(world_config, text=False)  # the estimators read no text (a simulated detector stands in for stage 02)
     inp = inputs_from_world(w, sensitivity=sensitivity, specificity=specificity, seed=w.config.seed, impressions=exposure)
     truth = w.ground_truth["leakage"]
     conv = inp.conversations.set_index("conversation_id", drop=False)
@@ -159,7 +159,7 @@ def exposure_world_rows(world_config: dict, *, alpha: float = 0.05, n_permutatio
 def category_lift_rows(world_config: dict, *, alpha: float = 0.05, min_users: int = 10) -> pd.DataFrame:
     """Simulate one world and run stage 04's per-category lift: one row per tested ad category with the
     estimate, its CI (as shipped) and the category's true lift parameter."""
-    w = simulate(world_config)
+    w = simulate(world_config, text=False)  # the ad log only
     d = aggregate(w.impressions, w.users, policy_date=w.config.policy_date, excluded_regions=w.config.excluded_regions)
     t = CategoryLift(alpha, min_users).fit(d).table
     t = t[t["tested"]].copy()
@@ -178,7 +178,7 @@ def validate_lift_world(world_config: dict, *, expected_holdout_share: float | N
     of a coverage / false-positive study (tests/test_lift_simulation.py, docs/lift.md).
     """
 
-    w = simulate(world_config)
+    w = simulate(world_config, text=False)  # the ad log only
     h = expected_holdout_share if expected_holdout_share is not None else w.config.holdout_share
     d = aggregate(w.impressions.drop(columns=["targeting_sources"]), w.users, policy_date=w.config.policy_date,
                   excluded_regions=w.config.excluded_regions)

@@ -30,7 +30,7 @@ def _fit(world, placebo):
 
 @pytest.fixture(scope="module")
 def worlds():
-    return {m: simulate({**SMALL, "mode": m}) for m in ("default", "outside_interest")}
+    return {m: simulate({**SMALL, "mode": m}, text=False) for m in ("default", "outside_interest")}  # the black box reads no text
 
 
 def test_outside_interest_world_has_no_chat_flow_but_topic_following_ads(worlds):

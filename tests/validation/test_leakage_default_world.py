@@ -35,7 +35,7 @@ def default_world():
     """The default audit world (configs/world/default.yaml: 6,000 users, 24,000 conversations, 2.4M impressions)."""
     from analysis.simulate import WorldConfig
 
-    return simulate(WorldConfig.from_yaml(PROJECT_ROOT / "configs" / "world" / "default.yaml"))
+    return simulate(WorldConfig.from_yaml(PROJECT_ROOT / "configs" / "world" / "default.yaml"), text=False)  # the estimators read no text
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_positive_controls_show_flow_and_excluded_regions_show_none(default_repo
 
 
 def test_violation_world_flags_the_excluded_region():
-    w = simulate({"seed": 3, "mode": "violation", "n_users": 3000, "n_conversations": 6000, "n_impressions": 300_000})
+    w = simulate({"seed": 3, "mode": "violation", "n_users": 3000, "n_conversations": 6000, "n_impressions": 300_000}, text=False)
     truth = w.ground_truth["violations"]["by_region"]
     assert set(truth) == {"DE"} and truth["DE"] > 0
     rep = _analyse(w, n_permutations=299)
