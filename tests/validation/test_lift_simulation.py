@@ -4,6 +4,7 @@ positives and 95% CIs cover the true lift ~95% of the time (estimands as in anal
 from __future__ import annotations
 
 import functools
+import gc
 import os
 from concurrent.futures import ProcessPoolExecutor
 
@@ -24,7 +25,8 @@ pytestmark = pytest.mark.slow
 def _run(mode: str, first_seed: int) -> pd.DataFrame:
     cfgs = [{**WORLD, "mode": mode, "seed": first_seed + i} for i in range(N_WORLDS)]
     workers = min(2, os.cpu_count() or 1)
-    with ProcessPoolExecutor(workers) as ex:
+    # gc.freeze: the forked workers inherit the xdist worker's heap; without it every full collection walks it
+    with ProcessPoolExecutor(workers, initializer=gc.freeze) as ex:
         rows = list(ex.map(_one, cfgs, chunksize=10))
     return pd.DataFrame(rows)
 
