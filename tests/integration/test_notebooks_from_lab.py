@@ -1,6 +1,8 @@
 """Notebooks as JupyterLab runs them: the kernel's working directory is `notebooks/` and the paths
 are the relative ones of the configs. Every stage notebook runs there, in order, on a tiny world,
-with relative `input_dir` and `run_dir` resolved against the project root."""
+with relative `input_dir` and `run_dir` resolved against the project root. Each runs by the papermill
+command, as a user runs one notebook on its own (the runner, `analysis.pipeline.run`, is tested in
+test_pipeline.py)."""
 
 from __future__ import annotations
 
@@ -47,4 +49,4 @@ def test_every_notebook_runs_with_its_working_directory_in_notebooks(relative_wo
     assert not (PROJECT_ROOT / "notebooks" / RUN).exists()  # nothing written relative to the kernel's cwd
     for stage in ("00_ingest", "01_topics", "02_ad_mapping", "03_leakage", "04_engagement_lift"):
         assert (run / "metrics" / f"{stage}.json").exists(), stage
-    assert (run / "truth" / "ground_truth.json").exists()
+    assert (run / "truth" / "ground_truth.json").exists() and (run / "data" / "conversations.parquet").exists()

@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import nbformat
 import pytest
@@ -74,14 +73,3 @@ def test_cli_run_exit_codes(tiny_world_dir, tmp_path):
     assert bad.returncode == 1
     assert "stage 00_ingest failed: DataError" in bad.stderr and "no messages table found" in bad.stderr
 
-
-def test_papermill_runs_the_ingest_notebook_on_its_own(tiny_world_dir, tmp_path):
-    out = tmp_path / "out.ipynb"
-    r = subprocess.run(
-        [str(Path(sys.executable).parent / "papermill"), str(PROJECT_ROOT / "notebooks" / "00_ingest.ipynb"), str(out),
-         "-p", "input_dir", str(tiny_world_dir), "-p", "run_dir", str(tmp_path / "run"), "--cwd", str(PROJECT_ROOT)],
-        capture_output=True, text=True,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert (tmp_path / "run" / "data" / "conversations.parquet").exists()
-    assert (tmp_path / "run" / "metrics" / "00_ingest.json").exists()
