@@ -15,18 +15,18 @@ from analysis.util.embeddings import default_cache_dir, distill_static
 
 SMALL = {"seed": 7, "n_users": 400, "n_conversations": 1600, "n_impressions": 80_000}
 
-# CPU seconds of the slowest files (make test, 2 workers, Nov 30, warm caches). pytest-xdist (--dist loadfile,
-# --no-loadscope-reorder) hands whole files to the workers in collection order: longest first, so the short ones
-# fill in at the end and both workers finish together (by default it would order files by their number of tests,
-# leaving a one-test file of minutes for the end). A new file over ~20 s belongs here.
+# CPU seconds of the slowest files (make test, 2 workers, Nov 30, cold embedding cache as on a clean clone). pytest-xdist
+# (--dist loadfile, --no-loadscope-reorder) hands whole files to the workers in collection order: longest first, so the
+# short ones fill in at the end and both workers finish together (by default it would order files by their number of
+# tests, leaving a one-test file of minutes for the end). A new file over ~20 s belongs here.
 SLOW_FILES = {
-    "validation/test_lift_simulation.py": 190, "validation/test_leakage_simulation.py": 145,
-    "integration/test_notebooks_from_lab.py": 105, "validation/test_mapping_accuracy.py": 98,
-    "validation/test_adversarial_worlds.py": 94, "integration/test_published_report.py": 88,
-    "integration/test_minilm.py": 70, "unit/test_topics.py": 49, "validation/test_leakage_default_world.py": 45,
-    "integration/test_batch.py": 45, "validation/test_detector_simulation.py": 45, "unit/test_sensitive.py": 38,
-    "integration/test_pipeline.py": 37, "integration/test_stage_notebooks.py": 30, "unit/test_categorizer.py": 28,
-    "integration/test_input_shapes.py": 23, "integration/test_engines.py": 21, "integration/test_stages.py": 20,
+    "validation/test_lift_simulation.py": 191, "integration/test_notebooks_from_lab.py": 132,
+    "validation/test_detector_simulation.py": 132, "validation/test_leakage_simulation.py": 129,
+    "integration/test_published_report.py": 127, "validation/test_mapping_accuracy.py": 108, "integration/test_minilm.py": 102,
+    "integration/test_stages.py": 70, "validation/test_adversarial_worlds.py": 69, "validation/test_detector_gold.py": 66,
+    "unit/test_sensitive.py": 46, "integration/test_input_shapes.py": 41, "validation/test_leakage_default_world.py": 39,
+    "integration/test_batch.py": 39, "integration/test_pipeline.py": 32, "integration/test_stage_notebooks.py": 28,
+    "integration/test_engines.py": 18, "unit/test_categorizer.py": 17, "unit/test_topics.py": 14,
 }
 
 
