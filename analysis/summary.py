@@ -36,7 +36,6 @@ METRIC_LABELS = {
 }
 
 
-
 def _quoted(label: str) -> str:
     """A label holding commas reads as one item of a list only in quotes."""
     return f"“{label}”" if "," in label else label

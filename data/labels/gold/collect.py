@@ -107,6 +107,27 @@ def _read(path: Path, columns: list[str]) -> tuple[pd.DataFrame | None, list[str
     return df, []
 
 
+def _filled_rows(df: pd.DataFrame, path: Path, assigned, packet: str, columns: list[str], seen: set[str], errs: list[str], *,
+                 partial: bool):
+    """(where, item, row) for each row of an answer file that names an item of `packet` (`assigned`) once and is
+    filled in; the other rows are errors, except rows not filled in yet when `partial`. `seen` collects the items named."""
+    for i, r in df.iterrows():
+        where = f"{path.name} row {i + 2} (item {r['item_id'] or '?'})"
+        item = r["item_id"].strip()
+        if item not in assigned:
+            errs.append(f"{where} column item_id: not an item of {packet}")
+            continue
+        if item in seen:
+            errs.append(f"{where} column item_id: duplicate row")
+            continue
+        seen.add(item)
+        if all(not r[c].strip() for c in columns[1:]):
+            if not partial:
+                errs.append(f"{where}: row not filled in")
+            continue
+        yield where, item, r
+
+
 def read_answers(path: Path, labeler: str, key: pd.DataFrame, tiers: set[str], *, partial: bool,
                  columns: list[str] = COLUMNS) -> tuple[pd.DataFrame, list[str]]:
     """Validated rows of one labeler's file (`columns`: COLUMNS, or COLUMNS_T2 from round 6), plus the error messages."""
@@ -118,21 +139,7 @@ def read_answers(path: Path, labeler: str, key: pd.DataFrame, tiers: set[str], *
     assigned = set(key.loc[key["labelers"].str.split(";").map(lambda r: labeler in r), "item_id"])
     seen: set[str] = set()
     rows = []
-    for i, r in df.iterrows():
-        where = f"{path.name} row {i + 2} (item {r['item_id'] or '?'})"
-        item = r["item_id"].strip()
-        if item not in assigned:
-            errs.append(f"{where} column item_id: not an item of {labeler}'s packet")
-            continue
-        if item in seen:
-            errs.append(f"{where} column item_id: duplicate row")
-            continue
-        seen.add(item)
-        if all(not r[c].strip() for c in columns[1:]):
-            if partial:
-                continue  # not labeled yet
-            errs.append(f"{where}: row not filled in")
-            continue
+    for where, item, r in _filled_rows(df, path, assigned, f"{labeler}'s packet", columns, seen, errs, partial=partial):
         cats = [c.strip() for c in r["art9"].split(";") if c.strip()]
         bad = [c for c in cats if c not in ART9]
         if bad:
@@ -178,20 +185,7 @@ def read_pass(path: Path, labeler: str, key: pd.DataFrame, *, partial: bool) -> 
     mine = key[key["labelers"].str.split(";").map(lambda r: labeler in r)].set_index("item_id")
     seen: set[str] = set()
     rows = []
-    for i, r in df.iterrows():
-        where = f"{path.name} row {i + 2} (item {r['item_id'] or '?'})"
-        item = r["item_id"].strip()
-        if item not in mine.index:
-            errs.append(f"{where} column item_id: not an item of {labeler}'s tier-2 packet")
-            continue
-        if item in seen:
-            errs.append(f"{where} column item_id: duplicate row")
-            continue
-        seen.add(item)
-        if all(not r[c].strip() for c in PASS_COLUMNS[1:]):
-            if not partial:
-                errs.append(f"{where}: row not filled in")
-            continue
+    for where, item, r in _filled_rows(df, path, mine.index, f"{labeler}'s tier-2 packet", PASS_COLUMNS, seen, errs, partial=partial):
         t2, b = r["iab_tier2"].strip(), r["borderline"].strip().lower()
         if why := _tier2_error(t2, mine.loc[item, "iab_tier1"], children):
             errs.append(f"{where} column iab_tier2: {why}")
