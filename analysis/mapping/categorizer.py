@@ -131,6 +131,18 @@ def vote_prototypes(backend: str = "minilm", cache_dir=None, taxonomy: pd.DataFr
     return embed_texts(texts, backend, cache_dir).astype(np.float32), np.asarray(list(guide) + [t1[k] for k in described], dtype=str)
 
 
+def _neighbour_vote(V: np.ndarray, pool: np.ndarray, pool_labels: np.ndarray, n_classes: int, k: int, temperature: float) -> np.ndarray:
+    """Per unit row of `V`, each class's share of a vote of its `k` nearest `pool` rows (class indices
+    `pool_labels`), each weighted exp(`temperature` x cosine)."""
+    S = V @ pool.T
+    k = min(k, S.shape[1])
+    nn = np.argpartition(-S, k - 1, axis=1)[:, :k]
+    w = np.exp(temperature * (np.take_along_axis(S, nn, 1) - 1.0))  # shifted: no overflow
+    out = np.zeros((len(V), n_classes))
+    np.add.at(out, (np.repeat(np.arange(len(V)), k), pool_labels[nn].ravel()), w.ravel())
+    return out / np.maximum(out.sum(axis=1, keepdims=True), 1e-300)
+
+
 def tier2_tree(taxonomy: pd.DataFrame | None = None) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """(tier-1 id -> its tier-2 children's ids, tier-2 id -> the ids of its subtree: itself and every node below)."""
     tax = load_taxonomy() if taxonomy is None else taxonomy
@@ -232,16 +244,9 @@ class ConversationCategorizer:
 
     def _knn_proba(self, X: np.ndarray) -> np.ndarray:
         """Similarity-weighted vote of the `knn_k` nearest labeled conversations, over `classes`."""
-        V = self._knn_part(X)
-        S = V @ self.knn_vectors.T
-        k = min(self.knn_k, S.shape[1])
-        nn = np.argpartition(-S, k - 1, axis=1)[:, :k]
-        w = np.exp(self.knn_temperature * (np.take_along_axis(S, nn, 1) - 1.0))  # shifted: no overflow
         col = {c: j for j, c in enumerate(self.classes)}
-        lab = np.array([col[c] for c in self.knn_labels])[nn]
-        out = np.zeros((len(X), len(self.classes)))
-        np.add.at(out, (np.repeat(np.arange(len(X)), k), lab.ravel()), w.ravel())
-        return out / np.maximum(out.sum(axis=1, keepdims=True), 1e-300)
+        return _neighbour_vote(self._knn_part(X), self.knn_vectors, np.array([col[c] for c in self.knn_labels]), len(self.classes),
+                               self.knn_k, self.knn_temperature)
 
     def _proto_proba(self, X: np.ndarray) -> np.ndarray:
         """Softmax over the taxonomy prototypes of `proto_temperature` x cosine to the head, summed per class."""
@@ -367,15 +372,9 @@ class ConversationCategorizer:
             prob = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
             pool = np.flatnonzero(np.isin(self.tier2_ids, ch)) if vote else np.zeros(0, int)
             if len(pool):
-                Sk = V[rows] @ self.tier2_vectors[pool].T
-                k = min(self.tier2_k, len(pool))
-                nn = np.argpartition(-Sk, k - 1, axis=1)[:, :k]
-                w = np.exp(self.tier2_temperature * (np.take_along_axis(Sk, nn, 1) - 1.0))
                 pos = {c: j for j, c in enumerate(ch)}
-                lab = np.array([pos[c] for c in self.tier2_ids[pool]])[nn]
-                q = np.zeros((len(rows), len(ch)))
-                np.add.at(q, (np.repeat(np.arange(len(rows)), k), lab.ravel()), w.ravel())
-                q /= np.maximum(q.sum(axis=1, keepdims=True), 1e-300)
+                q = _neighbour_vote(V[rows], self.tier2_vectors[pool], np.array([pos[c] for c in self.tier2_ids[pool]]), len(ch),
+                                    self.tier2_k, self.tier2_temperature)
                 prob = (1 - self.tier2_weight) * prob + self.tier2_weight * q
             for r, c, pr in zip(rows, cos, prob):
                 out[r] = (list(ch), c, pr)
