@@ -44,6 +44,8 @@ def forest_plot(table: pd.DataFrame, ax=None, *, tolerance: float | None = None,
         err = [np.clip(est - s[lo].to_numpy(dtype=float), 0, None) * 100, np.clip(s[hi].to_numpy(dtype=float) - est, 0, None) * 100]
         ax.errorbar(est * 100, yy, xerr=np.nan_to_num(err),
                     fmt="o", color=col, ms=4, capsize=2, label=name)
+        if "status" in s:  # an estimator that may publish a one-sided bound or nothing (Rogan-Gladen): say so
+            _bounds_and_withheld(ax, s, yy, col)
     if "truth" in t and t["truth"].notna().any():
         ax.scatter(t["truth"] * 100, y, marker="x", color="k", s=40, zorder=4, label="truth (simulated)")
     if tolerance is not None:
@@ -54,6 +56,23 @@ def forest_plot(table: pd.DataFrame, ax=None, *, tolerance: float | None = None,
     ax.legend(frameon=False, fontsize=8, loc="lower right")
     ax.figure.tight_layout()
     return ax
+
+
+def _bounds_and_withheld(ax, s: pd.DataFrame, yy: np.ndarray, col: str) -> None:
+    """One-sided bounds as a bar from the open end (an arrow-head at the bound), withheld rows as text
+    (the reason's head; the full reason is in the stage's table), never as a [0, 0] interval."""
+    for y, st, ub, lb, why in zip(yy, s["status"], s.get("upper_bound", np.nan), s.get("lower_bound", np.nan), s["reason"].fillna("")):
+        if st == "upper bound only" and np.isfinite(ub):
+            ax.plot([0, ub * 100], [y, y], color=col, lw=1.2)
+            ax.plot([ub * 100], [y], marker="<", color=col, ms=5)
+            ax.annotate(f"≤ {ub:.1%} (one-sided)", (ub * 100, y), xytext=(4, -3), textcoords="offset points", fontsize=6, color=col)
+        elif st == "lower bound only" and np.isfinite(lb):
+            ax.plot([lb * 100, 100], [y, y], color=col, lw=1.2)
+            ax.plot([lb * 100], [y], marker=">", color=col, ms=5)
+            ax.annotate(f"≥ {lb:.1%} (one-sided)", (lb * 100, y), xytext=(4, -3), textcoords="offset points", fontsize=6, color=col)
+        elif st == "withheld":
+            head = why.split(":", 1)[0]
+            ax.annotate(f"withheld: {head}", (0, y), xytext=(2, -3), textcoords="offset points", fontsize=6, color=col)
 
 
 def plot_threshold_curves(filter_curve: pd.DataFrame | None, detector_curve: pd.DataFrame | None, *, actual_filter: float = 0.5):

@@ -6,12 +6,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from analysis.contract.art9 import ART9, label_matrix
 from analysis.contract.settings import LeakageSettings
 from analysis.leakage.checks import design_caveat, design_checks, negative_control_pairs
-from analysis.leakage.corrected import CorrectedLeakage, CorrectedResult
+from analysis.leakage.corrected import CorrectedLeakage, CorrectedResult, assumption_checks
 from analysis.leakage.curves import detector_threshold_curve, filter_threshold_curve
 from analysis.leakage.data import (
     DEFAULT_CONTROLS,
@@ -46,7 +45,7 @@ class LeakageReport:
     violations: pd.DataFrame | None
     filter_curve: pd.DataFrame | None
     detector_curve: pd.DataFrame | None
-    differential: pd.DataFrame | None  # detector error by filter stratum (non-differential check)
+    differential: pd.DataFrame | None  # Rogan-Gladen's assumption checks per category (`corrected.assumption_checks`)
     clustered: pd.DataFrame | None = None  # headline: labeled sample, user-clustered Wilson, per category x region group
     ppi: LeakInferenceResult | None = None  # PPI++ stratified by filter decision (all regions): the narrower companion
     label_budget: pd.DataFrame | None = None  # labels needed per category to show a rate below the tolerance
@@ -71,7 +70,8 @@ class LeakageReport:
         if self.corrected is not None:
             c = self.corrected.table[self.corrected.table["region_group"] == group].set_index("category")
             parts.append(c[["raw_rate", "raw_low", "raw_high"]].rename(columns=lambda x: "detector_" + x))
-            parts.append(c[["leak_rate", "ci_low", "ci_high"]].rename(columns=lambda x: "corrected_" + x))
+            # a row the boundary rule or an assumption check qualifies shows its one-sided bound or nothing, and why
+            parts.append(c[["leak_rate", "ci_low", "ci_high", "upper_bound", "lower_bound", "status", "reason"]].rename(columns=lambda x: "corrected_" + x))
         out = pd.concat(parts, axis=1) if parts else pd.DataFrame()
         if self.whitebox is not None and "truth" in self.whitebox.table:
             w = self.whitebox.table
@@ -150,12 +150,11 @@ def analyse(inputs: LeakageInputs, settings: LeakageSettings | None = None, *, a
             val = validation_counts(flags, labels)
             notes.append("no detector_validation.parquet: detector error rates computed on labels.parquet "
                          "(optimistic if the detector was tuned on those labels)")
-        if lab_member is not None:
-            stratum = pd.Series(np.where(passed, "passed", "blocked"), index=conv.index)
-            diff = _differential_check(validation_counts(flags, labels, stratum))
+        if lab_member is not None:  # what the labels can say against Rogan-Gladen's assumptions: rejected ones withhold it
+            diff = assumption_checks(passed, flags, labels, alpha)
         if val is not None:
             corr = CorrectedLeakage(alpha, n_boot, seed, min_cell_users).fit(
-                passed, flags, val, group, exclude=pd.Index(labels["conversation_id"]) if labels is not None else None)
+                passed, flags, val, group, exclude=pd.Index(labels["conversation_id"]) if labels is not None else None, checks=diff)
         else:
             notes.append("no detector validation counts and no labels: misclassification correction skipped")
         if lab_member is not None:
@@ -284,25 +283,3 @@ def _conversation_nodes(categories: pd.DataFrame) -> set[str]:
         elif isinstance(v, str) and v:
             out.add(v)
     return out
-
-
-def _differential_check(v: pd.DataFrame) -> pd.DataFrame:
-    """Detector sensitivity and false-positive rate in the passed vs blocked strata, with Fisher exact
-    p-values: Rogan–Gladen assumes they are equal (non-differential error)."""
-    rows = []
-    for c, g in v.groupby("category", sort=False):
-        g = g.set_index("stratum")
-        if not {"passed", "blocked"} <= set(g.index):
-            continue
-        p, b = g.loc["passed"], g.loc["blocked"]
-        fpr_p = p.fp / (p.fp + p.tn) if p.fp + p.tn else np.nan
-        fpr_b = b.fp / (b.fp + b.tn) if b.fp + b.tn else np.nan
-        rows.append({
-            "category": c,
-            "sensitivity_passed": p.tp / (p.tp + p.fn) if p.tp + p.fn else np.nan,
-            "sensitivity_blocked": b.tp / (b.tp + b.fn) if b.tp + b.fn else np.nan,
-            "fpr_passed": fpr_p, "fpr_blocked": fpr_b,
-            "p_sensitivity_differs": stats.fisher_exact([[p.tp, p.fn], [b.tp, b.fn]])[1],
-            "p_fpr_differs": stats.fisher_exact([[p.fp, p.tn], [b.fp, b.tn]])[1],
-        })
-    return pd.DataFrame(rows)

@@ -70,9 +70,14 @@ def record_metrics(report, run_dir: RunDir | str, ground_truth: dict | None = No
             grp = {"category": r.category, "region_group": r.region_group}
             # the raw detector-based rate is biased by the detector's errors: recorded as uncorrected, no truth beside it
             m.add(M.LEAK_RATE_DETECTOR_RAW, r.raw_rate, group=grp | {"correction": "none"}, ci=(r.raw_low, r.raw_high), n=r.flagged)
-            # Rogan-Gladen: a comparison, valid only if the detector errs alike among passed and blocked conversations
-            m.add(M.LEAK_RATE_CORRECTED, r.leak_rate, group=grp | {"assumes": "non-differential detector error"},
-                  ci=(r.ci_low, r.ci_high), truth=truth, n=r.n)
+            # Rogan-Gladen: a comparison, valid only if the detector errs alike among passed and blocked conversations.
+            # A row on the boundary carries only its one-sided bound (the other CI end None), a withheld row nothing;
+            # the note says why (corrected.CorrectedLeakage's boundary rule and assumption checks)
+            ci = {"estimated": (r.ci_low, r.ci_high), "upper bound only": (None, r.upper_bound),
+                  "lower bound only": (r.lower_bound, None)}.get(r.status)
+            m.add(M.LEAK_RATE_CORRECTED, r.leak_rate if r.status == "estimated" else None,
+                  group=grp | {"assumes": "non-differential detector error"}, ci=ci, truth=truth, n=r.n,
+                  note=None if r.status == "estimated" else f"{r.status}: {r.reason}")
     if report.clustered is not None:
         for r in report.clustered.itertuples():
             truth = getattr(r, "truth", None)

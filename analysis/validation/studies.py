@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis.leakage.corrected import CorrectedLeakage
+from analysis.leakage.corrected import CorrectedLeakage, published_interval
 from analysis.leakage.inference import ClusteredLeakRate, PPILeakRate, label_budget
 from analysis.lift.ab import Cuped
 from analysis.lift.categories import CategoryLift
@@ -114,13 +114,13 @@ def leak_rows(kind: str, seeds, *, target_rate: float | None = None, tolerance: 
             val = pd.DataFrame([{"tp": int((y & f).sum()), "fn": int((y & ~f).sum()), "tn": int((~y & ~f).sum()), "fp": int((~y & f).sum())}], index=[c])
             P, Fu = w.passed[u], F[u, j]
             cells = np.array([(P & Fu).sum(), (P & ~Fu).sum(), (~P & Fu).sum(), (~P & ~Fu).sum()])
-            g = rg._one(cells, val, c, rng) if n_boot else {"ci_low": np.nan, "ci_high": np.nan}
+            g_lo, g_hi = published_interval(rg._one(cells, val, c, rng)) if n_boot else (np.nan, np.nan)  # withheld: not covered
             tr = w.truth[c]
             a, b = cl.iloc[j], pp.iloc[j]
             rows.append({
                 "kind": kind, "seed": int(s), "category": c, "truth": tr,
                 "wilson_covers": a["wilson_low"] <= tr <= a["wilson_high"], "clustered_covers": a["ci_low"] <= tr <= a["ci_high"],
-                "ppi_covers": b["ci_low"] <= tr <= b["ci_high"], "rg_covers": (g["ci_low"] <= tr <= g["ci_high"]) if n_boot else np.nan,
+                "ppi_covers": b["ci_low"] <= tr <= b["ci_high"], "rg_covers": (g_lo <= tr <= g_hi) if n_boot else np.nan,
                 "clustered_width": a["ci_high"] - a["ci_low"], "ppi_width": b["ci_high"] - b["ci_low"],
                 "clustered_verdict": a["verdict"], "ppi_verdict": b["verdict"],
             })

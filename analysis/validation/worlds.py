@@ -106,16 +106,22 @@ def validate_leakage_world(world_config: dict, *, sensitivity: float = 0.9, spec
     labeled = est.fit(passed, lab_member, group, basis="labels").table
     attach_leak_truth(labeled, truth)
     flags = flag_matrix(inp.categories).reindex(conv.index)
-    corr = CorrectedLeakage(alpha, n_boot, w.config.seed).fit(passed, flags, validation_counts(flags, lab), group,
-                                                               exclude=pd.Index(lab["conversation_id"])).table
+    res = CorrectedLeakage(alpha, n_boot, w.config.seed).fit(passed, flags, validation_counts(flags, lab), group,
+                                                              exclude=pd.Index(lab["conversation_id"]))
+    corr = res.table
     attach_leak_truth(corr, truth)
+    # coverage of what is published: the two-sided interval, or a one-sided bound as [0, U] / [L, 1]; withheld: None
+    lo, hi = res.interval()
+    corr["ci_low"], corr["ci_high"] = lo, hi
+    corr["covers_truth_ci"] = np.where(lo.notna() & corr["truth"].notna(), (lo <= corr["truth"]) & (corr["truth"] <= hi), None)
     key = ["category", "region_group"]
     out = full[key + ["n", "passed", "leak_rate", "truth", "covers_truth_cp", "covers_truth_wilson"]].copy()
     out["covers_truth_jeffreys"] = (full["jeffreys_low"] <= full["truth"]) & (full["truth"] <= full["jeffreys_high"])
     out = out.merge(labeled[key + ["n", "covers_truth_cp", "covers_truth_wilson"]].rename(
         columns={"n": "n_labeled", "covers_truth_cp": "labeled_covers_cp", "covers_truth_wilson": "labeled_covers_wilson"}), on=key)
-    out = out.merge(corr[key + ["leak_rate", "ci_low", "ci_high", "covers_truth_ci"]].rename(
-        columns={"leak_rate": "corrected", "ci_low": "corrected_low", "ci_high": "corrected_high", "covers_truth_ci": "corrected_covers"}), on=key)
+    out = out.merge(corr[key + ["rg_point", "ci_low", "ci_high", "covers_truth_ci", "status"]].rename(
+        columns={"rg_point": "corrected", "ci_low": "corrected_low", "ci_high": "corrected_high", "covers_truth_ci": "corrected_covers",
+                 "status": "corrected_status"}), on=key)
     out["seed"], out["mode"] = w.config.seed, w.config.mode
     if exposure:
         data = ExposureData.build(inp.impressions, inp.users, excluded_regions=w.config.excluded_regions, policy_date=w.config.policy_date)

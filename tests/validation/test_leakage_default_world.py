@@ -54,10 +54,12 @@ def test_true_leak_rate_inside_every_categorys_ci_in_the_default_world(default_r
         assert a.loc[c, "truth"] == pytest.approx(truth)
         assert a.loc[c, "wilson_low"] <= truth <= a.loc[c, "wilson_high"], c
         assert a.loc[c, "cp_low"] <= truth <= a.loc[c, "cp_high"], c
-    corr = default_report.corrected.table
+    lo, hi = default_report.corrected.interval()  # two-sided, or [0, U] where the floor binds (reason given)
+    corr = default_report.corrected.table.assign(pub_low=lo, pub_high=hi)
     ca = corr[corr["region_group"] == "all"].set_index("category")
+    assert (ca["status"] != "withheld").all() and (ca["reason"] != "").eq(ca["status"] != "estimated").all()
     for c in ART9:
-        assert ca.loc[c, "ci_low"] <= gt[c]["leak_rate"] <= ca.loc[c, "ci_high"], c
+        assert ca.loc[c, "pub_low"] <= gt[c]["leak_rate"] <= ca.loc[c, "pub_high"], c
     # the uncorrected detector-based rate is far off (false positives among the many passed conversations)
     assert (ca["raw_rate"] > ca["truth"] + 0.03).all()
     side = default_report.side_by_side()

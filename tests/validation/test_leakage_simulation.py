@@ -73,10 +73,16 @@ def test_white_box_ci_coverage(coverage):
 
 def test_corrected_ci_coverage(coverage):
     allg = coverage[coverage["region_group"] == "all"]
-    cov = _rate(allg["corrected_covers"])
-    by_group = coverage.groupby("region_group")["corrected_covers"].apply(_rate).to_dict()
-    print(f"corrected (Se {DETECTOR['sensitivity']}, Sp {DETECTOR['specificity']}) coverage {cov:.3f}; by region group {by_group}")
+    # coverage of what is published (two-sided, or a one-sided bound where the floor binds); withheld rows apart
+    pub = allg[allg["corrected_status"] != "withheld"]
+    cov = _rate(pub["corrected_covers"])
+    by_status = pub.groupby("corrected_status")["corrected_covers"].apply(_rate).round(3).to_dict()
+    shares = allg["corrected_status"].value_counts(normalize=True).round(3).to_dict()
+    by_group = coverage[coverage["corrected_status"] != "withheld"].groupby("region_group")["corrected_covers"].apply(_rate).to_dict()
+    print(f"corrected (Se {DETECTOR['sensitivity']}, Sp {DETECTOR['specificity']}) coverage {cov:.3f} by status {by_status}; "
+          f"status shares {shares}; by region group {by_group}")
     assert 0.92 <= cov <= 0.98
+    assert shares.get("withheld", 0) <= 0.05
 
 
 def test_black_box_false_positive_rate_in_null_worlds(null_tests):
