@@ -43,5 +43,5 @@ def detector_threshold_curve(passed: pd.Series, scores: pd.DataFrame, labels: pd
         val = validation_counts(flags, labels)
         t = est.fit(passed, flags, val, group, exclude=lab_ids).table
         parts.append(t[t["region_group"] == "all"].assign(threshold=float(tau)))
-    cols = ["threshold", "category", "flagged", "raw_rate", "leak_rate", "ci_low", "ci_high", "sensitivity", "specificity"]
+    cols = ["threshold", "category", "flagged", "raw_rate", "leak_rate", "ci_low", "ci_high", "status", "sensitivity", "specificity"]
     return pd.concat(parts, ignore_index=True)[cols]
