@@ -19,6 +19,7 @@ from threadpoolctl import threadpool_limits
 from analysis.contract.art9 import label_matrix
 from analysis.detector.features import EmbeddingDetector, LexiconDetector, head_columns, reply_columns
 from analysis.detector.text import clean_text
+from analysis.detector.vote import NeighbourVote, default_pool_path
 from analysis.util.privacy import suppress_small_cells
 from analysis.util.storage import write_json
 from analysis.util.taxonomy import Art9Spec, load_art9
@@ -54,12 +55,15 @@ class DetectorParams:
     with_reply: bool = False
     # ... and the vector of the user side's head (`emb__head_i`: SensitiveDetector.features(head=True))
     with_head: bool = False
+    # ... and the neighbour vote (`emb__vote_<name>`, analysis.detector.vote): {"pool": file name in analysis/data, "names": [...]}
+    vote: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
             "backend": self.backend, "coef": self.coef, "intercept": self.intercept, "thresholds": self.thresholds,
             "fitted_on": self.fitted_on, "n_train": self.n_train, "features": list(FEATURES), "notes": self.notes,
             "heads": self.heads, "tfidf": self.tfidf, "rules": self.rules, "with_reply": self.with_reply, "with_head": self.with_head,
+            "vote": self.vote,
         }
 
     @classmethod
@@ -68,7 +72,7 @@ class DetectorParams:
                    thresholds={k: float(v) for k, v in d["thresholds"].items()}, backend=d.get("backend", "minilm"),
                    fitted_on=d.get("fitted_on", ""), n_train=d.get("n_train"), notes=d.get("notes") or {},
                    heads=d.get("heads") or {}, tfidf=d.get("tfidf") or {}, rules=d.get("rules") or {},
-                   with_reply=bool(d.get("with_reply", False)), with_head=bool(d.get("with_head", False)))
+                   with_reply=bool(d.get("with_reply", False)), with_head=bool(d.get("with_head", False)), vote=d.get("vote") or {})
 
     def save(self, path: str | Path) -> Path:
         return write_json(self.to_dict(), path)
@@ -82,6 +86,11 @@ class DetectorParams:
                 raise KeyError(f"no default detector params for backend {backend!r} (have {sorted(raw)}); fit on labels")
             raw = raw[backend]
         return cls.from_dict(raw)
+
+
+def has_replies(replies: Sequence[str | None] | None) -> bool:
+    """Whether a corpus has any assistant reply with text (None: no reply column)."""
+    return replies is not None and any(isinstance(r, str) and r.strip() for r in replies)
 
 
 def _design(feats: pd.DataFrame, cats: Sequence[str]) -> np.ndarray:
@@ -177,6 +186,7 @@ class SensitiveDetector:
         self.lexicon = LexiconDetector(self.spec)
         self.embedding = EmbeddingDetector(self.spec, backend=backend, cache_dir=cache_dir, max_segments=max_segments)
         self._params_file = None
+        self._pool: tuple[str, NeighbourVote] | None = None  # the neighbour vote's pool, once loaded
         if params is None or isinstance(params, (str, Path)):
             self._params_file = Path(params) if params is not None else default_params_path()
             params = DetectorParams.load(params, backend)
@@ -185,20 +195,44 @@ class SensitiveDetector:
     def user_side_params(self) -> DetectorParams | None:
         """For params that read the assistant's first reply: the `<backend>_user_side` entry of the file
         they came from (the same method fitted on the same rows without the reply), which scores a corpus
-        without replies better than zeros in the reply's place; None where there is none."""
+        without replies better than zeros in the reply's place; None where there is none (params not
+        read from a file, or a file of one parameter set, as stage 02 saves them)."""
         if not self.params.with_reply or self._params_file is None:
             return None
-        try:
-            return DetectorParams.load(self._params_file, f"{self.backend}_user_side")
-        except KeyError:
-            return None
+        raw = json.loads(self._params_file.read_text())
+        entry = raw.get(f"{self.backend}_user_side") if "coef" not in raw else None
+        return None if entry is None else DetectorParams.from_dict(entry)
 
-    def features(self, texts: Sequence[str], replies: Sequence[str | None] | None = None, *, head: bool | None = None) -> pd.DataFrame:
+    def for_corpus(self, replies: Sequence[str | None] | None) -> tuple["SensitiveDetector", str | None]:
+        """The detector to score a corpus whose first replies are `replies` (None: no such column), and a
+        note for the run. Params fitted `with_reply` on a corpus without any reply: a detector on the
+        user-side entry of their file (`user_side_params`) where it has one, else this one with zeros in
+        the reply's place (much less accurate: docs/detector.md), said in the note. Otherwise this
+        detector and no note."""
+        if not self.params.with_reply or has_replies(replies):
+            return self, None
+        alt = self.user_side_params()
+        where = f"{self._params_file}" if self._params_file is not None else "params given in memory"
+        if alt is None:
+            return self, (f"the detector ({where}) reads the assistant's first reply, but these conversations have none (no "
+                          f"`first_reply` or all empty) and its params have no `{self.backend}_user_side` entry: zeros stand in for "
+                          "the reply, less accurately than measured (add the user-side fit to the file: fit_defaults.py --user-side-only)")
+        det = SensitiveDetector(backend=self.backend, params=alt, spec=self.spec, cache_dir=self.embedding.cache_dir,
+                                max_segments=self.embedding.max_segments, fitting=self.fitting)
+        det._params_file = self._params_file
+        return det, (f"these conversations have no assistant reply (no `first_reply` or all empty): the detector's user-side "
+                     f"parameters (`{self.backend}_user_side` of {where}: the same fit without the reply) score them")
+
+    def features(self, texts: Sequence[str], replies: Sequence[str | None] | None = None, *, head: bool | None = None,
+                 vote: bool | None = None, ids: Sequence | None = None) -> pd.DataFrame:
         """Per text: prototype-similarity and lexicon features and the pooled segment embeddings; with
         `head` (default: as the params were fitted), the vector of the text's head (`emb__head_i`); with
         `replies` (the assistant's first reply per text, None/empty where there is none), also the
-        reply's embedding (`emb__reply_i`, zeros without a reply) for heads fitted `with_reply`."""
+        reply's embedding (`emb__reply_i`, zeros without a reply) for heads fitted `with_reply`; with
+        `vote` (default: as the params were fitted; needs head and replies), the neighbour vote of the
+        params' pool (`emb__vote_<name>`; `ids`: conversation ids, whose chats' pool rows do not vote)."""
         texts = ["" if t is None else str(t) for t in texts]
+        vote = bool(self.params.vote) if vote is None else vote
         parts = [self.embedding.features(texts), self.lexicon.counts(texts)]
         if self.params.with_head if head is None else head:
             parts.append(head_columns(texts, self.backend, self.embedding.cache_dir))
@@ -206,7 +240,21 @@ class SensitiveDetector:
             if len(replies) != len(texts):
                 raise ValueError(f"{len(texts)} texts but {len(replies)} replies")
             parts.append(reply_columns(replies, self.backend, self.embedding.cache_dir))
-        return pd.concat(parts, axis=1)
+        feats = pd.concat(parts, axis=1)
+        if vote:
+            if not self.params.vote:
+                raise ValueError("features(vote=True): these detector params have no neighbour-vote pool")
+            if ids is not None and len(ids) != len(texts):
+                raise ValueError(f"{len(texts)} texts but {len(ids)} conversation ids")
+            feats = pd.concat([feats, self.vote_pool().columns(feats, ids)], axis=1)
+        return feats
+
+    def vote_pool(self) -> NeighbourVote:
+        """The labeled conversations the params' neighbour vote reads (a file in analysis/data, loaded once)."""
+        name = self.params.vote["pool"]
+        if self._pool is None or self._pool[0] != name:
+            self._pool = (name, NeighbourVote.load(default_pool_path(name)))
+        return self._pool[1]
 
     def _score(self, feats: pd.DataFrame, params: DetectorParams | None = None, texts: Sequence[str] | None = None) -> pd.DataFrame:
         p = params or self.params
@@ -218,7 +266,8 @@ class SensitiveDetector:
             width = len(next(iter(p.heads.values()))["mean"])
             if H.shape[1] != width:
                 raise ValueError(f"features give {H.shape[1]} head columns, the detector's heads read {width} (with_head={p.with_head}, "
-                                 f"with_reply={p.with_reply}): compute features(texts, replies=..., head=...) as the params were fitted")
+                                 f"with_reply={p.with_reply}, vote={bool(p.vote)}): compute features(texts, replies=..., head=..., vote=...) "
+                                 "as the params were fitted")
             T = _tfidf(p.tfidf).transform([clean_text(t) for t in texts]) if p.tfidf and texts is not None else None
             if p.tfidf and texts is None:
                 raise ValueError("these detector params have a text (TF-IDF) part: pass the texts")
@@ -231,14 +280,13 @@ class SensitiveDetector:
 
     def detect(self, texts: Sequence[str], conversation_id: Sequence | None = None, *, features: pd.DataFrame | None = None,
                replies: Sequence[str | None] | None = None) -> Detection:
-        """Scores and flags; params fitted `with_reply` read `replies`; without them the user-side
-        parameters score (`user_side_params`), else zeros stand in for the replies (less accurate)."""
-        if features is None and replies is None and (alt := self.user_side_params()) is not None:
-            return SensitiveDetector(backend=self.backend, params=alt, spec=self.spec, cache_dir=self.embedding.cache_dir,
-                                     max_segments=self.embedding.max_segments).detect(texts, conversation_id)
+        """Scores and flags; params fitted `with_reply` read `replies`; without any, the detector
+        `for_corpus` picks scores them (the user-side parameters, else zeros in the replies' place)."""
+        if features is None and (det := self.for_corpus(replies)[0]) is not self:
+            return det.detect(texts, conversation_id)
         if features is None:
             feats = self.features(texts, (replies if replies is not None else [None] * len(texts)) if self.params.with_reply else None,
-                                  head=self.params.with_head)
+                                  head=self.params.with_head, ids=None if conversation_id is None else list(conversation_id))
         else:
             feats = features
         scores = self._score(feats, texts=texts)

@@ -19,7 +19,7 @@ import pandas as pd
 
 from analysis.contract.settings import MappingSettings
 from analysis.detector.evaluation import Validation, evaluate_detector
-from analysis.detector.model import Detection, SensitiveDetector
+from analysis.detector.model import Detection, SensitiveDetector, has_replies
 from analysis.mapping.labels import id_hash
 
 
@@ -38,7 +38,8 @@ def detect_with_refit(det: SensitiveDetector, conv: pd.DataFrame, labels: pd.Dat
                       *, params_source: str) -> DetectorRun:
     """Score `conv` (conversation_id, document, optionally first_reply) with `det`, refitting it on
     `labels` per the policy above. A refit reads the assistant's first reply when `conv` has any; the
-    shipped parameters read it when they were fitted with it (zeros, and a note, when `conv` has none)."""
+    given parameters read it when they were fitted with it (when `conv` has none: the detector
+    `SensitiveDetector.for_corpus` picks, with its note). `detection.params` are the params that scored."""
     s = settings
     notes: list[str] = []
     pos = pd.Series(np.arange(len(conv)), index=conv["conversation_id"])
@@ -51,19 +52,15 @@ def detect_with_refit(det: SensitiveDetector, conv: pd.DataFrame, labels: pd.Dat
             notes.append(f"detector not refitted ({len(labels)} labels < min_labels_to_fit={s.min_labels_to_fit} or fit_detector off): "
                          "validation uses all labels" + (" — in-sample if these labels tuned the defaults" if s.labels_path else ""))
     replies = conv["first_reply"].tolist() if "first_reply" in conv else None
-    has_replies = replies is not None and any(isinstance(r, str) and r.strip() for r in replies)
-    if not fit and det.params.with_reply and not has_replies:
-        alt = det.user_side_params()
-        if alt is not None:
-            det.params = alt
-            notes.append("these conversations have no assistant reply (no `first_reply` or all empty): the detector's user-side parameters "
-                         "(the same fit without the reply) score them")
-        else:
-            notes.append("the detector reads the assistant's first reply, but these conversations have none (no `first_reply` or all empty): "
-                         "zeros stand in for it, less accurately than measured")
-    use_reply = has_replies if fit else det.params.with_reply
+    replied = has_replies(replies)
+    if not fit:  # the given parameters score: without replies, maybe their user-side fit (the detection carries the params used)
+        det, note = det.for_corpus(replies)
+        notes += [note] if note else []
+    use_reply = replied if fit else det.params.with_reply
     use_head = True if fit else det.params.with_head  # a refit reads the head vector, as the shipped fit does
-    feats = det.features(docs_all, (replies if has_replies else [None] * len(conv)) if use_reply else None, head=use_head)
+    # ... but not the neighbour vote: its pool is the gold set's labels, a refit learns from this run's
+    feats = det.features(docs_all, (replies if replied else [None] * len(conv)) if use_reply else None, head=use_head,
+                         vote=False if fit else None, ids=conv["conversation_id"].tolist())
     oof = None
     if labels is not None and fit and s.cv_folds and s.cv_folds > 1:
         fold = (id_hash(labels["conversation_id"], s.seed) * s.cv_folds).astype(int)

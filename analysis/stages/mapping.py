@@ -20,7 +20,7 @@ from analysis.contract.rundir import RunDir, StageInputError, project_path
 from analysis.contract.schemas import DataError
 from analysis.contract.settings import MappingSettings
 from analysis.contract.stages import MAPPING
-from analysis.detector.model import FITTINGS, DetectorParams, SensitiveDetector
+from analysis.detector.model import FITTINGS, SensitiveDetector
 from analysis.engines import Engine
 from analysis.mapping.accuracy import tier1_accuracy, tier1_confusion
 from analysis.mapping.categorizer import NONE, apply_overrides, categorize_run, readable_labels, topic_mix
@@ -67,7 +67,8 @@ def run(run_dir: RunDir | str, settings: MappingSettings | None = None, engine: 
 
     # ---- sensitive detection: labels, refit policy, validation
     labels = _labels(rd, s, conv, notes)
-    params = DetectorParams.load(project_path(s.detector_params), s.detector_backend) if s.detector_params else None
+    # a file (not loaded params): the detector reads its user-side entry for a corpus without replies, as for the defaults
+    params = project_path(s.detector_params) if s.detector_params else None
     det = SensitiveDetector(backend=s.detector_backend, params=params, spec=spec, cache_dir=s.cache_dir, fitting=replace(FITTINGS[s.detector_fitting], seed=s.seed))
     source = str(s.detector_params) if s.detector_params else f"shipped defaults ({det.params.fitted_on or 'hand-set'})"
     dr = detect_with_refit(det, conv[[c for c in ("conversation_id", "document", "first_reply") if c in conv]], labels, s, params_source=source)
@@ -115,7 +116,7 @@ def run(run_dir: RunDir | str, settings: MappingSettings | None = None, engine: 
     art = {
         "topic_categories": write_parquet(mapping.table, rd.topic_categories),
         "conversation_categories": write_parquet(cc, rd.conversation_categories),
-        "detector_params": det.params.save(rd.detector_params),
+        "detector_params": dr.detection.params.save(rd.detector_params),  # what scored: a refit, or the user-side fit
         "mapping_overrides_applied": write_json({"file": overrides.source, "topics": mapping.overrides_applied, "conversations": conv_overrides,
                                                  "ad_nodes": overrides.ad_nodes,
                                                  "ad_nodes_in_use": spec.ad_nodes()}, rd.mapping_overrides_applied),

@@ -31,6 +31,7 @@ test split.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import time
@@ -44,6 +45,7 @@ from analysis.contract.schemas import DataError
 from analysis.detector.evaluation import evaluate_detector
 from analysis.detector.features import head_columns, reply_columns
 from analysis.detector.model import REAL_CHAT_FITTING, DetectorParams, FitOptions, SensitiveDetector, default_params_path
+from analysis.detector.vote import NeighbourVote, default_pool_path
 from analysis.ingest.conversations import build_conversations
 from analysis.ingest.importers import import_sharegpt
 from analysis.mapping.labels import read_labels
@@ -56,6 +58,7 @@ OLD = ("sharegpt_art9_sample.csv", "sharegpt_art9_batch2.csv")
 SEED = 20261130
 FOUR = ("health", "religion", "politics", "ethnicity")
 # what the detector was fitted with before issue 15 (candidate a')
+VOTE_POOL = "detector_vote_{backend}.npz"  # the neighbour vote's labeled conversations, in analysis/data
 PREVIOUS_FITTING = FitOptions(min_head_positives=40, head_C=2.0, text_model=True, min_precision=0.0, lexicon_rule=False)
 
 
@@ -96,7 +99,9 @@ def load_labels() -> pd.DataFrame:
     if "borderline" not in out:
         out["borderline"] = False
     out["borderline"] = out["borderline"].astype(str).str.lower().eq("true")
-    return out[["conversation_id", "art9", "split", "source", "stratum", "language", "borderline", "labels_file"]]
+    # the gold rows' IAB tier-1 (ids; the neighbour vote reads it), None for the older labels, which have none
+    out["iab_tier1"] = [t if s == "gold" and isinstance(t, str) and t else None for t, s in zip(out.get("iab_tier1", pd.Series(None, index=out.index)).astype(object), out["source"])]
+    return out[["conversation_id", "art9", "split", "source", "stratum", "language", "borderline", "labels_file", "iab_tier1"]]
 
 
 def load_documents(lab: pd.DataFrame) -> pd.Series:
@@ -251,8 +256,11 @@ def paired_bootstrap(lab: pd.DataFrame, before, after, cats=FOUR, n_boot: int = 
 
 def _text_keys(det: SensitiveDetector, texts) -> list[str]:
     """Per text, a hash of the text and of what the features depend on besides it (backend, segments, lexicon
-    and prototypes): a cached row whose key differs is recomputed."""
-    setup = f"{det.backend}|{det.embedding.max_segments}|{det.spec!r}"
+    and prototypes): a cached row whose key differs is recomputed. The spec enters without its `source`
+    (the path art9.yaml was read from): with it, every checkout or worktree had its own keys and
+    recomputed all rows (~90 s) in the shared cache, then the next checkout did it again."""
+    spec = dataclasses.replace(det.spec, source="") if dataclasses.is_dataclass(det.spec) else det.spec
+    setup = f"{det.backend}|{det.embedding.max_segments}|{spec!r}"
     return [hashlib.sha1(f"{setup}\0{t}".encode()).hexdigest() for t in texts]
 
 
@@ -314,6 +322,7 @@ def main() -> None:
                          "before its labels exist), then stop")
     ap.add_argument("--user-side-only", action="store_true", help="heads without the assistant's first reply (the method before session 7); "
                     "--write stores it as the `<backend>_user_side` entry, the fallback for corpora without replies")
+    ap.add_argument("--no-vote", action="store_true", help="heads without the neighbour vote (the method before session 8)")
     ap.add_argument("--workers", type=int, default=1, help="threads for the cross-fitting's independent fits (results do not depend on it)")
     ap.add_argument("--out", default=None, help="write per-conversation test scores/flags of each candidate here (parquet)")
     a = ap.parse_args()
@@ -340,8 +349,15 @@ def main() -> None:
     # the round 1-6 rows, macro-F1(4) / mAP(4): 0.536 / 0.616, + reply 0.586 / 0.657, + reply + head 0.614 /
     # 0.676, each step's paired CI clear of zero); their vectors come from the embedding cache the categorizer fills
     feats = pd.concat([user_feats, head_columns(texts, a.backend)] + ([] if a.user_side_only else [reply_columns(load_replies(lab), a.backend)]), axis=1)
-    print("features:", "user side + head" + ("" if a.user_side_only else " + first reply"))
     ltr = lab[tr].reset_index(drop=True)
+    pool = None
+    if not (a.user_side_only or a.no_vote):
+        # the neighbour vote (session 8; bench/detector_neighbour_vote.py: train CV with every model's votes from its own
+        # training rows, mAP(4) +0.014 [+0.007, +0.021], nested macro-F1(4) 0.614 -> 0.629): the pool is every training row;
+        # a training row's vote leaves its own ShareGPT chat out, test rows' chats are not in the pool
+        pool = NeighbourVote.from_labeled(feats[tr].reset_index(drop=True), ltr["art9"], ltr["iab_tier1"], ltr["conversation_id"])
+        feats = pd.concat([feats, pool.columns(feats, lab["conversation_id"]).reset_index(drop=True)], axis=1)
+    print("features:", "user side + head" + ("" if a.user_side_only else " + first reply") + (" + neighbour vote" if pool else ""))
     ttr = [t for t, k in zip(texts, tr) if k]
     folds = grouped_folds(ltr)
     source = (f"train split of data/labels/gold ({int(((lab.source == 'gold') & tr).sum())} conversations) + "
@@ -359,6 +375,9 @@ def main() -> None:
             f"{r} ({int((rnd == r).sum())} rows) {macro_f1(evaluate_detector(cf.flags[(rnd == r).to_numpy()].reset_index(drop=True), ltr.loc[rnd == r, 'art9'].reset_index(drop=True))):.3f}"
             for r in sorted(rnd.unique())))
     params = cf.params
+    if pool is not None:
+        params.vote = {"pool": VOTE_POOL.format(backend=a.backend), "names": list(pool.names), "k": pool.k,
+                       "temperature": pool.temperature, "rows": int(len(pool.chats))}
     params.notes["cv_train"] = {
         "folds": 5, "grouped_by": "ShareGPT chat", "macro_f1_four": round(macro_f1(v), 3),
         "per_category": {r.category: {"precision": round(float(r.precision), 3) if r.flagged else None,
@@ -399,6 +418,9 @@ def main() -> None:
         DetectorParams.from_dict(stored[entry])
         write_json(stored, default_params_path())
         print(f"wrote {default_params_path()} ({entry}): heads {sorted(params.heads)}, rules {sorted(params.rules)}")
+        if pool is not None:
+            p = pool.save(default_pool_path(params.vote["pool"]))
+            print(f"wrote {p} ({p.stat().st_size / 1e6:.1f} MB: {len(pool.chats)} labeled conversations)")
     if a.test:
         te = ~tr
         lte = lab[te].reset_index(drop=True)
@@ -414,7 +436,8 @@ def main() -> None:
         cands[f"(b) frozen {a.backend} + calibrated heads (shipped)"] = SensitiveDetector(backend=a.backend, params=params)
         rows, out, dets = [], {"conversation_id": lte["conversation_id"].to_numpy()}, {}
         for name, d in cands.items():
-            r = d.detect(tte, lte["conversation_id"], features=fte if d.params.with_head else user_feats[te].reset_index(drop=True))
+            f = fte if d.params.with_head else user_feats[te].reset_index(drop=True)
+            r = d.detect(tte, lte["conversation_id"], features=f if d.params.vote else f[[c for c in f if not c.startswith("emb__vote_")]])
             dets[name[:4].strip()] = r
             vt = evaluate_detector(r.flags, lte["art9"])
             print(f"\n== {name} on the TEST split: macro-F1(4) {macro_f1(vt):.3f}\n{table(vt).to_string()}")

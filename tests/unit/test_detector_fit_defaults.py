@@ -87,6 +87,24 @@ def test_cached_features_are_reused_only_for_unchanged_texts(tmp_path):
     assert det.seen[2] == ["back pain"]
 
 
+
+def test_the_cache_key_does_not_depend_on_where_the_lexicon_file_was_read_from(tmp_path):
+    """The spec's `source` is the path of art9.yaml, which differs between checkouts and worktrees: it
+    must not invalidate the shared cache (it did: every worktree recomputed all rows); its content does."""
+    import dataclasses
+
+    from analysis.util.taxonomy import load_art9
+
+    cache, det = tmp_path / "feats.parquet", _CountingDetector()
+    det.spec = load_art9()
+    fit_defaults.features(det, ["a"], ["back pain"], cache)
+    det.spec = dataclasses.replace(det.spec, source="/another/checkout/analysis/data/art9.yaml")
+    fit_defaults.features(det, ["a"], ["back pain"], cache)
+    assert len(det.seen) == 1
+    det.spec = dataclasses.replace(det.spec, neutralize=(*det.spec.neutralize, r"back pain relief"))
+    fit_defaults.features(det, ["a"], ["back pain"], cache)
+    assert len(det.seen) == 2
+
 def test_rows_are_told_apart_by_labeling_round():
     lab = pd.DataFrame({"stratum": ["random", "r2nn:ethnicity", "r3hard:health", "r4random", None, "lexicon:health"],
                         "source": ["gold"] * 5 + ["old"]})

@@ -11,11 +11,13 @@ import pytest
 from statsmodels.stats.proportion import proportion_confint
 
 from analysis.contract.art9 import ART9, label_matrix
+from analysis.contract.settings import MappingSettings
 from analysis.detector.evaluation import evaluate_detector
 from analysis.detector.features import LexiconDetector, head_columns, reply_columns
 from analysis.detector.model import DetectorParams, FitOptions, SensitiveDetector, choose_threshold
 from analysis.detector.text import clean_text, segments
 from analysis.ingest.conversations import build_conversations
+from analysis.mapping.refit import detect_with_refit
 from analysis.util.embeddings import STATIC_PCA_DIMS
 
 
@@ -238,6 +240,39 @@ def test_heads_read_the_head_vector_and_first_reply_when_fitted_with_them(small_
     assert not d.user_side_params().with_reply
     np.testing.assert_array_equal(d.detect(docs[:20]).scores.to_numpy(), SensitiveDetector(backend="static").detect(docs[:20]).scores.to_numpy())
 
+
+
+def test_a_corpus_without_replies_gets_the_user_side_entry_of_an_explicit_params_file(small_labeled, tmp_path):
+    """One rule for "no replies" in `detect` and in stage 02's `detect_with_refit`: params that read the
+    first reply, loaded from a file that also holds `<backend>_user_side`, score a corpus without replies
+    with that entry, and the detection carries it (stage 02 saves `detection.params`); a file of one
+    parameter set has none, so zeros stand in and a note says so."""
+    docs = small_labeled[0][:40]
+    user = DetectorParams.load(None, "static")
+    rep = DetectorParams.from_dict(json.loads(json.dumps(user.to_dict())))
+    rep.with_reply = True
+    for h in rep.heads.values():  # reply columns (between the embeddings and the 35 design columns) that weigh nothing
+        at = len(h["mean"]) - 35
+        for k, v in (("mean", 0.0), ("scale", 1.0), ("coef", 0.0)):
+            h[k] = h[k][:at] + [v] * STATIC_PCA_DIMS + h[k][at:]
+    both = tmp_path / "both.json"
+    both.write_text(json.dumps({"static": rep.to_dict(), "static_user_side": user.to_dict()}))
+    flat = rep.save(tmp_path / "flat.json")
+    conv = pd.DataFrame({"conversation_id": [f"c{i}" for i in range(len(docs))], "document": docs, "first_reply": [" "] * len(docs)})
+    s = MappingSettings(fit_detector=False)
+    run = detect_with_refit(SensitiveDetector(backend="static", params=both), conv, None, s, params_source="both.json")
+    assert run.detection.params.to_dict() == user.to_dict() and "user-side parameters (`static_user_side`" in run.notes[0]
+    direct = SensitiveDetector(backend="static", params=both).detect(docs)
+    assert direct.params.to_dict() == user.to_dict()
+    np.testing.assert_array_equal(direct.scores.to_numpy(), run.detection.scores.to_numpy())
+    # with replies the file's main entry scores
+    replied = detect_with_refit(SensitiveDetector(backend="static", params=both), conv.assign(first_reply="Sure, here it is."), None, s,
+                                params_source="both.json")
+    assert replied.detection.params.with_reply and not replied.notes
+    # a file of one parameter set (as stage 02 saves them): no user-side fit, zeros in the reply's place, said
+    run = detect_with_refit(SensitiveDetector(backend="static", params=flat), conv.drop(columns="first_reply"), None, s, params_source="flat.json")
+    assert run.detection.params.with_reply and "no `static_user_side` entry" in run.notes[0] and str(flat) in run.notes[0]
+    np.testing.assert_allclose(run.detection.scores.to_numpy(), direct.scores.to_numpy(), rtol=1e-9)
 
 # ------------------------------------------------------------------- the simulated world
 

@@ -1,0 +1,134 @@
+"""The detector's neighbour vote: what the labeled conversations most like this one were labeled.
+
+Per conversation, the exp(`temperature` x cosine)-weighted share of its `k` nearest labeled
+conversations (cosine of the unit [head | segment mean | first reply] vectors, each block
+unit-normalized: the vectors the heads read) that are positive for an Art. 9 category, or (among
+the labeled conversations with an IAB tier-1) carry a related tier-1. The shares enter the heads as
+features (`emb__vote_<name>`). A conversation never votes for itself: labeled conversations of its
+own ShareGPT chat (the id without its `_<part>` suffix) are left out, in fitting (every labeled row's
+vote comes from the others) and in scoring (a corpus that holds the labeled conversations).
+Train-split study and figures: `bench/detector_neighbour_vote.py`, docs/detector.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from analysis.contract.art9 import label_matrix
+
+VOTE_ART9 = ("health", "religion", "politics", "ethnicity", "sexual_orientation")
+# IAB 3.0 tier-1 ids whose labels sit next to the Art. 9 categories (health vs fitness copy, politics vs law)
+VOTE_IAB = {"286": "medical_health", "223": "healthy_living", "453": "religion_spirituality", "386": "politics",
+            "v9i3On": "sensitive_topics", "383": "law"}
+BLOCKS = ("head", "mean", "reply")
+
+
+def chat_of(ids: Sequence) -> np.ndarray:
+    """ShareGPT chat id: a conversation id without its `_<part>` suffix."""
+    return pd.Series(list(ids), dtype=object).astype(str).str.rsplit("_", n=1).str[0].to_numpy(dtype=object)
+
+
+def vote_vectors(feats: pd.DataFrame) -> np.ndarray:
+    """Unit [head | segment mean | reply] rows from the detector's feature columns, each block
+    unit-normalized first (a missing reply: a zero block)."""
+    parts = []
+    for b in BLOCKS:
+        cols = [c for c in feats.columns if c.startswith(f"emb__{b}_")]
+        if not cols:
+            raise ValueError(f"the neighbour vote needs the `emb__{b}_i` feature columns (head, segment mean, reply vectors)")
+        parts.append(_unit(feats[cols].to_numpy(np.float32)))
+    return _unit(np.hstack(parts))
+
+
+def _unit(X: np.ndarray) -> np.ndarray:
+    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+
+
+def default_pool_path(name: str) -> Path:
+    return Path(str(resources.files("analysis") / "data" / name))
+
+
+@dataclass
+class NeighbourVote:
+    """The labeled conversations a vote reads: vectors, vote targets (1/0; NaN where a row has no such
+    label, e.g. no tier-1), chat ids; `k` neighbours weighted exp(`temperature` x cosine)."""
+
+    vectors: np.ndarray
+    targets: np.ndarray
+    names: tuple[str, ...]
+    chats: np.ndarray
+    k: int = 25
+    temperature: float = 20.0
+
+    @classmethod
+    def from_labeled(cls, feats: pd.DataFrame, art9, tier1: Sequence, ids: Sequence, *, k: int = 25,
+                     temperature: float = 20.0) -> "NeighbourVote":
+        """From labeled conversations: their features, Art. 9 labels, IAB tier-1 ids (None: not labeled)
+        and conversation ids. The vectors are stored as `save` keeps them, so a reloaded vote is identical."""
+        y = label_matrix(art9, list(VOTE_ART9))
+        t1 = np.array([None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in tier1], dtype=object)
+        has = np.array([v is not None for v in t1])
+        iab = [np.where(has, (t1 == i).astype(float), np.nan) for i in VOTE_IAB]
+        T = np.column_stack([y.astype(float), *iab])
+        names = tuple(f"art9_{c}" for c in VOTE_ART9) + tuple(f"iab_{n}" for n in VOTE_IAB.values())
+        return cls(_dequantize(_quantize(vote_vectors(feats))), T, names, chat_of(ids), k, temperature)
+
+    def votes(self, V: np.ndarray, chats: np.ndarray | None = None) -> np.ndarray:
+        """(rows of unit vectors `V`, targets) vote shares; pool rows of the same chat (`chats`) do not vote."""
+        out = np.zeros((len(V), self.targets.shape[1]))
+        code = {c: i for i, c in enumerate(pd.unique(self.chats))}
+        pool_chat = np.array([code[c] for c in self.chats])
+        for start in range(0, len(V), 2048):  # blocks bound the similarity matrix (2,048 x pool)
+            S = V[start:start + 2048] @ self.vectors.T
+            if chats is not None:
+                q = np.array([code.get(c, -1) for c in chats[start:start + 2048]])
+                S[q[:, None] == pool_chat[None, :]] = -np.inf
+            near = {}
+            for j in range(self.targets.shape[1]):
+                ok = ~np.isnan(self.targets[:, j])
+                key = ok.tobytes()
+                if key not in near:  # Art. 9 targets: every row; IAB: rows with a tier-1
+                    Ss = S[:, ok]
+                    kk = min(self.k, Ss.shape[1])
+                    nn = np.argpartition(-Ss, kk - 1, axis=1)[:, :kk]
+                    s = np.take_along_axis(Ss, nn, 1)
+                    fin = np.isfinite(s)
+                    near[key] = nn, np.where(fin, np.exp(self.temperature * (np.where(fin, s, 1.0) - 1.0)), 0.0)
+                nn, w = near[key]
+                out[start:start + len(S), j] = (w * self.targets[ok, j][nn]).sum(1) / np.maximum(w.sum(1), 1e-300)
+        return out
+
+    def columns(self, feats: pd.DataFrame, ids: Sequence | None = None) -> pd.DataFrame:
+        """The vote shares as the heads' columns `emb__vote_<name>` (ids: leave out their chats' labeled rows)."""
+        v = self.votes(vote_vectors(feats), None if ids is None else chat_of(ids))
+        return pd.DataFrame(v, columns=[f"emb__vote_{n}" for n in self.names], index=feats.index)
+
+    def save(self, path: str | Path) -> Path:
+        np.savez_compressed(path, vectors=_quantize(self.vectors), targets=self.targets.astype(np.float32), names=np.asarray(self.names, dtype=str),
+                            chats=np.asarray(self.chats, dtype=str), k=self.k, temperature=self.temperature)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "NeighbourVote":
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"neighbour-vote pool {p} does not exist (data/labels/fit_defaults.py --write writes it)")
+        z = np.load(p, allow_pickle=False)
+        return cls(_dequantize(z["vectors"]), z["targets"].astype(np.float64), tuple(z["names"].astype(str)),
+                   z["chats"].astype(str).astype(object), int(z["k"]), float(z["temperature"]))
+
+
+def _quantize(V: np.ndarray) -> np.ndarray:
+    """int8 rows, each scaled to its largest component (half the size of float16; only directions
+    matter, and cosines move by < 1e-3)."""
+    return np.round(V * (127.0 / np.maximum(np.abs(V).max(axis=1, keepdims=True), 1e-12))).astype(np.int8)
+
+
+def _dequantize(q: np.ndarray) -> np.ndarray:
+    return _unit(q.astype(np.float32))

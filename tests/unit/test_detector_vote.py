@@ -1,0 +1,38 @@
+"""The detector's neighbour vote: weighted shares of the nearest labeled conversations, never of the
+conversation's own ShareGPT chat, and a saved pool that votes as the fitted one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.detector.vote import VOTE_ART9, VOTE_IAB, NeighbourVote
+
+
+def _feats(V: np.ndarray) -> pd.DataFrame:
+    """Head, segment-mean and reply blocks that are all `V` (so the vote vector is V, normalized)."""
+    cols = {f"emb__{b}_{i}": V[:, i] for b in ("mean", "head", "reply") for i in range(V.shape[1])}
+    return pd.DataFrame(cols)
+
+
+def test_the_vote_weighs_the_nearest_labeled_conversations_and_skips_the_own_chat(tmp_path):
+    V = np.array([[1, 0, 0], [0.99, 0.14, 0], [0.96, 0.28, 0], [0, 1, 0], [0, 0, 1]], dtype=float)
+    pool = NeighbourVote.from_labeled(_feats(V), [["health"], [], ["health", "religion"], ["religion"], []],
+                                      ["286", None, "286", "453", "596"], ["a_0", "b_0", "c_0", "d_0", "e_0"], k=2, temperature=20.0)
+    assert pool.names[:len(VOTE_ART9)] == tuple(f"art9_{c}" for c in VOTE_ART9) and len(pool.names) == len(VOTE_ART9) + len(VOTE_IAB)
+    h, iab_mh = pool.names.index("art9_health"), pool.names.index("iab_medical_health")
+    q = _feats(np.array([[1.0, 0.02, 0]]))
+    # no ids: the two nearest are rows 0 (health) and 1 (not): a share between, nearer row 0's label
+    v = pool.columns(q).iloc[0]
+    assert 0.5 < v.iloc[h] < 1.0
+    # the same conversation as row 0 (chat "a"): row 0 does not vote, rows 1 and 2 do
+    w = pool.columns(q, ["a_3"]).iloc[0]
+    u = lambda x: np.asarray(x) / np.linalg.norm(x)  # noqa: E731
+    s1, s2 = (np.exp(20 * (u(V[i]) @ u([1, 0.02, 0]) - 1)) for i in (1, 2))
+    assert w.iloc[h] == pytest.approx(s2 / (s1 + s2), abs=0.01)
+    # the IAB vote reads only rows with a tier-1 (row 1 has none): rows 2 and 3 are the nearest of those
+    assert w.iloc[iab_mh] > 0.9
+    again = NeighbourVote.load(pool.save(tmp_path / "pool.npz"))
+    np.testing.assert_array_equal(again.columns(q, ["a_3"]).to_numpy(), pool.columns(q, ["a_3"]).to_numpy())
+    assert again.names == pool.names and (again.k, again.temperature) == (2, 20.0)
