@@ -50,7 +50,7 @@ def main() -> None:
     z = {}
     for be in ("static", "minilm"):
         det = SensitiveDetector(backend=be, fitting=REAL_CHAT_FITTING)
-        H = _head_matrix(det.features(docs), det.cats)
+        H = _head_matrix(det.features(docs, head=False, vote=False), det.cats)  # the session-5 study: segments, lexicon, prototypes
         z[be], fit = lr_oof(H, Y, folds, trn, REAL_CHAT_FITTING.head_C, SEED)
         z[be][tst] = fit(tst)
     cal = {be: calibrate(z[be][trn], Y[trn]) for be in z}

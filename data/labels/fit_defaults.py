@@ -277,7 +277,8 @@ def features(det: SensitiveDetector, ids, texts, cache: Path | None) -> pd.DataF
     todo = np.flatnonzero(~ok)
     if len(todo):
         t0 = time.perf_counter()
-        new = det.features([texts[i] for i in todo], head=False)  # the head vector is added by the caller, from the embedding cache
+        # the head and reply vectors are added by the caller, from the embedding cache, and the vote from them
+        new = det.features([texts[i] for i in todo], head=False, vote=False)
         new.index = pd.Index([ids[i] for i in todo], name="conversation_id")
         print(f"features: {len(todo)} conversations computed in {time.perf_counter() - t0:.1f} s, "
               f"{len(ids) - len(todo)} from {cache}")

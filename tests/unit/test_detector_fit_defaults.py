@@ -63,8 +63,8 @@ class _CountingDetector:
     def __init__(self):
         self.seen = []
 
-    def features(self, texts, head=None):
-        assert head is False  # the cache holds the segment and lexicon features; the head vector is added apart
+    def features(self, texts, head=None, vote=None):
+        assert head is False and vote is False  # the cache holds the segment and lexicon features; head and vote are added apart
         self.seen.append(list(texts))
         return pd.DataFrame({"health__strong": [t.count("pain") for t in texts], "emb__mean_0": [len(t) / 10 for t in texts]})
 
