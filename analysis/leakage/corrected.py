@@ -185,6 +185,8 @@ class CorrectedLeakage:
 
 def _qualify(est, se_p, f_p, se_b, f_b, q0, q1, qn, a) -> tuple[str, str]:
     """The boundary rule (class docstring): what a row may publish, and why."""
+    if not np.isfinite([se_p, f_p, se_b, f_b]).all():
+        return WITHHELD, "not identified: the labels hold no conversation about the category (or none without it) to measure the detector's errors on"
     if not (se_p > f_p and se_b > f_b):
         return WITHHELD, (f"not identified: the detector's sensitivity ({min(se_p, se_b):.2f}) does not exceed its "
                           f"false-positive rate ({max(f_p, f_b):.3f})")

@@ -66,6 +66,8 @@ def test_floor_binding_case_is_withheld_or_one_sided_never_a_zero_interval():
     # a detector no better than chance (Se <= f): not identified, whatever the counts
     r = _rg_one([12, 1988, 60, 140], tp=0, fn=10, tn=990, fp=10)
     assert r["status"] == "withheld" and "sensitivity" in r["reason"]
+    r = _rg_one([12, 1988, 60, 140], tp=0, fn=0, tn=990, fp=10)  # no labeled conversation about it: Se unmeasured
+    assert r["status"] == "withheld" and "no conversation about the category" in r["reason"]
 
 
 def test_rejected_assumptions_withhold_the_category_and_the_metric_says_why(tmp_path):
