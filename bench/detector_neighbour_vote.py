@@ -76,13 +76,18 @@ def load():
     return det, lab, texts, feats, t1.where(t1.notna(), None).to_numpy()
 
 
-def vote_matrix(feats: pd.DataFrame, lab: pd.DataFrame, t1) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """(cosine matrix with same-chat pairs at -inf, vote targets per row (NaN: not in that vote's pool), names)."""
+def vote_matrix(feats: pd.DataFrame, lab: pd.DataFrame, t1, dedup: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """(cosine matrix with same-chat pairs at -inf, vote targets per row (NaN: not in that vote's pool), names).
+    `dedup`: pairs at cosine >= dedup are at -inf too (ShareGPT holds one conversation under several chat ids)."""
     blocks = [unit(feats[[c for c in feats.columns if c.startswith(f"emb__{b}_")]].to_numpy(np.float32)) for b in ("head", "mean", "reply")]
     V = unit(np.hstack(blocks))
     S = V @ V.T
     chat = pd.factorize(fd.chat_of(lab["conversation_id"]))[0]
     S[chat[:, None] == chat[None, :]] = -np.inf
+    if dedup is not None:
+        near = S >= dedup
+        print(f"train rows with another chat's row at cosine >= {dedup}: {int(near.any(1).sum())} of {len(S)} (left out of each other's votes)")
+        S[near] = -np.inf
     ya = label_matrix(lab["art9"], ART9)
     cols, names = [], []
     for c in VOTE_ART9:
@@ -195,6 +200,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--hgb", action="store_true", help="also candidate 2: HistGradientBoosting heads")
     ap.add_argument("--no-vote", action="store_true", help="skip candidate 1")
+    ap.add_argument("--dedup", type=float, default=None, metavar="COS",
+                    help="leave rows of other chats at cosine >= COS out of each other's votes (near-duplicate check)")
     a = ap.parse_args()
     t0 = time.perf_counter()
     det, lab, texts, feats, t1 = load()
@@ -210,7 +217,7 @@ def main():
         res["shipped features"] = cross_fit(H, Y, folds, logistic_head())
         print(f"shipped features: {time.perf_counter() - t:.0f} s", flush=True)
         if not a.no_vote:
-            S, T, names = vote_matrix(feats, lab, t1)
+            S, T, names = vote_matrix(feats, lab, t1, a.dedup)
             print("vote targets:", dict(zip(names, np.nansum(T, 0).astype(int).tolist())), flush=True)
             for name, cols in (("+ neighbour vote (Art. 9 + IAB): candidate 1", slice(None)),
                                ("+ neighbour vote, Art. 9 part only (ablation)", slice(0, len(VOTE_ART9)))):
@@ -230,7 +237,7 @@ def main():
         print(f"{name}: mAP(4) {f['mAP(4)']:.3f}, nested macro-F1(4) {f['macro-F1(4)']:.3f}; vs shipped features: {diff}", flush=True)
     out = pd.DataFrame(rows)
     OUT.mkdir(exist_ok=True)
-    p = OUT / ("detector_neighbour_vote_train7857" + ("_hgb" if a.hgb else "") + ".csv")
+    p = OUT / ("detector_neighbour_vote_train7857" + ("_hgb" if a.hgb else "") + (f"_dedup{a.dedup:g}" if a.dedup else "") + ".csv")
     out.to_csv(p, index=False)
     print(out.to_string())
     print(f"wrote {p} ({time.perf_counter() - t0:.0f} s)")

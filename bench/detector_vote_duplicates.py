@@ -1,0 +1,77 @@
+"""Near-duplicate check of the neighbour vote's TEST gain (issue 15, session 8): ShareGPT holds one conversation
+under several chat ids, so the split by chat does not keep duplicates apart. Counts the TEST rows with a train-pool
+row at cosine >= 0.90-0.99 (vote vectors) and scores TEST with the shipped params, with those pool rows left out of
+each test row's vote. Reads the TEST split: a check of a shipped figure, not a choice.
+
+    CHAT_AD_AUDIT_CACHE=... OMP_NUM_THREADS=1 .venv/bin/python bench/detector_vote_duplicates.py
+"""
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "data" / "labels"))
+sys.path.insert(0, str(ROOT))
+import fit_defaults as fd  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from analysis.detector.evaluation import evaluate_detector  # noqa: E402
+from analysis.detector.features import head_columns, reply_columns  # noqa: E402
+from analysis.detector.model import SensitiveDetector  # noqa: E402
+from analysis.detector.vote import chat_of, vote_vectors  # noqa: E402
+from analysis.util.embeddings import default_cache_dir  # noqa: E402
+
+lab = fd.load_labels()
+texts = fd.load_documents(lab).tolist()
+tr = (lab["split"] == "train").to_numpy()
+det = SensitiveDetector(backend="minilm")
+cache = default_cache_dir() / "gold_features" / "detector_features_minilm.parquet"
+uf = fd.features(det, lab["conversation_id"], texts, cache)
+feats = pd.concat([uf, head_columns(texts, "minilm"), reply_columns(fd.load_replies(lab), "minilm")], axis=1)
+pool = det.vote_pool()
+te = ~tr
+lte = lab[te].reset_index(drop=True)
+fte = feats[te].reset_index(drop=True)
+V = vote_vectors(fte)
+S = V @ pool.vectors.T
+mx = S.max(1)
+for t in (0.90, 0.95, 0.98, 0.99):
+    print(f"TEST rows with a pool row at cosine >= {t}: {(mx >= t).sum()} of {len(mx)}")
+y = fd.label_matrix(lte["art9"], fd.FOUR) if hasattr(fd, "label_matrix") else None
+tte = [t for t, k in zip(texts, te) if k]
+
+def score(thr):
+    out = pool.votes(V, chat_of(lte["conversation_id"])) if thr is None else _votes_excl(thr)
+    f = pd.concat([fte, pd.DataFrame(out, columns=[f"emb__vote_{n}" for n in pool.names])], axis=1)
+    r = det.detect(tte, lte["conversation_id"], features=f)
+    v = evaluate_detector(r.flags, lte["art9"])
+    return fd.macro_f1(v), fd.mean_ap(r.scores, lte["art9"]), r
+
+def _votes_excl(thr):
+    # same as NeighbourVote.votes, with pool rows at cosine >= thr to the query left out too
+    out = np.zeros((len(V), pool.targets.shape[1]))
+    code = {c: i for i, c in enumerate(pd.unique(pool.chats))}
+    pc = np.array([code[c] for c in pool.chats])
+    q = np.array([code.get(c, -1) for c in chat_of(lte["conversation_id"])])
+    Sm = S.copy()
+    Sm[q[:, None] == pc[None, :]] = -np.inf
+    Sm[Sm >= thr] = -np.inf
+    for j in range(pool.targets.shape[1]):
+        ok = ~np.isnan(pool.targets[:, j])
+        Ss = Sm[:, ok]
+        kk = min(pool.k, Ss.shape[1])
+        nn = np.argpartition(-Ss, kk - 1, axis=1)[:, :kk]
+        s = np.take_along_axis(Ss, nn, 1)
+        fin = np.isfinite(s)
+        w = np.where(fin, np.exp(pool.temperature * (np.where(fin, s, 1.0) - 1.0)), 0.0)
+        out[:, j] = (w * pool.targets[ok, j][nn]).sum(1) / np.maximum(w.sum(1), 1e-300)
+    return out
+
+base = score(None)
+print(f"shipped, as scored: macro-F1(4) {base[0]:.3f} mAP(4) {base[1]:.3f}")
+for thr in (0.98, 0.95, 0.90):
+    m = score(thr)
+    print(f"pool rows at cosine >= {thr} left out: macro-F1(4) {m[0]:.3f} mAP(4) {m[1]:.3f}")
+# which test rows have near-duplicates, and are they positives?
+pos = lte["art9"].astype(str).str.contains("health|religion|politics|ethnicity")
+print("near-dup (>=0.95) test rows that are Art.9(4) positive:", int((pos.to_numpy() & (mx >= 0.95)).sum()), "of", int(pos.sum()))
