@@ -402,7 +402,7 @@ class SensitiveDetector:
                     inner[(k, j)] = _head_probs(heads[("pair", a, b)][0], H[te], tfidf(("pair", a, b), te), self.cats)
             oof_s, oof_f = np.zeros((n, m)), np.zeros((n, m), dtype=bool)
             oof_raw = np.full((n, m), np.nan)  # the fold heads' uncalibrated probabilities: what Platt scaling is fitted to
-            had_head = []
+            had_head, fold_params = [], {}
             for k in ks.tolist():
                 tr, te = train[("fold", k)], folds == k
                 sel = np.full((n, m), np.nan)
@@ -416,6 +416,7 @@ class SensitiveDetector:
                 oof_s[te] = s.to_numpy()
                 oof_f[te] = s.to_numpy() >= np.array([p.thresholds[c] for c in self.cats])
                 had_head.append(set(p.heads))
+                fold_params[int(k)] = p
             # the all-labels detector: thresholds on the cross-fitted scores where every fold model had that head
             usable = np.full((n, m), np.nan)
             for j, c in enumerate(self.cats):
@@ -426,7 +427,7 @@ class SensitiveDetector:
         params.with_reply, params.with_head = bool(params.heads) and _reads("reply", feats), bool(params.heads) and _reads("head", feats)
         self.params = params
         cols = list(self.cats)
-        return CrossFit(pd.DataFrame(oof_s, columns=cols), pd.DataFrame(oof_f, columns=cols), params, folds)
+        return CrossFit(pd.DataFrame(oof_s, columns=cols), pd.DataFrame(oof_f, columns=cols), params, folds, fold_params)
 
     def _fit_pooled(self, feats: pd.DataFrame, y: np.ndarray, *, C: float, min_positives: int, beta: float,
                     source: str) -> tuple[DetectorParams, dict]:
@@ -509,11 +510,35 @@ class SensitiveDetector:
 
 @dataclass
 class CrossFit:
-    """Out-of-fold scores and flags per labeled text (input order), and the all-labels parameters."""
+    """Out-of-fold scores and flags per labeled text (input order), the all-labels parameters, and the
+    fold-k detector (fitted without fold k, thresholds included) per fold number."""
     scores: pd.DataFrame
     flags: pd.DataFrame
     params: DetectorParams
     folds: np.ndarray
+    fold_params: dict[int, DetectorParams]
+
+    def predict(self, det: SensitiveDetector, features: pd.DataFrame, folds: Sequence[int],
+                texts: Sequence[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Cross-prediction (Zrnic & Candes 2023): scores and flags of each row by the detector fitted
+        without its fold `folds[i]`, as the labeled texts of that fold were scored, so labeled and
+        unlabeled rows of a fold share one model and one set of thresholds. A fold number no labeled text
+        fell in gets the all-labels detector (fitted without that fold, too). `det` computes the scores
+        (its categories); `texts` are needed when the params have a TF-IDF part."""
+        feats = features.reset_index(drop=True)
+        folds = np.asarray(folds)
+        if len(folds) != len(feats) or (texts is not None and len(texts) != len(feats)):
+            raise ValueError(f"CrossFit.predict: {len(feats)} feature rows, {len(folds)} fold numbers"
+                             + ("" if texts is None else f" and {len(texts)} texts") + " must match")
+        cats = list(det.cats)
+        scores, flags = np.zeros((len(feats), len(cats))), np.zeros((len(feats), len(cats)), dtype=bool)
+        for k in np.unique(folds).tolist():
+            p = self.fold_params.get(int(k), self.params)
+            rows = np.flatnonzero(folds == k)
+            s = det._score(feats.iloc[rows].reset_index(drop=True), p, None if texts is None else ["" if texts[i] is None else str(texts[i]) for i in rows])
+            scores[rows] = s[cats].to_numpy()
+            flags[rows] = scores[rows] >= np.array([p.thresholds[c] for c in cats])
+        return pd.DataFrame(scores, columns=cats), pd.DataFrame(flags, columns=cats)
 
 
 def _one_thread():

@@ -3,11 +3,17 @@ them and validate it out of sample, then score every conversation.
 
 - no labels: the shipped (or given) parameters score everything; no validation;
 - labels, refit off (or fewer than `min_labels_to_fit` with "auto"): validation uses all labels;
-- refit with `cv_folds` > 1: cross-fitting. Every labeled conversation is scored by a detector
-  fitted on the other folds, so the validation (and the flags the leakage stage re-checks) are
-  out of sample; unlabeled conversations get the detector fitted on all labels;
+- refit with `cv_folds` > 1: cross-prediction (Zrnic & Candes 2023, "Cross-prediction-powered
+  inference"). Every conversation, labeled or not, gets a fold number from its id (`id_hash` with
+  the run's seed, the rule that assigns the labeled folds) and is scored and flagged by the detector
+  fitted without that fold's labels. A labeled conversation's score is thus out of fold, and the
+  labeled and unlabeled conversations of a fold are scored by the same model and thresholds: they
+  are exchangeable, so the validation (on labeled) describes the flags stage 03 counts (unlabeled),
+  and its Rogan-Gladen correction and PPI++ read one predictor on both. The detector fitted on all
+  labels is fitted too (`detection.params`, saved as detector_params.json for other corpora) but
+  scores none of this run's conversations;
 - refit with `cv_folds` <= 1: fit on a `tune_share` part of the labels (id-hash split), validate
-  on the rest.
+  on the rest; the fitted detector scores everything.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import pandas as pd
 
 from analysis.contract.settings import MappingSettings
 from analysis.detector.evaluation import Validation, evaluate_detector
-from analysis.detector.model import Detection, SensitiveDetector, has_replies
+from analysis.detector.model import CrossFit, Detection, SensitiveDetector, has_replies
 from analysis.mapping.labels import id_hash
 
 
@@ -39,7 +45,8 @@ def detect_with_refit(det: SensitiveDetector, conv: pd.DataFrame, labels: pd.Dat
     """Score `conv` (conversation_id, document, optionally first_reply) with `det`, refitting it on
     `labels` per the policy above. A refit reads the assistant's first reply when `conv` has any; the
     given parameters read it when they were fitted with it (when `conv` has none: the detector
-    `SensitiveDetector.for_corpus` picks, with its note). `detection.params` are the params that scored."""
+    `SensitiveDetector.for_corpus` picks, with its note). `detection.params` are the params that scored
+    (with cross-prediction: the all-labels fit, while the fold detectors scored)."""
     s = settings
     notes: list[str] = []
     pos = pd.Series(np.arange(len(conv)), index=conv["conversation_id"])
@@ -61,15 +68,17 @@ def detect_with_refit(det: SensitiveDetector, conv: pd.DataFrame, labels: pd.Dat
     # ... but not the neighbour vote: its pool is the gold set's labels, a refit learns from this run's
     feats = det.features(docs_all, (replies if replied else [None] * len(conv)) if use_reply else None, head=use_head,
                          vote=False if fit else None, ids=conv["conversation_id"].tolist())
-    oof = None
+    cf: CrossFit | None = None
     if labels is not None and fit and s.cv_folds and s.cv_folds > 1:
-        fold = (id_hash(labels["conversation_id"], s.seed) * s.cv_folds).astype(int)
+        fold = (id_hash(conv["conversation_id"], s.seed) * s.cv_folds).astype(int)  # every conversation's, labeled or not
         lp = pos[labels["conversation_id"]].to_numpy()
-        cf = det.cross_fit([docs_all[i] for i in lp], labels["art9"].reset_index(drop=True), fold,
+        cf = det.cross_fit([docs_all[i] for i in lp], labels["art9"].reset_index(drop=True), fold[lp],
                            features=feats.iloc[lp].reset_index(drop=True), source=f"all {len(labels)} labeled conversations of this run")
-        oof = (lp, cf.scores, cf.flags)
-        params_source = (f"fitted on all {len(labels)} labeled conversations; validated by {s.cv_folds}-fold cross-fitting "
-                         "(labeled conversations carry their out-of-fold scores)")
+        scores, flags = cf.predict(det, feats, fold, docs_all)
+        detection = Detection(conv["conversation_id"].reset_index(drop=True), scores, flags, feats, det.params)
+        params_source = (f"{s.cv_folds}-fold cross-prediction on this run's {len(labels)} labeled conversations: every conversation "
+                         "is scored by the detector fitted without its fold (fold by id hash; labeled ones out of fold); the "
+                         "detector fitted on all labels is saved (detector_params.json) but scores none of this run")
     elif labels is not None and fit:
         tune = id_hash(labels["conversation_id"], s.seed) < s.tune_share
         lt = labels[tune]
@@ -77,12 +86,8 @@ def detect_with_refit(det: SensitiveDetector, conv: pd.DataFrame, labels: pd.Dat
                 features=feats.iloc[pos[lt["conversation_id"]].to_numpy()].reset_index(drop=True),
                 source=f"{int(tune.sum())} labeled conversations of this run (tuning part)")
         params_source = f"fitted on {int(tune.sum())} labeled conversations; validated on the other {int((~tune).sum())}"
-    detection = det.detect(docs_all, conv["conversation_id"], features=feats)
-    if oof is not None:
-        lp, osc, ofl = oof
-        for c in det.cats:
-            detection.scores.loc[lp, c] = osc[c].to_numpy(dtype=float)
-            detection.flags.loc[lp, c] = ofl[c].to_numpy(dtype=bool)
+    if cf is None:
+        detection = det.detect(docs_all, conv["conversation_id"], features=feats)
     validation = held_out = None
     if labels is not None:
         held_out = labels[~tune]

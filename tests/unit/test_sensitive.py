@@ -214,6 +214,40 @@ def test_cross_fit_falls_back_to_the_nested_search_for_a_rare_category(small_lab
     assert "nested" in cf.params.notes["thresholds"]["trade_union"]
 
 
+def test_refit_cross_predicts_unlabeled_conversations_with_their_folds_model(small_labeled):
+    """Stage 02's refit with cv_folds > 1 scores an unlabeled conversation by the detector of the fold its
+    id hashes to: a copy of a labeled conversation (same text) hashing to that one's fold gets exactly its
+    out-of-fold score and flags; a copy hashing to another fold is scored by another fold's detector.
+    The all-labels detector is kept as `detection.params` but scores none of them."""
+    from analysis.mapping.labels import id_hash
+
+    docs, truth, _ = small_labeled
+    n, K = 450, 3
+    s = MappingSettings(fit_detector=True, cv_folds=K, min_labels_to_fit=10, seed=5)
+    lab_ids = pd.Series([f"L{i}" for i in range(n)])
+    lab_fold = (id_hash(lab_ids, s.seed) * K).astype(int)
+    # per labeled conversation, an unlabeled copy in its fold and one in the next fold (ids searched by hash)
+    cand = pd.Series([f"U{i}" for i in range(20 * n)])
+    cand_fold = (id_hash(cand, s.seed) * K).astype(int)
+    pools = {k: list(cand[cand_fold == k]) for k in range(K)}
+    same = [pools[k].pop() for k in lab_fold]
+    other = [pools[(k + 1) % K].pop() for k in lab_fold]
+    conv = pd.DataFrame({"conversation_id": list(lab_ids) + same + other, "document": docs[:n] * 3})
+    labels = pd.DataFrame({"conversation_id": lab_ids, "art9": truth[:n]})
+    det = SensitiveDetector(backend="static", fitting=FitOptions(min_head_positives=10, seed=1))
+    run = detect_with_refit(det, conv, labels, s, params_source="shipped")
+    sc, fl = run.detection.scores.to_numpy(), run.detection.flags.to_numpy()
+    # (the copies' features are computed in other embedding batches: equal up to float32 rounding)
+    np.testing.assert_allclose(sc[n:2 * n], sc[:n], rtol=1e-5, atol=1e-9)
+    np.testing.assert_array_equal(fl[n:2 * n], fl[:n])
+    assert not np.allclose(sc[2 * n:], sc[:n])
+    feats = run.detection.features.iloc[:n].reset_index(drop=True)
+    # the saved all-labels detector scores differently from the fold detectors and is not what scored
+    full = det.detect(docs[:n], features=feats)
+    assert run.detection.params is det.params and not np.allclose(full.scores.to_numpy(), sc[:n])
+    assert "cross-prediction" in run.params_source and run.validation is not None
+
+
 def test_heads_read_the_head_vector_and_first_reply_when_fitted_with_them(small_world, small_labeled, tmp_path):
     """Head-vector and reply columns join the heads' input; the params record it, reload with it, score
     texts and replies like the precomputed features, and refuse features of the other kind."""
