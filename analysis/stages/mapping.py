@@ -116,7 +116,7 @@ def run(run_dir: RunDir | str, settings: MappingSettings | None = None, engine: 
     art = {
         "topic_categories": write_parquet(mapping.table, rd.topic_categories),
         "conversation_categories": write_parquet(cc, rd.conversation_categories),
-        "detector_params": dr.detection.params.save(rd.detector_params),  # what scored: a refit, or the user-side fit
+        "detector_params": dr.detection.params.save(rd.detector_params),  # the given or user-side fit that scored, or a refit on all labels (with cv_folds > 1 its fold detectors scored)
         "mapping_overrides_applied": write_json({"file": overrides.source, "topics": mapping.overrides_applied, "conversations": conv_overrides,
                                                  "ad_nodes": overrides.ad_nodes,
                                                  "ad_nodes_in_use": spec.ad_nodes()}, rd.mapping_overrides_applied),
