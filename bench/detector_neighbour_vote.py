@@ -26,6 +26,10 @@ scoring j), so the fold-k flags are nested. The shipped features run through the
 must reproduce `cross_fit`'s out-of-fold figures. Decision rule (fixed before the run): a candidate
 ships only if its mAP(4) minus the shipped one has a paired bootstrap 95% CI (1,000 resamples of
 ShareGPT chats) with lower bound > 0 AND its nested macro-F1(4) is not below the shipped point figure.
+
+`--user-side` (session 8, issue 15): the same study for the `minilm_user_side` entry that scores corpora
+without replies: features without the first reply (the entry's current features are the baseline),
+candidate 1 votes from unit [head | segment mean] vectors (each block unit-normalized), same rule.
 """
 
 from __future__ import annotations
@@ -62,7 +66,8 @@ def unit(X):
     return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
 
 
-def load():
+def load(user_side: bool = False):
+    """Train rows, texts, features (user side + head + first reply; `user_side`: without the reply) and tier-1s."""
     lab = fd.load_labels()
     tr = (lab["split"] == "train").to_numpy()
     lab = lab[tr].reset_index(drop=True)
@@ -70,16 +75,18 @@ def load():
     det = SensitiveDetector(backend="minilm", fitting=REAL_CHAT_FITTING)
     cache = default_cache_dir() / "gold_features" / "detector_features_minilm.parquet"
     user = fd.features(det, lab["conversation_id"], texts, cache)
-    feats = pd.concat([user, head_columns(texts, "minilm"), reply_columns(fd.load_replies(lab), "minilm")], axis=1)
+    feats = pd.concat([user, head_columns(texts, "minilm")] + ([] if user_side else [reply_columns(fd.load_replies(lab), "minilm")]), axis=1)
     gold = read_labels(fd.GOLD / "labels.csv")[["conversation_id", "iab_tier1"]]
     t1 = lab[["conversation_id"]].merge(gold, on="conversation_id", how="left")["iab_tier1"].astype(object)
     return det, lab, texts, feats, t1.where(t1.notna(), None).to_numpy()
 
 
-def vote_matrix(feats: pd.DataFrame, lab: pd.DataFrame, t1, dedup: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """(cosine matrix with same-chat pairs at -inf, vote targets per row (NaN: not in that vote's pool), names).
-    `dedup`: pairs at cosine >= dedup are at -inf too (ShareGPT holds one conversation under several chat ids)."""
-    blocks = [unit(feats[[c for c in feats.columns if c.startswith(f"emb__{b}_")]].to_numpy(np.float32)) for b in ("head", "mean", "reply")]
+def vote_matrix(feats: pd.DataFrame, lab: pd.DataFrame, t1, dedup: float | None = None,
+                blocks=("head", "mean", "reply")) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """(cosine matrix of the unit [`blocks`] vectors with same-chat pairs at -inf, vote targets per row (NaN: not in
+    that vote's pool), names). `dedup`: pairs at cosine >= dedup are at -inf too (ShareGPT holds one conversation
+    under several chat ids)."""
+    blocks = [unit(feats[[c for c in feats.columns if c.startswith(f"emb__{b}_")]].to_numpy(np.float32)) for b in blocks]
     V = unit(np.hstack(blocks))
     S = V @ V.T
     chat = pd.factorize(fd.chat_of(lab["conversation_id"]))[0]
@@ -202,9 +209,12 @@ def main():
     ap.add_argument("--no-vote", action="store_true", help="skip candidate 1")
     ap.add_argument("--dedup", type=float, default=None, metavar="COS",
                     help="leave rows of other chats at cosine >= COS out of each other's votes (near-duplicate check)")
+    ap.add_argument("--user-side", action="store_true",
+                    help="the user-side entry (corpora without replies): features without the first reply, votes from unit "
+                         "[head | segment mean] vectors (no ablation run)")
     a = ap.parse_args()
     t0 = time.perf_counter()
-    det, lab, texts, feats, t1 = load()
+    det, lab, texts, feats, t1 = load(a.user_side)
     folds = fd.grouped_folds(lab)
     Y = label_matrix(lab["art9"], list(CATS))
     H = _head_matrix(feats, det.cats)
@@ -217,10 +227,12 @@ def main():
         res["shipped features"] = cross_fit(H, Y, folds, logistic_head())
         print(f"shipped features: {time.perf_counter() - t:.0f} s", flush=True)
         if not a.no_vote:
-            S, T, names = vote_matrix(feats, lab, t1, a.dedup)
+            S, T, names = vote_matrix(feats, lab, t1, a.dedup, ("head", "mean") if a.user_side else ("head", "mean", "reply"))
             print("vote targets:", dict(zip(names, np.nansum(T, 0).astype(int).tolist())), flush=True)
-            for name, cols in (("+ neighbour vote (Art. 9 + IAB): candidate 1", slice(None)),
-                               ("+ neighbour vote, Art. 9 part only (ablation)", slice(0, len(VOTE_ART9)))):
+            cands = [("+ neighbour vote (Art. 9 + IAB): candidate 1", slice(None))]
+            if not a.user_side:
+                cands.append(("+ neighbour vote, Art. 9 part only (ablation)", slice(0, len(VOTE_ART9))))
+            for name, cols in cands:
                 t = time.perf_counter()
                 res[name] = cross_fit(H, Y, folds, logistic_head(), extra=lambda tr, q, cols=cols: votes(S, T[:, cols], tr, q))
                 print(f"{name}: {time.perf_counter() - t:.0f} s", flush=True)
@@ -237,7 +249,7 @@ def main():
         print(f"{name}: mAP(4) {f['mAP(4)']:.3f}, nested macro-F1(4) {f['macro-F1(4)']:.3f}; vs shipped features: {diff}", flush=True)
     out = pd.DataFrame(rows)
     OUT.mkdir(exist_ok=True)
-    p = OUT / ("detector_neighbour_vote_train7857" + ("_hgb" if a.hgb else "") + (f"_dedup{a.dedup:g}" if a.dedup else "") + ".csv")
+    p = OUT / ("detector_neighbour_vote_train7857" + ("_user_side" if a.user_side else "") + ("_hgb" if a.hgb else "") + (f"_dedup{a.dedup:g}" if a.dedup else "") + ".csv")
     out.to_csv(p, index=False)
     print(out.to_string())
     print(f"wrote {p} ({time.perf_counter() - t0:.0f} s)")

@@ -19,7 +19,7 @@ from threadpoolctl import threadpool_limits
 from analysis.contract.art9 import label_matrix
 from analysis.detector.features import EmbeddingDetector, LexiconDetector, head_columns, reply_columns
 from analysis.detector.text import clean_text
-from analysis.detector.vote import NeighbourVote, default_pool_path
+from analysis.detector.vote import BLOCKS, NeighbourVote, default_pool_path
 from analysis.util.privacy import suppress_small_cells
 from analysis.util.storage import write_json
 from analysis.util.taxonomy import Art9Spec, load_art9
@@ -55,7 +55,8 @@ class DetectorParams:
     with_reply: bool = False
     # ... and the vector of the user side's head (`emb__head_i`: SensitiveDetector.features(head=True))
     with_head: bool = False
-    # ... and the neighbour vote (`emb__vote_<name>`, analysis.detector.vote): {"pool": file name in analysis/data, "names": [...]}
+    # ... and the neighbour vote (`emb__vote_<name>`, analysis.detector.vote): {"pool": file name in analysis/data, "names": [...],
+    # "blocks": the vectors it compares, default ["head", "mean", "reply"]; the user-side entry's ["head", "mean"]}
     vote: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -186,7 +187,7 @@ class SensitiveDetector:
         self.lexicon = LexiconDetector(self.spec)
         self.embedding = EmbeddingDetector(self.spec, backend=backend, cache_dir=cache_dir, max_segments=max_segments)
         self._params_file = None
-        self._pool: tuple[str, NeighbourVote] | None = None  # the neighbour vote's pool, once loaded
+        self._pool: tuple[tuple, NeighbourVote] | None = None  # the neighbour vote's pool, once loaded
         if params is None or isinstance(params, (str, Path)):
             self._params_file = Path(params) if params is not None else default_params_path()
             params = DetectorParams.load(params, backend)
@@ -229,8 +230,8 @@ class SensitiveDetector:
         `head` (default: as the params were fitted), the vector of the text's head (`emb__head_i`); with
         `replies` (the assistant's first reply per text, None/empty where there is none), also the
         reply's embedding (`emb__reply_i`, zeros without a reply) for heads fitted `with_reply`; with
-        `vote` (default: as the params were fitted; needs head and replies), the neighbour vote of the
-        params' pool (`emb__vote_<name>`; `ids`: conversation ids, whose chats' pool rows do not vote)."""
+        `vote` (default: as the params were fitted; needs the head, and the replies where its blocks include
+        them), the neighbour vote of the params' pool (`emb__vote_<name>`; `ids`: conversation ids, whose chats' pool rows do not vote)."""
         texts = ["" if t is None else str(t) for t in texts]
         vote = bool(self.params.vote) if vote is None else vote
         parts = [self.embedding.features(texts), self.lexicon.counts(texts)]
@@ -250,10 +251,11 @@ class SensitiveDetector:
         return feats
 
     def vote_pool(self) -> NeighbourVote:
-        """The labeled conversations the params' neighbour vote reads (a file in analysis/data, loaded once)."""
-        name = self.params.vote["pool"]
-        if self._pool is None or self._pool[0] != name:
-            self._pool = (name, NeighbourVote.load(default_pool_path(name)))
+        """The labeled conversations the params' neighbour vote reads (a file in analysis/data, loaded once),
+        on the params' vote blocks (`NeighbourVote.restrict`: one pool file serves both entries)."""
+        name, blocks = self.params.vote["pool"], tuple(self.params.vote.get("blocks", BLOCKS))
+        if self._pool is None or self._pool[0] != (name, blocks):
+            self._pool = ((name, blocks), NeighbourVote.load(default_pool_path(name)).restrict(blocks))
         return self._pool[1]
 
     def _score(self, feats: pd.DataFrame, params: DetectorParams | None = None, texts: Sequence[str] | None = None) -> pd.DataFrame:

@@ -7,6 +7,9 @@ the labeled conversations with an IAB tier-1) carry a related tier-1. The shares
 features (`emb__vote_<name>`). A conversation never votes for itself: labeled conversations of its
 own ShareGPT chat (the id without its `_<part>` suffix) are left out, in fitting (every labeled row's
 vote comes from the others) and in scoring (a corpus that holds the labeled conversations).
+The blocks are a property of the params (`vote["blocks"]`): the user-side entry, which scores corpora
+without replies, votes from unit [head | segment mean] vectors, read off the same pool file (`blocks`:
+the stored rows without the reply block's columns, re-normalized).
 Train-split study and figures: `bench/detector_neighbour_vote.py`, docs/detector.md.
 """
 
@@ -34,11 +37,11 @@ def chat_of(ids: Sequence) -> np.ndarray:
     return pd.Series(list(ids), dtype=object).astype(str).str.rsplit("_", n=1).str[0].to_numpy(dtype=object)
 
 
-def vote_vectors(feats: pd.DataFrame) -> np.ndarray:
-    """Unit [head | segment mean | reply] rows from the detector's feature columns, each block
-    unit-normalized first (a missing reply: a zero block)."""
+def vote_vectors(feats: pd.DataFrame, blocks: Sequence[str] = BLOCKS) -> np.ndarray:
+    """Unit [head | segment mean | reply] rows (or the `blocks` given, in that order) from the detector's
+    feature columns, each block unit-normalized first (a missing reply: a zero block)."""
     parts = []
-    for b in BLOCKS:
+    for b in blocks:
         cols = [c for c in feats.columns if c.startswith(f"emb__{b}_")]
         if not cols:
             raise ValueError(f"the neighbour vote needs the `emb__{b}_i` feature columns (head, segment mean, reply vectors)")
@@ -56,8 +59,9 @@ def default_pool_path(name: str) -> Path:
 
 @dataclass
 class NeighbourVote:
-    """The labeled conversations a vote reads: vectors, vote targets (1/0; NaN where a row has no such
-    label, e.g. no tier-1), chat ids; `k` neighbours weighted exp(`temperature` x cosine)."""
+    """The labeled conversations a vote reads: vectors (unit [`blocks`] rows, equal-width blocks), vote
+    targets (1/0; NaN where a row has no such label, e.g. no tier-1), chat ids; `k` neighbours weighted
+    exp(`temperature` x cosine)."""
 
     vectors: np.ndarray
     targets: np.ndarray
@@ -65,10 +69,32 @@ class NeighbourVote:
     chats: np.ndarray
     k: int = 25
     temperature: float = 20.0
+    blocks: tuple[str, ...] = BLOCKS
+
+    def __post_init__(self):
+        self.blocks = tuple(self.blocks)
+        if set(self.blocks) - set(BLOCKS) or len(set(self.blocks)) != len(self.blocks) or not self.blocks:
+            raise ValueError(f"vote blocks {list(self.blocks)}: expected distinct names among {list(BLOCKS)}")
+        if self.vectors.shape[1] % len(self.blocks):
+            raise ValueError(f"vote pool of width {self.vectors.shape[1]} does not split into {len(self.blocks)} equal blocks {list(self.blocks)}")
+
+    def restrict(self, blocks: Sequence[str]) -> "NeighbourVote":
+        """The same pool voting on unit [`blocks`] vectors: the stored rows' columns of those blocks,
+        re-normalized. Each block was unit-normalized before the whole row, so this is the vector
+        `vote_vectors(feats, blocks)` gives, up to the int8 rounding of the stored rows."""
+        blocks = tuple(blocks)
+        if blocks == self.blocks:
+            return self
+        missing = [b for b in blocks if b not in self.blocks]
+        if missing:
+            raise ValueError(f"vote blocks {list(blocks)}: the pool holds {list(self.blocks)} only")
+        w = self.vectors.shape[1] // len(self.blocks)
+        cols = np.concatenate([np.arange(w) + w * self.blocks.index(b) for b in blocks])
+        return NeighbourVote(_unit(self.vectors[:, cols]), self.targets, self.names, self.chats, self.k, self.temperature, blocks)
 
     @classmethod
     def from_labeled(cls, feats: pd.DataFrame, art9, tier1: Sequence, ids: Sequence, *, k: int = 25,
-                     temperature: float = 20.0) -> "NeighbourVote":
+                     temperature: float = 20.0, blocks: Sequence[str] = BLOCKS) -> "NeighbourVote":
         """From labeled conversations: their features, Art. 9 labels, IAB tier-1 ids (None: not labeled)
         and conversation ids. The vectors are stored as `save` keeps them, so a reloaded vote is identical."""
         y = label_matrix(art9, list(VOTE_ART9))
@@ -77,7 +103,7 @@ class NeighbourVote:
         iab = [np.where(has, (t1 == i).astype(float), np.nan) for i in VOTE_IAB]
         T = np.column_stack([y.astype(float), *iab])
         names = tuple(f"art9_{c}" for c in VOTE_ART9) + tuple(f"iab_{n}" for n in VOTE_IAB.values())
-        return cls(_dequantize(_quantize(vote_vectors(feats))), T, names, chat_of(ids), k, temperature)
+        return cls(_dequantize(_quantize(vote_vectors(feats, blocks))), T, names, chat_of(ids), k, temperature, tuple(blocks))
 
     def votes(self, V: np.ndarray, chats: np.ndarray | None = None) -> np.ndarray:
         """(rows of unit vectors `V`, targets) vote shares; pool rows of the same chat (`chats`) do not vote."""
@@ -106,12 +132,13 @@ class NeighbourVote:
 
     def columns(self, feats: pd.DataFrame, ids: Sequence | None = None) -> pd.DataFrame:
         """The vote shares as the heads' columns `emb__vote_<name>` (ids: leave out their chats' labeled rows)."""
-        v = self.votes(vote_vectors(feats), None if ids is None else chat_of(ids))
+        v = self.votes(vote_vectors(feats, self.blocks), None if ids is None else chat_of(ids))
         return pd.DataFrame(v, columns=[f"emb__vote_{n}" for n in self.names], index=feats.index)
 
     def save(self, path: str | Path) -> Path:
         np.savez_compressed(path, vectors=_quantize(self.vectors), targets=self.targets.astype(np.float32), names=np.asarray(self.names, dtype=str),
-                            chats=np.asarray(self.chats, dtype=str), k=self.k, temperature=self.temperature)
+                            chats=np.asarray(self.chats, dtype=str), k=self.k, temperature=self.temperature,
+                            blocks=np.asarray(self.blocks, dtype=str))
         return Path(path)
 
     @classmethod
@@ -120,8 +147,9 @@ class NeighbourVote:
         if not p.exists():
             raise FileNotFoundError(f"neighbour-vote pool {p} does not exist (data/labels/fit_defaults.py --write writes it)")
         z = np.load(p, allow_pickle=False)
+        blocks = tuple(z["blocks"].astype(str)) if "blocks" in z else BLOCKS  # pools written before the key: all three
         return cls(_dequantize(z["vectors"]), z["targets"].astype(np.float64), tuple(z["names"].astype(str)),
-                   z["chats"].astype(str).astype(object), int(z["k"]), float(z["temperature"]))
+                   z["chats"].astype(str).astype(object), int(z["k"]), float(z["temperature"]), blocks)
 
 
 def _quantize(V: np.ndarray) -> np.ndarray:

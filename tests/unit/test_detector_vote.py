@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.detector.vote import VOTE_ART9, VOTE_IAB, NeighbourVote
+from analysis.detector.vote import VOTE_ART9, VOTE_IAB, NeighbourVote, vote_vectors
 
 
 def _feats(V: np.ndarray) -> pd.DataFrame:
@@ -36,3 +36,28 @@ def test_the_vote_weighs_the_nearest_labeled_conversations_and_skips_the_own_cha
     again = NeighbourVote.load(pool.save(tmp_path / "pool.npz"))
     np.testing.assert_array_equal(again.columns(q, ["a_3"]).to_numpy(), pool.columns(q, ["a_3"]).to_numpy())
     assert again.names == pool.names and (again.k, again.temperature) == (2, 20.0)
+
+
+def test_one_pool_votes_on_head_and_mean_for_corpora_without_replies(tmp_path):
+    """The user-side entry's vote reads the same pool file on [head | mean]: the stored rows without the
+    reply block, re-normalized, are the [head | mean] vectors of the features (up to the int8 rounding),
+    and vote as a pool built on those blocks does; a query without a reply block can be scored."""
+    rng = np.random.default_rng(0)
+    n, d = 60, 8
+    blocks = {b: rng.normal(size=(n, d)) * s for b, s in (("head", 1.0), ("mean", 3.0), ("reply", 0.2))}
+    feats = pd.DataFrame({f"emb__{b}_{i}": X[:, i] for b, X in blocks.items() for i in range(d)})
+    art9 = [["health"] if x > 0 else [] for x in blocks["head"][:, 0]]
+    tier1 = ["286" if x > 0 else "596" for x in blocks["mean"][:, 0]]
+    ids = [f"c{i}_0" for i in range(n)]
+    full = NeighbourVote.load(NeighbourVote.from_labeled(feats, art9, tier1, ids, k=5).save(tmp_path / "pool.npz"))
+    user = full.restrict(("head", "mean"))
+    assert user.blocks == ("head", "mean") and user.vectors.shape == (n, 2 * d) and full.restrict(full.blocks) is full
+    exact = vote_vectors(feats, ("head", "mean"))
+    assert np.abs(user.vectors - exact).max() < 0.02 and (user.vectors * exact).sum(1).min() > 0.9999
+    built = NeighbourVote.from_labeled(feats, art9, tier1, ids, k=5, blocks=("head", "mean"))
+    q = feats.drop(columns=[c for c in feats if c.startswith("emb__reply_")]).iloc[:10]
+    np.testing.assert_allclose(user.columns(q, ids[:10]).to_numpy(), built.columns(q, ids[:10]).to_numpy(), atol=0.02)
+    with pytest.raises(ValueError, match="emb__reply_i"):
+        full.columns(q)
+    with pytest.raises(ValueError, match="holds"):
+        user.restrict(("reply",))
