@@ -12,7 +12,8 @@ test split is an error naming file and row. Features are cached per conversation
 (`--features-cache`), so a grown label set computes only its new conversations; the heads also read
 the vector of the user side's head and of the assistant's first reply (`emb__head_i`, `emb__reply_i`:
 from the embedding cache; `--user-side-only`: without the reply, the fallback for corpora without
-replies). Folds: 5, stratified
+replies), and the neighbour vote (`analysis/detector/vote.py`; `--user-side-only`: on [head | segment
+mean] vectors, read off the main entry's pool file, which must hold the same training rows). Folds: 5, stratified
 (on each row's rarest positive category) and grouped by ShareGPT chat, seeded. `cross_fit` gives every
 training row an out-of-fold score and flag (the figures printed), Platt calibrations and thresholds
 (max F1 among cut-offs with out-of-fold precision >= 0.80 that keep >= 25% of the positives, else max
@@ -45,7 +46,7 @@ from analysis.contract.schemas import DataError
 from analysis.detector.evaluation import evaluate_detector
 from analysis.detector.features import head_columns, reply_columns
 from analysis.detector.model import REAL_CHAT_FITTING, DetectorParams, FitOptions, SensitiveDetector, default_params_path
-from analysis.detector.vote import NeighbourVote, default_pool_path
+from analysis.detector.vote import NeighbourVote, default_pool_path, vote_vectors
 from analysis.ingest.conversations import build_conversations
 from analysis.ingest.importers import import_sharegpt
 from analysis.mapping.labels import read_labels
@@ -59,6 +60,7 @@ SEED = 20261130
 FOUR = ("health", "religion", "politics", "ethnicity")
 # what the detector was fitted with before issue 15 (candidate a')
 VOTE_POOL = "detector_vote_{backend}.npz"  # the neighbour vote's labeled conversations, in analysis/data
+USER_SIDE_BLOCKS = ("head", "mean")  # what the user-side entry's vote compares (no reply)
 PREVIOUS_FITTING = FitOptions(min_head_positives=40, head_C=2.0, text_model=True, min_precision=0.0, lexicon_rule=False)
 
 
@@ -309,6 +311,27 @@ def param_diff(new: DetectorParams, old: DetectorParams) -> dict:
     return out
 
 
+def user_side_pool(ftr: pd.DataFrame, ltr: pd.DataFrame, backend: str) -> NeighbourVote:
+    """The user-side entry's neighbour vote: the shipped pool file (the main entry's, one file for both) on
+    unit [head | segment mean] vectors (`NeighbourVote.restrict`). It must hold these training rows in order
+    with their vote targets, else run `--write` for the main entry first; its restricted rows are checked
+    against the same vectors computed from the features `ftr` (they differ by the int8 rounding only)."""
+    path = default_pool_path(VOTE_POOL.format(backend=backend))
+    stored = NeighbourVote.load(path)
+    fresh = NeighbourVote.from_labeled(ftr, ltr["art9"], ltr["iab_tier1"], ltr["conversation_id"], blocks=USER_SIDE_BLOCKS)
+    if len(stored.chats) != len(fresh.chats) or not (stored.chats == fresh.chats).all() or not np.array_equal(stored.targets, fresh.targets.astype(np.float32), equal_nan=True):
+        raise DataError(path, f"the neighbour-vote pool ({len(stored.chats)} rows) is not these {len(fresh.chats)} training rows with their "
+                        "labels: refit the main entry first (fit_defaults.py --write), then --user-side-only --write")
+    pool = stored.restrict(USER_SIDE_BLOCKS)
+    exact = vote_vectors(ftr, USER_SIDE_BLOCKS)
+    gap, cos = np.abs(pool.vectors - exact).max(), (pool.vectors * exact).sum(1).min()
+    print(f"user-side vote: pool {path.name} on [head | mean]: max |component difference| {gap:.1e} from the vectors of "
+          f"the features, lowest row cosine {cos:.6f}")
+    if cos < 0.999:
+        raise DataError(path, f"the pool's [head | mean] rows are not the training rows' vectors (lowest cosine {cos:.4f}): refit the main entry first")
+    return pool
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--write", action="store_true", help="store the train-split fit as the minilm defaults")
@@ -352,7 +375,10 @@ def main() -> None:
     feats = pd.concat([user_feats, head_columns(texts, a.backend)] + ([] if a.user_side_only else [reply_columns(load_replies(lab), a.backend)]), axis=1)
     ltr = lab[tr].reset_index(drop=True)
     pool = None
-    if not (a.user_side_only or a.no_vote):
+    if a.user_side_only and not a.no_vote:
+        pool = user_side_pool(feats[tr].reset_index(drop=True), ltr, a.backend)
+        feats = pd.concat([feats, pool.columns(feats, lab["conversation_id"]).reset_index(drop=True)], axis=1)
+    elif not a.no_vote:
         # the neighbour vote (session 8; bench/detector_neighbour_vote.py: train CV with every model's votes from its own
         # training rows, mAP(4) +0.014 [+0.007, +0.021], nested macro-F1(4) 0.614 -> 0.629): the pool is every training row;
         # a training row's vote leaves its own ShareGPT chat out, test rows' chats are not in the pool
@@ -378,7 +404,7 @@ def main() -> None:
     params = cf.params
     if pool is not None:
         params.vote = {"pool": VOTE_POOL.format(backend=a.backend), "names": list(pool.names), "k": pool.k,
-                       "temperature": pool.temperature, "rows": int(len(pool.chats))}
+                       "temperature": pool.temperature, "rows": int(len(pool.chats)), "blocks": list(pool.blocks)}
     params.notes["cv_train"] = {
         "folds": 5, "grouped_by": "ShareGPT chat", "macro_f1_four": round(macro_f1(v), 3),
         "per_category": {r.category: {"precision": round(float(r.precision), 3) if r.flagged else None,
@@ -419,7 +445,7 @@ def main() -> None:
         DetectorParams.from_dict(stored[entry])
         write_json(stored, default_params_path())
         print(f"wrote {default_params_path()} ({entry}): heads {sorted(params.heads)}, rules {sorted(params.rules)}")
-        if pool is not None:
+        if pool is not None and not a.user_side_only:  # the user-side entry reads the main entry's pool file
             p = pool.save(default_pool_path(params.vote["pool"]))
             print(f"wrote {p} ({p.stat().st_size / 1e6:.1f} MB: {len(pool.chats)} labeled conversations)")
     if a.test:
@@ -429,7 +455,8 @@ def main() -> None:
         fte = feats[te].reset_index(drop=True)
         cands = {}
         if a.old_params:
-            cands["(a) --old-params defaults, as shipped"] = SensitiveDetector(backend=a.backend, params=a.old_params)
+            # the entry this run refits (`<backend>_user_side` with --user-side-only), from a file of entries or of one set
+            cands["(a) --old-params defaults, as shipped"] = SensitiveDetector(backend=a.backend, params=DetectorParams.load(a.old_params, entry))
         prev = SensitiveDetector(backend=a.backend, params=a.old_params, fitting=PREVIOUS_FITTING) if a.previous_method else None
         if prev is not None:
             prev.cross_fit(ttr, ltr["art9"], folds, features=user_feats[tr].reset_index(drop=True), source=source, workers=a.workers)

@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.detector.vote import VOTE_ART9, VOTE_IAB, NeighbourVote, vote_vectors
+from analysis.detector.model import SensitiveDetector
+from analysis.detector.vote import BLOCKS, VOTE_ART9, VOTE_IAB, NeighbourVote, vote_vectors
 
 
 def _feats(V: np.ndarray) -> pd.DataFrame:
@@ -61,3 +62,19 @@ def test_one_pool_votes_on_head_and_mean_for_corpora_without_replies(tmp_path):
         full.columns(q)
     with pytest.raises(ValueError, match="holds"):
         user.restrict(("reply",))
+
+
+def test_the_shipped_file_scores_a_corpus_without_replies_with_the_user_side_vote():
+    """Shipped defaults: a corpus without replies gets the `minilm_user_side` entry, whose heads read a
+    neighbour vote on [head | mean] from the main entry's pool file (one file, its rows re-normalized)."""
+    main = SensitiveDetector(backend="minilm")
+    user, note = main.for_corpus(None)
+    assert user is not main and "user-side" in note and not user.params.with_reply
+    assert user.params.vote["pool"] == main.params.vote["pool"] and user.params.vote["blocks"] == ["head", "mean"]
+    pool, full = user.vote_pool(), main.vote_pool()
+    assert pool.blocks == ("head", "mean") and full.blocks == BLOCKS and len(pool.chats) == len(full.chats) == user.params.vote["rows"]
+    assert pool.vectors.shape[1] * 3 == full.vectors.shape[1] * 2
+    np.testing.assert_allclose(np.linalg.norm(pool.vectors, axis=1), 1.0, atol=1e-5)
+    # its heads read the main entry's columns but the reply's (the vote's 11 included)
+    width = {d: len(next(iter(d.params.heads.values()))["mean"]) for d in (main, user)}
+    assert user.params.vote["names"] == list(pool.names) and width[user] == width[main] - full.vectors.shape[1] // 3

@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SLICE = Path(__file__).parent / "data" / "detector_gold_slice.csv"
 FOUR = ["health", "religion", "politics", "ethnicity"]
 # measured on this slice with the shipped defaults (round 1-6 train split, head vector + first reply + neighbour vote): 0.684
-# (health 0.60, religion 0.77, politics 0.70, ethnicity 0.67; without the vote 0.658; user-side fallback 0.632; round 1-5 fit 0.655, 1-4 0.646, 1-3 0.592, 1-2 0.614; 0.503
+# (health 0.60, religion 0.77, politics 0.70, ethnicity 0.67; without the vote 0.658; user-side fallback, no replies: 0.678 with
+# its [head | mean] vote, 0.632 before it; round 1-5 fit 0.655, 1-4 0.646, 1-3 0.592, 1-2 0.614; 0.503
 # when ethnicity flagged nothing); the floor leaves room for label revisions and refits, but not for ethnicity falling
 # silent again (0.503) or a detector that stopped working (the pre-issue-15 defaults: 0.41 on the test split)
 MACRO_F1_FLOOR = 0.55
@@ -52,6 +53,17 @@ def test_shipped_detector_keeps_its_macro_f1_on_a_frozen_slice_of_the_test_split
     v = evaluate_detector(det.detect(texts, ids, replies=replies).flags, labels)
     f1 = v.per_category.set_index("category").loc[FOUR, "f1"]
     assert f1.mean() >= MACRO_F1_FLOOR, f"macro-F1 over {FOUR} on the slice: {f1.round(3).to_dict()}"
+
+
+def test_a_corpus_without_replies_is_scored_by_the_user_side_entry_with_its_vote(gold_slice):
+    """The same slice without the assistant's replies (a user-only export): the shipped file's
+    `minilm_user_side` entry scores it, with the neighbour vote on [head | mean] (figure above)."""
+    ids, texts, _, labels = gold_slice
+    r = SensitiveDetector(backend="minilm").detect(texts, ids)
+    assert not r.params.with_reply and r.params.vote["blocks"] == ["head", "mean"]
+    assert r.features.filter(like="emb__vote_").shape[1] == len(r.params.vote["names"]) and not r.features.filter(like="emb__reply_").shape[1]
+    f1 = evaluate_detector(r.flags, labels).per_category.set_index("category").loc[FOUR, "f1"]
+    assert f1.mean() >= MACRO_F1_FLOOR, f"user-side macro-F1 over {FOUR} on the slice: {f1.round(3).to_dict()}"
 
 
 def test_a_reloaded_detector_gives_identical_scores_offline(gold_slice, tmp_path, no_network):
