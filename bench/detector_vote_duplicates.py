@@ -3,7 +3,10 @@ under several chat ids, so the split by chat does not keep duplicates apart. Cou
 row at cosine >= 0.90-0.99 (vote vectors) and scores TEST with the shipped params, with those pool rows left out of
 each test row's vote. Reads the TEST split: a check of a shipped figure, not a choice.
 
-    CHAT_AD_AUDIT_CACHE=... OMP_NUM_THREADS=1 .venv/bin/python bench/detector_vote_duplicates.py
+    CHAT_AD_AUDIT_CACHE=... OMP_NUM_THREADS=1 .venv/bin/python bench/detector_vote_duplicates.py [--user-side]
+
+`--user-side`: the same for the `minilm_user_side` entry (corpora without replies; features without the
+reply, vote on [head | segment mean]).
 """
 import sys
 from pathlib import Path
@@ -24,15 +27,18 @@ from analysis.util.embeddings import default_cache_dir  # noqa: E402
 lab = fd.load_labels()
 texts = fd.load_documents(lab).tolist()
 tr = (lab["split"] == "train").to_numpy()
+USER_SIDE = "--user-side" in sys.argv[1:]
 det = SensitiveDetector(backend="minilm")
+if USER_SIDE:
+    det = det.for_corpus(None)[0]  # the shipped file's user-side entry
 cache = default_cache_dir() / "gold_features" / "detector_features_minilm.parquet"
 uf = fd.features(det, lab["conversation_id"], texts, cache)
-feats = pd.concat([uf, head_columns(texts, "minilm"), reply_columns(fd.load_replies(lab), "minilm")], axis=1)
+feats = pd.concat([uf, head_columns(texts, "minilm")] + ([] if USER_SIDE else [reply_columns(fd.load_replies(lab), "minilm")]), axis=1)
 pool = det.vote_pool()
 te = ~tr
 lte = lab[te].reset_index(drop=True)
 fte = feats[te].reset_index(drop=True)
-V = vote_vectors(fte)
+V = vote_vectors(fte, pool.blocks)
 S = V @ pool.vectors.T
 mx = S.max(1)
 for t in (0.90, 0.95, 0.98, 0.99):
