@@ -4,9 +4,11 @@ them and validate it out of sample, then score every conversation.
 - no labels: the shipped (or given) parameters score everything; no validation;
 - labels, refit off (or fewer than `min_labels_to_fit` with "auto"): validation uses all labels;
 - refit with `cv_folds` > 1: cross-prediction (Zrnic & Candes 2023, "Cross-prediction-powered
-  inference"). Every conversation, labeled or not, gets a fold number from its id (`id_hash` with
-  the run's seed, the rule that assigns the labeled folds) and is scored and flagged by the detector
-  fitted without that fold's labels. A labeled conversation's score is thus out of fold, and the
+  inference"). Every conversation, labeled or not, gets a fold number from its user's id (`id_hash`
+  with the run's seed; the conversation id where `conv` has no `user_id`) and is scored and flagged
+  by the detector fitted without that fold's labels. Folds by user keep a user's other conversations
+  (and, on ShareGPT, the other parts of a chat) out of the model that scores them, so the out-of-fold
+  figures are those of a new user. A labeled conversation's score is thus out of fold, and the
   labeled and unlabeled conversations of a fold are scored by the same model and thresholds: they
   are exchangeable, so the validation (on labeled) describes the flags stage 03 counts (unlabeled),
   and its Rogan-Gladen correction and PPI++ read one predictor on both. The detector fitted on all
@@ -42,7 +44,7 @@ class DetectorRun:
 
 def detect_with_refit(det: SensitiveDetector, conv: pd.DataFrame, labels: pd.DataFrame | None, settings: MappingSettings,
                       *, params_source: str) -> DetectorRun:
-    """Score `conv` (conversation_id, document, optionally first_reply) with `det`, refitting it on
+    """Score `conv` (conversation_id, document, optionally first_reply and user_id) with `det`, refitting it on
     `labels` per the policy above. A refit reads the assistant's first reply when `conv` has any; the
     given parameters read it when they were fitted with it (when `conv` has none: the detector
     `SensitiveDetector.for_corpus` picks, with its note). `detection.params` are the params that scored
@@ -70,14 +72,15 @@ def detect_with_refit(det: SensitiveDetector, conv: pd.DataFrame, labels: pd.Dat
                          vote=False if fit else None, ids=conv["conversation_id"].tolist())
     cf: CrossFit | None = None
     if labels is not None and fit and s.cv_folds and s.cv_folds > 1:
-        fold = (id_hash(conv["conversation_id"], s.seed) * s.cv_folds).astype(int)  # every conversation's, labeled or not
+        unit = conv["user_id"] if "user_id" in conv else conv["conversation_id"]
+        fold = (id_hash(unit, s.seed) * s.cv_folds).astype(int)  # every conversation's, labeled or not, by user
         lp = pos[labels["conversation_id"]].to_numpy()
         cf = det.cross_fit([docs_all[i] for i in lp], labels["art9"].reset_index(drop=True), fold[lp],
                            features=feats.iloc[lp].reset_index(drop=True), source=f"all {len(labels)} labeled conversations of this run")
         scores, flags = cf.predict(det, feats, fold, docs_all)
         detection = Detection(conv["conversation_id"].reset_index(drop=True), scores, flags, feats, det.params)
         params_source = (f"{s.cv_folds}-fold cross-prediction on this run's {len(labels)} labeled conversations: every conversation "
-                         "is scored by the detector fitted without its fold (fold by id hash; labeled ones out of fold); the "
+                         f"is scored by the detector fitted without its fold (fold by {unit.name} hash; labeled ones out of fold); the "
                          "detector fitted on all labels is saved (detector_params.json) but scores none of this run")
     elif labels is not None and fit:
         tune = id_hash(labels["conversation_id"], s.seed) < s.tune_share

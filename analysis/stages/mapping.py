@@ -71,7 +71,7 @@ def run(run_dir: RunDir | str, settings: MappingSettings | None = None, engine: 
     params = project_path(s.detector_params) if s.detector_params else None
     det = SensitiveDetector(backend=s.detector_backend, params=params, spec=spec, cache_dir=s.cache_dir, fitting=replace(FITTINGS[s.detector_fitting], seed=s.seed))
     source = str(s.detector_params) if s.detector_params else f"shipped defaults ({det.params.fitted_on or 'hand-set'})"
-    dr = detect_with_refit(det, conv[[c for c in ("conversation_id", "document", "first_reply") if c in conv]], labels, s, params_source=source)
+    dr = detect_with_refit(det, conv[[c for c in ("conversation_id", "document", "first_reply", "user_id") if c in conv]], labels, s, params_source=source)
     notes += dr.notes
 
     cc = conversation_categories(dr.detection.to_frame(), assign, mapping)
