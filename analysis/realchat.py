@@ -26,6 +26,7 @@ from scipy.stats import norm
 
 from analysis.contract.art9 import ART9
 from analysis.contract.schemas import DataError
+from analysis.ingest.importers import chat_of
 from analysis.ingest.inputs import load_inputs
 from analysis.mapping.labels import read_labels
 from analysis.simulate import EXCLUDED_REGIONS, GENERIC_AD_NODES, INCLUDED_REGIONS, World, lift_truth
@@ -91,12 +92,6 @@ def read_chats(path: str | Path) -> pd.DataFrame:
     """The conversations' turns (conversation_id, turn_index, role, text) through ingest's readers and importers."""
     p = Path(path)
     return load_inputs(p).messages[["conversation_id", "turn_index", "role", "text"]]
-
-
-def chat_of(conversation_ids: pd.Series) -> pd.Series:
-    """ShareGPT splits a long chat into parts `<id>_<k>`: the chat is the id before the last '_'."""
-    s = conversation_ids.astype(str)
-    return s.where(~s.str.contains(r"_\d+$"), s.str.rsplit("_", n=1).str[0])
 
 
 def simulate_real(chats: str | Path, labels: list[str | Path], cfg: RealWorldConfig | dict | None = None) -> World:

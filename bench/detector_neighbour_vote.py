@@ -51,13 +51,11 @@ from analysis.contract.art9 import ART9, label_matrix  # noqa: E402
 from analysis.detector.evaluation import evaluate_detector  # noqa: E402
 from analysis.detector.features import head_columns, reply_columns  # noqa: E402
 from analysis.detector.model import REAL_CHAT_FITTING, SensitiveDetector, _fit_platt, _head_matrix, _platt, _standardize, choose_threshold  # noqa: E402
+from analysis.detector.vote import VOTE_ART9, VOTE_IAB, vote_shares  # noqa: E402
 from analysis.mapping.labels import read_labels  # noqa: E402
 from analysis.util.embeddings import default_cache_dir  # noqa: E402
 
 K, TEMP = 25, 20.0
-VOTE_ART9 = ("health", "religion", "politics", "ethnicity", "sexual_orientation")
-VOTE_IAB = {"286": "medical_health", "223": "healthy_living", "453": "religion_spirituality", "386": "politics",
-            "v9i3On": "sensitive_topics", "383": "law"}
 CATS = fd.FOUR
 OUT = Path(__file__).parent / "results"
 
@@ -109,21 +107,9 @@ def vote_matrix(feats: pd.DataFrame, lab: pd.DataFrame, t1, dedup: float | None 
 
 def votes(S, T, pool: np.ndarray, query: np.ndarray) -> np.ndarray:
     """Per query row, per target column: the exp(TEMP x cosine)-weighted share of its K nearest rows of
-    `pool` (boolean masks) among those with that target (same-chat rows are at -inf and never count)."""
-    out = np.zeros((int(query.sum()), T.shape[1]))
-    Sq = S[np.ix_(query, pool)]
-    Tp = T[pool]
-    near = {}  # per pool of a target (Art. 9: every row; IAB: gold rows): the K nearest and their weights
-    for j in range(T.shape[1]):
-        ok = ~np.isnan(Tp[:, j])
-        if ok.tobytes() not in near:
-            Ss = Sq[:, ok]
-            nn = np.argpartition(-Ss, K - 1, axis=1)[:, :K]
-            s = np.take_along_axis(Ss, nn, 1)
-            near[ok.tobytes()] = nn, np.where(np.isfinite(s), np.exp(TEMP * (np.where(np.isfinite(s), s, 1.0) - 1.0)), 0.0)
-        nn, w = near[ok.tobytes()]
-        out[:, j] = (w * Tp[ok][:, j][nn]).sum(1) / np.maximum(w.sum(1), 1e-300)
-    return out
+    `pool` (boolean masks) among those with that target (same-chat rows are at -inf and never count):
+    the shipped `vote_shares` on the rows the model in question may read."""
+    return vote_shares(S[np.ix_(query, pool)], T[pool], K, TEMP)
 
 
 def logistic_head(C=REAL_CHAT_FITTING.head_C):

@@ -21,7 +21,7 @@ import pandas as pd  # noqa: E402
 from analysis.detector.evaluation import evaluate_detector  # noqa: E402
 from analysis.detector.features import head_columns, reply_columns  # noqa: E402
 from analysis.detector.model import SensitiveDetector  # noqa: E402
-from analysis.detector.vote import chat_of, vote_vectors  # noqa: E402
+from analysis.detector.vote import chat_of, vote_shares, vote_vectors  # noqa: E402
 from analysis.util.embeddings import default_cache_dir  # noqa: E402
 
 lab = fd.load_labels()
@@ -43,7 +43,6 @@ S = V @ pool.vectors.T
 mx = S.max(1)
 for t in (0.90, 0.95, 0.98, 0.99):
     print(f"TEST rows with a pool row at cosine >= {t}: {(mx >= t).sum()} of {len(mx)}")
-y = fd.label_matrix(lte["art9"], fd.FOUR) if hasattr(fd, "label_matrix") else None
 tte = [t for t, k in zip(texts, te) if k]
 
 def score(thr):
@@ -54,24 +53,11 @@ def score(thr):
     return fd.macro_f1(v), fd.mean_ap(r.scores, lte["art9"]), r
 
 def _votes_excl(thr):
-    # same as NeighbourVote.votes, with pool rows at cosine >= thr to the query left out too
-    out = np.zeros((len(V), pool.targets.shape[1]))
-    code = {c: i for i, c in enumerate(pd.unique(pool.chats))}
-    pc = np.array([code[c] for c in pool.chats])
-    q = np.array([code.get(c, -1) for c in chat_of(lte["conversation_id"])])
+    """NeighbourVote.votes with the pool rows at cosine >= thr to the query left out too."""
     Sm = S.copy()
-    Sm[q[:, None] == pc[None, :]] = -np.inf
+    Sm[pool.same_chat(chat_of(lte["conversation_id"]))] = -np.inf
     Sm[Sm >= thr] = -np.inf
-    for j in range(pool.targets.shape[1]):
-        ok = ~np.isnan(pool.targets[:, j])
-        Ss = Sm[:, ok]
-        kk = min(pool.k, Ss.shape[1])
-        nn = np.argpartition(-Ss, kk - 1, axis=1)[:, :kk]
-        s = np.take_along_axis(Ss, nn, 1)
-        fin = np.isfinite(s)
-        w = np.where(fin, np.exp(pool.temperature * (np.where(fin, s, 1.0) - 1.0)), 0.0)
-        out[:, j] = (w * pool.targets[ok, j][nn]).sum(1) / np.maximum(w.sum(1), 1e-300)
-    return out
+    return vote_shares(Sm, pool.targets, pool.k, pool.temperature)
 
 base = score(None)
 print(f"shipped, as scored: macro-F1(4) {base[0]:.3f} mAP(4) {base[1]:.3f}")

@@ -24,6 +24,8 @@ import numpy as np
 import pandas as pd
 
 from analysis.contract.art9 import label_matrix
+from analysis.ingest.importers import chat_of as sharegpt_chat
+from analysis.util.embeddings import nearest_neighbours
 
 VOTE_ART9 = ("health", "religion", "politics", "ethnicity", "sexual_orientation")
 # IAB 3.0 tier-1 ids whose labels sit next to the Art. 9 categories (health vs fitness copy, politics vs law)
@@ -33,8 +35,8 @@ BLOCKS = ("head", "mean", "reply")
 
 
 def chat_of(ids: Sequence) -> np.ndarray:
-    """ShareGPT chat id: a conversation id without its `_<part>` suffix."""
-    return pd.Series(list(ids), dtype=object).astype(str).str.rsplit("_", n=1).str[0].to_numpy(dtype=object)
+    """ShareGPT chat ids of conversation ids (`ingest.importers.chat_of`), as an array."""
+    return sharegpt_chat(pd.Series(list(ids), dtype=object)).to_numpy(dtype=object)
 
 
 def vote_vectors(feats: pd.DataFrame, blocks: Sequence[str] = BLOCKS) -> np.ndarray:
@@ -108,27 +110,18 @@ class NeighbourVote:
     def votes(self, V: np.ndarray, chats: np.ndarray | None = None) -> np.ndarray:
         """(rows of unit vectors `V`, targets) vote shares; pool rows of the same chat (`chats`) do not vote."""
         out = np.zeros((len(V), self.targets.shape[1]))
-        code = {c: i for i, c in enumerate(pd.unique(self.chats))}
-        pool_chat = np.array([code[c] for c in self.chats])
         for start in range(0, len(V), 2048):  # blocks bound the similarity matrix (2,048 x pool)
             S = V[start:start + 2048] @ self.vectors.T
             if chats is not None:
-                q = np.array([code.get(c, -1) for c in chats[start:start + 2048]])
-                S[q[:, None] == pool_chat[None, :]] = -np.inf
-            near = {}
-            for j in range(self.targets.shape[1]):
-                ok = ~np.isnan(self.targets[:, j])
-                key = ok.tobytes()
-                if key not in near:  # Art. 9 targets: every row; IAB: rows with a tier-1
-                    Ss = S[:, ok]
-                    kk = min(self.k, Ss.shape[1])
-                    nn = np.argpartition(-Ss, kk - 1, axis=1)[:, :kk]
-                    s = np.take_along_axis(Ss, nn, 1)
-                    fin = np.isfinite(s)
-                    near[key] = nn, np.where(fin, np.exp(self.temperature * (np.where(fin, s, 1.0) - 1.0)), 0.0)
-                nn, w = near[key]
-                out[start:start + len(S), j] = (w * self.targets[ok, j][nn]).sum(1) / np.maximum(w.sum(1), 1e-300)
+                S[self.same_chat(chats[start:start + 2048])] = -np.inf
+            out[start:start + len(S)] = vote_shares(S, self.targets, self.k, self.temperature)
         return out
+
+    def same_chat(self, chats: Sequence) -> np.ndarray:
+        """(queries, pool rows): True where the pool row belongs to the query's chat."""
+        code = {c: i for i, c in enumerate(pd.unique(self.chats))}
+        q = np.array([code.get(c, -1) for c in chats])
+        return q[:, None] == np.array([code[c] for c in self.chats])[None, :]
 
     def columns(self, feats: pd.DataFrame, ids: Sequence | None = None) -> pd.DataFrame:
         """The vote shares as the heads' columns `emb__vote_<name>` (ids: leave out their chats' labeled rows)."""
@@ -150,6 +143,22 @@ class NeighbourVote:
         blocks = tuple(z["blocks"].astype(str)) if "blocks" in z else BLOCKS  # pools written before the key: all three
         return cls(_dequantize(z["vectors"]), z["targets"].astype(np.float64), tuple(z["names"].astype(str)),
                    z["chats"].astype(str).astype(object), int(z["k"]), float(z["temperature"]), blocks)
+
+
+def vote_shares(S: np.ndarray, targets: np.ndarray, k: int, temperature: float) -> np.ndarray:
+    """Per row of `S` (cosines to the pool rows; -inf: does not vote) and target column, the weighted
+    share of its `k` nearest pool rows among those with that target (NaN: not in that target's pool,
+    e.g. a row without a tier-1) that carry it."""
+    out = np.zeros((len(S), targets.shape[1]))
+    near = {}
+    for j in range(targets.shape[1]):
+        ok = ~np.isnan(targets[:, j])
+        key = ok.tobytes()
+        if key not in near:  # Art. 9 targets: every row; IAB: rows with a tier-1
+            near[key] = nearest_neighbours(S[:, ok], k, temperature)
+        nn, w = near[key]
+        out[:, j] = (w * targets[ok, j][nn]).sum(1) / np.maximum(w.sum(1), 1e-300)
+    return out
 
 
 def _quantize(V: np.ndarray) -> np.ndarray:

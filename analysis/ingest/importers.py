@@ -65,6 +65,13 @@ def iter_json_array(text: str, path: str | Path):
 
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "assistant": "assistant", "bing": "assistant", "bard": "assistant"}
 
+
+def chat_of(conversation_ids: pd.Series) -> pd.Series:
+    """ShareGPT splits a long chat into parts `<id>_<k>`: the chat is the id before the last '_'."""
+    s = conversation_ids.astype(str)
+    return s.where(~s.str.contains(r"_\d+$"), s.str.rsplit("_", n=1).str[0])
+
+
 def import_sharegpt(path: str | Path, *, region: str = "ZZ", max_records: int | None = None) -> ImportResult:
     """ShareGPT-style JSON ([{id, conversations: [{from, value}]}]); tolerant of a file cut off mid-way.
 

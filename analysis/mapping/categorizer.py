@@ -49,7 +49,7 @@ from analysis.detector.features import HEAD_CHARS, embed_texts, reply_vectors
 from analysis.detector.text import segments
 from analysis.mapping.labels import id_hash
 from analysis.mapping.mapper import node_descriptions, node_texts
-from analysis.util.embeddings import STATIC_PCA_DIMS
+from analysis.util.embeddings import STATIC_PCA_DIMS, nearest_neighbours
 from analysis.util.taxonomy import load_taxonomy
 
 NONE = "none"
@@ -134,12 +134,9 @@ def vote_prototypes(backend: str = "minilm", cache_dir=None, taxonomy: pd.DataFr
 def _neighbour_vote(V: np.ndarray, pool: np.ndarray, pool_labels: np.ndarray, n_classes: int, k: int, temperature: float) -> np.ndarray:
     """Per unit row of `V`, each class's share of a vote of its `k` nearest `pool` rows (class indices
     `pool_labels`), each weighted exp(`temperature` x cosine)."""
-    S = V @ pool.T
-    k = min(k, S.shape[1])
-    nn = np.argpartition(-S, k - 1, axis=1)[:, :k]
-    w = np.exp(temperature * (np.take_along_axis(S, nn, 1) - 1.0))  # shifted: no overflow
+    nn, w = nearest_neighbours(V @ pool.T, k, temperature)
     out = np.zeros((len(V), n_classes))
-    np.add.at(out, (np.repeat(np.arange(len(V)), k), pool_labels[nn].ravel()), w.ravel())
+    np.add.at(out, (np.repeat(np.arange(len(V)), nn.shape[1]), pool_labels[nn].ravel()), w.ravel())
     return out / np.maximum(out.sum(axis=1, keepdims=True), 1e-300)
 
 

@@ -435,6 +435,17 @@ _EMBEDDERS: dict[tuple[str, str], Embedder] = {}
 _EMBEDDERS_LOCK = threading.Lock()
 
 
+def nearest_neighbours(S: np.ndarray, k: int, temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    """The `k` largest entries per row of a cosine matrix `S` (column indices, any order) and their vote
+    weights exp(`temperature` x (cosine - 1)) (shifted: no overflow); -inf entries (excluded rows) weigh 0.
+    The categorizer's and the detector's neighbour votes both weigh their neighbours so."""
+    k = min(k, S.shape[1])
+    nn = np.argpartition(-S, k - 1, axis=1)[:, :k]
+    s = np.take_along_axis(S, nn, 1)
+    fin = np.isfinite(s)
+    return nn, np.where(fin, np.exp(temperature * (np.where(fin, s, 1.0) - 1.0)), 0.0)
+
+
 def get_embedder(backend: str = STATIC, cache_dir: str | Path | None = None) -> Embedder:
     """A process-wide Embedder per (backend, cache_dir): models load once per process."""
     key = (backend, str(Path(cache_dir) if cache_dir else default_cache_dir()))

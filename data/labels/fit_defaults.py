@@ -48,7 +48,7 @@ from analysis.detector.features import head_columns, reply_columns
 from analysis.detector.model import REAL_CHAT_FITTING, DetectorParams, FitOptions, SensitiveDetector, default_params_path
 from analysis.detector.vote import NeighbourVote, default_pool_path, vote_vectors
 from analysis.ingest.conversations import build_conversations
-from analysis.ingest.importers import import_sharegpt
+from analysis.ingest.importers import chat_of, import_sharegpt
 from analysis.mapping.labels import read_labels
 from analysis.util.embeddings import default_cache_dir
 from analysis.util.storage import write_json
@@ -62,11 +62,6 @@ FOUR = ("health", "religion", "politics", "ethnicity")
 VOTE_POOL = "detector_vote_{backend}.npz"  # the neighbour vote's labeled conversations, in analysis/data
 USER_SIDE_BLOCKS = ("head", "mean")  # what the user-side entry's vote compares (no reply)
 PREVIOUS_FITTING = FitOptions(min_head_positives=40, head_C=2.0, text_model=True, min_precision=0.0, lexicon_rule=False)
-
-
-def chat_of(ids: pd.Series) -> pd.Series:
-    """ShareGPT chat id: a conversation id without its `_<part>` suffix."""
-    return ids.astype(str).str.rsplit("_", n=1).str[0]
 
 
 def _rows_of(path: Path, ids) -> dict:

@@ -54,7 +54,7 @@ from analysis.contract.art9 import ART9
 from analysis.detector.model import SensitiveDetector, _fit_platt, _platt, choose_threshold
 from analysis.detector.text import clean_text
 from analysis.ingest.importers import import_sharegpt
-from analysis.realchat import chat_of
+from analysis.ingest.importers import chat_of
 
 HERE = Path(__file__).resolve().parent
 # the frozen scripts import the package's old module names: alias them to today's, to reuse their helpers
