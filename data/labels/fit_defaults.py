@@ -58,9 +58,9 @@ GOLD = HERE / "gold"
 OLD = ("sharegpt_art9_sample.csv", "sharegpt_art9_batch2.csv")
 SEED = 20261130
 FOUR = ("health", "religion", "politics", "ethnicity")
-# what the detector was fitted with before issue 15 (candidate a')
 VOTE_POOL = "detector_vote_{backend}.npz"  # the neighbour vote's labeled conversations, in analysis/data
 USER_SIDE_BLOCKS = ("head", "mean")  # what the user-side entry's vote compares (no reply)
+# what the detector was fitted with before issue 15 (candidate a')
 PREVIOUS_FITTING = FitOptions(min_head_positives=40, head_C=2.0, text_model=True, min_precision=0.0, lexicon_rule=False)
 
 
