@@ -253,9 +253,18 @@ class SensitiveDetector:
     def vote_pool(self) -> NeighbourVote:
         """The labeled conversations the params' neighbour vote reads (a file in analysis/data, loaded once),
         on the params' vote blocks (`NeighbourVote.restrict`: one pool file serves both entries)."""
-        name, blocks = self.params.vote["pool"], tuple(self.params.vote.get("blocks", BLOCKS))
+        v = self.params.vote
+        name, blocks = v["pool"], tuple(v.get("blocks", BLOCKS))
         if self._pool is None or self._pool[0] != (name, blocks):
-            self._pool = ((name, blocks), NeighbourVote.load(default_pool_path(name)).restrict(blocks))
+            pool = NeighbourVote.load(default_pool_path(name)).restrict(blocks)
+            # the heads were fitted on the vote these params describe: a pool file that votes otherwise is the wrong file
+            fitted = {"names": list(v.get("names", pool.names)), "k": v.get("k", pool.k), "temperature": v.get("temperature", pool.temperature),
+                      "rows": v.get("rows", len(pool.chats))}
+            found = {"names": list(pool.names), "k": pool.k, "temperature": pool.temperature, "rows": len(pool.chats)}
+            if fitted != found:
+                raise ValueError(f"neighbour-vote pool {default_pool_path(name)}: {found} differs from what the detector params were "
+                                 f"fitted with, {fitted} (refit with data/labels/fit_defaults.py --write)")
+            self._pool = ((name, blocks), pool)
         return self._pool[1]
 
     def _score(self, feats: pd.DataFrame, params: DetectorParams | None = None, texts: Sequence[str] | None = None) -> pd.DataFrame:

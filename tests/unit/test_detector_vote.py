@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.detector.model import SensitiveDetector
+from analysis.detector.model import DetectorParams, SensitiveDetector
 from analysis.detector.vote import BLOCKS, VOTE_ART9, VOTE_IAB, NeighbourVote, vote_vectors
 
 
@@ -78,3 +78,14 @@ def test_the_shipped_file_scores_a_corpus_without_replies_with_the_user_side_vot
     # its heads read the main entry's columns but the reply's (the vote's 11 included)
     width = {d: len(next(iter(d.params.heads.values()))["mean"]) for d in (main, user)}
     assert user.params.vote["names"] == list(pool.names) and width[user] == width[main] - full.vectors.shape[1] // 3
+
+
+def test_a_pool_file_that_votes_otherwise_than_the_params_were_fitted_with_is_refused():
+    """The heads were fitted on one vote (k, temperature, targets, rows in the params): a pool file that
+    differs is the wrong file, and the detector says so instead of scoring with it."""
+    main = SensitiveDetector(backend="minilm")
+    main.vote_pool()  # the shipped params and pool agree
+    params = DetectorParams.from_dict(main.params.to_dict())
+    params.vote = {**params.vote, "k": params.vote["k"] + 1}
+    with pytest.raises(ValueError, match="differs from what the detector params were fitted with"):
+        SensitiveDetector(backend="minilm", params=params).vote_pool()
