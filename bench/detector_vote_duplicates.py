@@ -1,7 +1,9 @@
 """Near-duplicate check of the neighbour vote's TEST gain (issue 15, session 8): ShareGPT holds one conversation
 under several chat ids, so the split by chat does not keep duplicates apart. Counts the TEST rows with a train-pool
 row at cosine >= 0.90-0.99 (vote vectors) and scores TEST with the shipped params, with those pool rows left out of
-each test row's vote. Reads the TEST split: a check of a shipped figure, not a choice.
+each test row's vote. Then the de-duplicated TEST view: the shipped params as scored, on the TEST rows without a
+train-pool row at cosine >= 0.95 (per category precision / recall / F1 with CIs). Reads the TEST split: a check of
+a shipped figure, not a choice.
 
     CHAT_AD_AUDIT_CACHE=... OMP_NUM_THREADS=1 .venv/bin/python bench/detector_vote_duplicates.py [--user-side]
 
@@ -67,3 +69,13 @@ for thr in (0.98, 0.95, 0.90):
 # which test rows have near-duplicates, and are they positives?
 pos = lte["art9"].astype(str).str.contains("health|religion|politics|ethnicity")
 print("near-dup (>=0.95) test rows that are Art.9(4) positive:", int((pos.to_numpy() & (mx >= 0.95)).sum()), "of", int(pos.sum()))
+
+# the de-duplicated TEST view: the same flags and scores, on the rows without a near-copy in the training split
+keep = mx < 0.95
+lk = lte[keep].reset_index(drop=True)
+v = evaluate_detector(base[2].flags[keep].reset_index(drop=True), lk["art9"])
+print(f"\nde-duplicated TEST view ({keep.sum()} of {len(keep)} rows, none with a train-pool row at cosine >= 0.95): "
+      f"macro-F1(4) {fd.macro_f1(v):.3f} mAP(4) {fd.mean_ap(base[2].scores[keep].reset_index(drop=True), lk['art9']):.3f}")
+cols = ["category", "positives", "flagged", "precision", "precision_low", "precision_high", "recall", "recall_low",
+        "recall_high", "f1", "f1_low", "f1_high"]
+print(v.to_frame()[cols].round(3).to_string(index=False))
