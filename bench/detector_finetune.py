@@ -525,7 +525,9 @@ def main() -> None:
 
     # the shipped detector's features, scores (as shipped) and its rule-based categories
     det = SensitiveDetector(backend="minilm", cache_dir=a.cache_dir, fitting=REAL_CHAT_FITTING)
-    feats = det.features(D["docs"])
+    # as the shipped params read them: head, first reply and the neighbour vote (own chat's pool rows left out)
+    import fit_defaults
+    feats = det.features(D["docs"], fit_defaults.load_replies(lab), ids=lab["conversation_id"])
     shipped = det.detect(D["docs"], lab["conversation_id"], features=feats)
     rule_s, rule_f = shipped.scores.to_numpy(), shipped.flags.to_numpy()
 
