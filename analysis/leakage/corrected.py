@@ -50,17 +50,20 @@ class CorrectedResult:
         return pd.Series(lo, index=self.table.index, dtype=float), pd.Series(hi, index=self.table.index, dtype=float)
 
 
+def published_limits(row: dict) -> tuple[float | None, float | None] | None:
+    """The CI ends a row of `CorrectedLeakage` publishes: both when estimated, the one bound (the other end
+    None) on the boundary, None when withheld."""
+    return {ESTIMATED: (row["ci_low"], row["ci_high"]), UPPER: (None, row["upper_bound"]),
+            LOWER: (row["lower_bound"], None)}.get(row["status"])
+
+
 def published_interval(row: dict) -> tuple[float, float]:
-    """What a row of `CorrectedLeakage` publishes as an interval: two-sided [ci_low, ci_high], a one-sided
-    bound as [0, U] or [L, 1], (NaN, NaN) when withheld."""
-    st = row["status"]
-    if st == ESTIMATED:
-        return row["ci_low"], row["ci_high"]
-    if st == UPPER:
-        return 0.0, row["upper_bound"]
-    if st == LOWER:
-        return row["lower_bound"], 1.0
-    return np.nan, np.nan
+    """`published_limits` as an interval on [0, 1]: a one-sided bound as [0, U] or [L, 1], (NaN, NaN) when
+    withheld (what coverage studies count)."""
+    lim = published_limits(row)
+    if lim is None:
+        return np.nan, np.nan
+    return 0.0 if lim[0] is None else lim[0], 1.0 if lim[1] is None else lim[1]
 
 
 class CorrectedLeakage:

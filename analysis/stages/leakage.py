@@ -16,6 +16,7 @@ from analysis.contract.rundir import RunDir
 from analysis.contract.settings import LeakageSettings
 from analysis.contract.stages import LEAKAGE
 from analysis.engines import Engine, make_engine
+from analysis.leakage.corrected import ESTIMATED, published_limits
 from analysis.leakage.data import LeakageInputs
 from analysis.leakage.report import LeakageReport, analyse
 from analysis.util.metrics import MetricsRecorder
@@ -73,11 +74,9 @@ def record_metrics(report, run_dir: RunDir | str, ground_truth: dict | None = No
             # Rogan-Gladen: a comparison, valid only if the detector errs alike among passed and blocked conversations.
             # A row on the boundary carries only its one-sided bound (the other CI end None), a withheld row nothing;
             # the note says why (corrected.CorrectedLeakage's boundary rule and assumption checks)
-            ci = {"estimated": (r.ci_low, r.ci_high), "upper bound only": (None, r.upper_bound),
-                  "lower bound only": (r.lower_bound, None)}.get(r.status)
-            m.add(M.LEAK_RATE_CORRECTED, r.leak_rate if r.status == "estimated" else None,
-                  group=grp | {"assumes": "non-differential detector error"}, ci=ci, truth=truth, n=r.n,
-                  note=None if r.status == "estimated" else f"{r.status}: {r.reason}")
+            m.add(M.LEAK_RATE_CORRECTED, r.leak_rate if r.status == ESTIMATED else None,
+                  group=grp | {"assumes": "non-differential detector error"}, ci=published_limits(r._asdict()),
+                  truth=truth, n=r.n, note=None if r.status == ESTIMATED else f"{r.status}: {r.reason}")
     if report.clustered is not None:
         for r in report.clustered.itertuples():
             truth = getattr(r, "truth", None)

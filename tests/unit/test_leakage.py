@@ -11,7 +11,16 @@ import pytest
 from analysis.contract.art9 import ART9
 from analysis.contract.rundir import RunDir
 from analysis.engines.pandas import PandasEngine
-from analysis.leakage.corrected import CorrectedLeakage, assumption_checks
+from analysis.leakage.corrected import (
+    ESTIMATED,
+    LOWER,
+    UPPER,
+    WITHHELD,
+    CorrectedLeakage,
+    assumption_checks,
+    published_interval,
+    published_limits,
+)
 from analysis.leakage.data import validation_counts
 from analysis.stages.leakage import read_inputs, record_metrics
 
@@ -104,6 +113,16 @@ def test_rejected_assumptions_withhold_the_category_and_the_metric_says_why(tmp_
     recs = record_metrics(_Report(), tmp_path).to_frame()
     rg = recs[recs["metric"] == "leak_rate_corrected"]
     assert rg["estimate"].isna().all() and rg["ci_low"].isna().all() and rg["note"].str.startswith("withheld: assumption rejected").all()
+
+
+def test_published_limits_and_interval_say_the_same_per_status():
+    # one mapping: the metrics record the ends a row publishes (None for the open side); coverage counts [0, U] / [L, 1]
+    base = {"ci_low": 0.1, "ci_high": 0.3, "upper_bound": 0.4, "lower_bound": 0.05}
+    rows = {s: base | {"status": s} for s in (ESTIMATED, UPPER, LOWER, WITHHELD)}
+    assert published_limits(rows[ESTIMATED]) == (0.1, 0.3) and published_interval(rows[ESTIMATED]) == (0.1, 0.3)
+    assert published_limits(rows[UPPER]) == (None, 0.4) and published_interval(rows[UPPER]) == (0.0, 0.4)
+    assert published_limits(rows[LOWER]) == (0.05, None) and published_interval(rows[LOWER]) == (0.05, 1.0)
+    assert published_limits(rows[WITHHELD]) is None and np.isnan(published_interval(rows[WITHHELD])).all()
 
 
 def test_validation_counts_and_differential_check():
