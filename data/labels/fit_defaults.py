@@ -50,7 +50,7 @@ from analysis.detector.vote import NeighbourVote, default_pool_path, vote_vector
 from analysis.ingest.conversations import build_conversations
 from analysis.ingest.importers import chat_of, import_sharegpt
 from analysis.mapping.labels import read_labels
-from analysis.util.embeddings import default_cache_dir
+from analysis.util.embeddings import default_cache_dir, get_embedder
 from analysis.util.storage import write_json
 
 HERE = Path(__file__).parent
@@ -253,11 +253,13 @@ def paired_bootstrap(lab: pd.DataFrame, before, after, cats=FOUR, n_boot: int = 
 
 def _text_keys(det: SensitiveDetector, texts) -> list[str]:
     """Per text, a hash of the text and of what the features depend on besides it (backend, segments, lexicon
-    and prototypes): a cached row whose key differs is recomputed. The spec enters without its `source`
+    and prototypes, the embedding model's weights): a cached row whose key differs is recomputed. The spec enters without its `source`
     (the path art9.yaml was read from): with it, every checkout or worktree had its own keys and
     recomputed all rows (~90 s) in the shared cache, then the next checkout did it again."""
     spec = dataclasses.replace(det.spec, source="") if dataclasses.is_dataclass(det.spec) else det.spec
-    setup = f"{det.backend}|{det.embedding.max_segments}|{spec!r}"
+    # the embedding model's id (weights fingerprint) too: a retrained `student` keeps its backend name
+    model = get_embedder(det.backend, det.embedding.cache_dir).model_id
+    setup = f"{det.backend}|{model}|{det.embedding.max_segments}|{spec!r}"
     return [hashlib.sha1(f"{setup}\0{t}".encode()).hexdigest() for t in texts]
 
 
@@ -306,6 +308,17 @@ def param_diff(new: DetectorParams, old: DetectorParams) -> dict:
     return out
 
 
+def detector_to_fit(backend: str) -> SensitiveDetector:
+    """The detector a fit on `backend` starts from: its stored defaults, or unfitted params for a backend
+    without an entry yet (the fit replaces every part)."""
+    try:
+        return SensitiveDetector(backend=backend, fitting=REAL_CHAT_FITTING)
+    except KeyError:
+        det = SensitiveDetector(backend=backend, params=DetectorParams.unfitted(backend, list(ART9)), fitting=REAL_CHAT_FITTING)
+        det._params_file = default_params_path()  # where --write puts the entry (and its user-side twin)
+        return det
+
+
 def user_side_pool(ftr: pd.DataFrame, ltr: pd.DataFrame, backend: str) -> NeighbourVote:
     """The user-side entry's neighbour vote: the shipped pool file (the main entry's, one file for both) on
     unit [head | segment mean] vectors (`NeighbourVote.restrict`). It must hold these training rows in order
@@ -350,7 +363,7 @@ def main() -> None:
         ids = pd.read_csv(a.prefetch, dtype=str)[["conversation_id"]].assign(labels_file=str(a.prefetch))
         t0 = time.perf_counter()
         texts = load_documents(ids).tolist()
-        features(SensitiveDetector(backend=a.backend), ids["conversation_id"], texts, cache)
+        features(detector_to_fit(a.backend), ids["conversation_id"], texts, cache)
         head_columns(texts, a.backend), reply_columns(load_replies(ids), a.backend)  # into the embedding cache
         print(f"prefetch: {len(ids)} conversations of {a.prefetch} in the features cache {cache} ({time.perf_counter() - t0:.0f} s)")
         return
@@ -362,7 +375,7 @@ def main() -> None:
           f"older labels {int((lab.source == 'old').sum())}), test {int((~tr).sum())}")
     y = label_matrix(lab["art9"], ART9)
     print("positives train:", dict(zip(ART9, y[tr].sum(0).tolist())), "test:", dict(zip(ART9, y[~tr].sum(0).tolist())))
-    det = SensitiveDetector(backend=a.backend, fitting=REAL_CHAT_FITTING)
+    det = detector_to_fit(a.backend)
     user_feats = features(det, lab["conversation_id"], texts, cache)  # the method before session 7 (candidates a, a')
     # the heads also read the vector of the user side's head and of the assistant's first reply (train CV on
     # the round 1-6 rows, macro-F1(4) / mAP(4): 0.536 / 0.616, + reply 0.586 / 0.657, + reply + head 0.614 /
@@ -451,7 +464,10 @@ def main() -> None:
         cands = {}
         if a.old_params:
             # the entry this run refits (`<backend>_user_side` with --user-side-only), from a file of entries or of one set
-            cands["(a) --old-params defaults, as shipped"] = SensitiveDetector(backend=a.backend, params=DetectorParams.load(a.old_params, entry))
+            try:
+                cands["(a) --old-params defaults, as shipped"] = SensitiveDetector(backend=a.backend, params=DetectorParams.load(a.old_params, entry))
+            except KeyError:
+                print(f"\n--old-params {a.old_params} has no {entry} entry: (a) not scored")
         prev = SensitiveDetector(backend=a.backend, params=a.old_params, fitting=PREVIOUS_FITTING) if a.previous_method else None
         if prev is not None:
             prev.cross_fit(ttr, ltr["art9"], folds, features=user_feats[tr].reset_index(drop=True), source=source, workers=a.workers)
