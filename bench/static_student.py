@@ -289,6 +289,28 @@ def cmd_cv(a) -> None:
     print(f"wrote {p} ({time.perf_counter() - t0:.0f} s)")
 
 
+def cmd_test_compare(a) -> None:
+    """s1 - m on the frozen TEST split, paired over chats, from the per-conversation scores and flags that
+    `fit_defaults.py --test --out` wrote for each (run once each, after the choice on the training split)."""
+    from types import SimpleNamespace
+
+    import fit_defaults as fd
+
+    lab = fd.load_labels()
+    lte = lab[(lab["split"] == "test").to_numpy()].reset_index(drop=True)
+
+    def read(path, prefix):
+        d = pd.read_parquet(path)
+        if not (d["conversation_id"].to_numpy() == lte["conversation_id"].to_numpy()).all():
+            raise ValueError(f"{path}: rows are not the test split's, in order")
+        sc = pd.DataFrame({c: d[f"{prefix}__score_{c}"] for c in fd.FOUR})
+        fl = pd.DataFrame({c: d[f"{prefix}__flag_{c}"].astype(bool) for c in fd.FOUR})
+        return SimpleNamespace(scores=sc, flags=fl)
+
+    m, s1 = read(a.minilm, a.minilm_prefix), read(a.student, a.student_prefix)
+    print(f"TEST ({len(lte)} conversations): s1 - m, paired (1,000 resamples of ShareGPT chats):", fd.paired_bootstrap(lte, m, s1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -298,6 +320,11 @@ def main() -> None:
     t.add_argument("--out", default=None, help="where to write the student (default: the package data file)")
     sub.add_parser("pairs")
     sub.add_parser("cv")
+    c = sub.add_parser("test-compare")
+    c.add_argument("--minilm", required=True, help="fit_defaults --test --out parquet holding the shipped MiniLM detector's scores")
+    c.add_argument("--minilm-prefix", default="(a)", help="its candidate prefix there ((a): the --old-params entry as shipped)")
+    c.add_argument("--student", required=True, help="the same for the student")
+    c.add_argument("--student-prefix", default="(b)")
     a = ap.parse_args()
     if a.cmd == "pairs":
         _, V, counts = teacher_pairs()
@@ -306,6 +333,8 @@ def main() -> None:
         cmd_train(a)
     elif a.cmd == "cv":
         cmd_cv(a)
+    elif a.cmd == "test-compare":
+        cmd_test_compare(a)
 
 
 if __name__ == "__main__":
