@@ -153,6 +153,12 @@ def student_path() -> Path:
     return Path(str(resources.files("analysis") / "data" / STUDENT_FILE))
 
 
+def student_fingerprint(path: str | Path | None = None) -> str:
+    """The packaged student file's hash: a retrained student keeps its backend name but never shares cache
+    entries (vectors, detector features) with an earlier one."""
+    return hashlib.sha256(Path(path or student_path()).read_bytes()).hexdigest()[:12]
+
+
 def save_student(model, path: str | Path | None = None, check_texts: Sequence[str] = ()) -> Path:
     """Store a trained model2vec `StaticModel` as one `.npz`: token vectors as int8 rows with a float32
     scale per row (each row to its largest component: the mean pools rows of different norms, so the
@@ -235,8 +241,7 @@ class _Model:
         elif backend == STUDENT:
             path = student_path()
             self._m2v = load_student(path)
-            # the whole file's hash: a retrained student never shares cache entries with an earlier one
-            self.model_id = f"student-{hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
+            self.model_id = f"student-{student_fingerprint(path)}"
             self.dim = int(self._m2v.dim)
         else:
             from sentence_transformers import SentenceTransformer

@@ -50,7 +50,7 @@ from analysis.detector.vote import NeighbourVote, default_pool_path, vote_vector
 from analysis.ingest.conversations import build_conversations
 from analysis.ingest.importers import chat_of, import_sharegpt
 from analysis.mapping.labels import read_labels
-from analysis.util.embeddings import default_cache_dir, get_embedder
+from analysis.util.embeddings import STUDENT, default_cache_dir, student_fingerprint
 from analysis.util.storage import write_json
 
 HERE = Path(__file__).parent
@@ -253,13 +253,14 @@ def paired_bootstrap(lab: pd.DataFrame, before, after, cats=FOUR, n_boot: int = 
 
 def _text_keys(det: SensitiveDetector, texts) -> list[str]:
     """Per text, a hash of the text and of what the features depend on besides it (backend, segments, lexicon
-    and prototypes, the embedding model's weights): a cached row whose key differs is recomputed. The spec enters without its `source`
+    and prototypes; the student's weights): a cached row whose key differs is recomputed. The spec enters without its `source`
     (the path art9.yaml was read from): with it, every checkout or worktree had its own keys and
     recomputed all rows (~90 s) in the shared cache, then the next checkout did it again."""
     spec = dataclasses.replace(det.spec, source="") if dataclasses.is_dataclass(det.spec) else det.spec
-    # the embedding model's id (weights fingerprint) too: a retrained `student` keeps its backend name
-    model = get_embedder(det.backend, det.embedding.cache_dir).model_id
-    setup = f"{det.backend}|{model}|{det.embedding.max_segments}|{spec!r}"
+    # the student's weights too: a retrained `student` keeps its backend name (the other backends' weights
+    # are fixed by the pinned packages)
+    backend = f"{det.backend}-{student_fingerprint()}" if det.backend == STUDENT else det.backend
+    setup = f"{backend}|{det.embedding.max_segments}|{spec!r}"
     return [hashlib.sha1(f"{setup}\0{t}".encode()).hexdigest() for t in texts]
 
 

@@ -105,6 +105,19 @@ def test_the_cache_key_does_not_depend_on_where_the_lexicon_file_was_read_from(t
     fit_defaults.features(det, ["a"], ["back pain"], cache)
     assert len(det.seen) == 2
 
+def test_a_retrained_student_invalidates_its_cached_features(tmp_path, monkeypatch):
+    """The `student` backend keeps its name when retrained: its file's hash is part of the key."""
+    cache, det = tmp_path / "feats.parquet", _CountingDetector()
+    det.backend = "student"
+    monkeypatch.setattr(fit_defaults, "student_fingerprint", lambda: "aaaa")
+    fit_defaults.features(det, ["a"], ["back pain"], cache)
+    fit_defaults.features(det, ["a"], ["back pain"], cache)
+    assert len(det.seen) == 1
+    monkeypatch.setattr(fit_defaults, "student_fingerprint", lambda: "bbbb")
+    fit_defaults.features(det, ["a"], ["back pain"], cache)
+    assert len(det.seen) == 2
+
+
 def test_rows_are_told_apart_by_labeling_round():
     lab = pd.DataFrame({"stratum": ["random", "r2nn:ethnicity", "r3hard:health", "r4random", None, "lexicon:health"],
                         "source": ["gold"] * 5 + ["old"]})
