@@ -155,7 +155,7 @@ def test_threshold_choice_separates_and_sits_between_scores():
 
 
 def test_shipped_defaults_load_for_both_backends():
-    for b in ("minilm", "static"):
+    for b in ("minilm", "minilm_user_side", "student", "student_user_side", "static"):
         p = DetectorParams.load(None, b)
         assert set(p.thresholds) == set(ART9) and p.fitted_on
     with pytest.raises(KeyError):
