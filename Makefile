@@ -40,7 +40,8 @@ report: $(STAMP) $(WORLD)/ground_truth.json
 # validation (simulation studies); CI runs all of them. Tests run in TEST_WORKERS processes (pytest-xdist),
 # a test file per worker so that its module fixtures are built once; TEST_WORKERS=0 runs them in-process.
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+# --durations=15: CI logs name the slowest tests (setup, i.e. shared fixtures, apart from bodies)
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15
 test: $(STAMP) browser
 	$(PYTEST) tests/unit tests/integration tests/validation
 
