@@ -87,12 +87,14 @@ VARIANTS = {
 
 @pytest.fixture(scope="module")
 def shape_world(tmp_path_factory):
-    """The tiny world and a run of stages 00 and 02 on it (truth topics: no stage 01)."""
+    """The tiny world and a run of stages 00 and 02 on it (truth topics: no stage 01). Stage 02 only feeds the
+    variants its artifacts, so it runs on the static backend throughout: the categorizer is refitted on the world's
+    tier-1 labels (fit_categorizer) rather than the shipped MiniLM one loaded (a MiniLM pass of ~35 CPU-s on a clean clone)."""
     world = simulate(WORLD).write(tmp_path_factory.mktemp("shape_world"))
     base = tmp_path_factory.mktemp("shape_base")
     ingest.run(base, IngestSettings(input_dir=str(world)))
     mapping.run(base, MappingSettings(use_truth_topics=True, detector_backend="static", mapping_backend="static", cv_folds=1,
-                                      overrides_file=None))
+                                      overrides_file=None, fit_categorizer=True))
     return world, base
 
 
