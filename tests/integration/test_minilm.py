@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from analysis.topics.modeler import TopicModeler
+from analysis.util import embeddings
 from analysis.util.embeddings import (
     MINILM,
     PRECISION_ENV,
@@ -60,13 +61,15 @@ def test_minilm_precisions_agree_and_keep_separate_cache_entries(tmp_path, monke
         Embedder(MINILM, cache_dir=tmp_path / "x")
 
 
-def test_minilm_vectors_do_not_depend_on_the_thread_count(tmp_path):
-    """MiniLM encodes chunks of 512 texts on one torch thread each, as many chunks at once as torch has
-    threads: 1 or 2 at once must give the same vectors, bit for bit. 1,100 texts: the first chunk runs
-    alone, so the pool needs three; short ones (1-3 sentences), as the cost is in the tokens."""
+def test_minilm_vectors_do_not_depend_on_the_thread_count(tmp_path, monkeypatch):
+    """MiniLM encodes chunks of `_CHUNK` (512) texts on one torch thread each, as many chunks at once as torch has
+    threads: 1 or 2 at once must give the same vectors, bit for bit. The first chunk runs alone, so the pool
+    needs three chunks: here of 64 texts (140 texts; the same path as 1,100 texts in chunks of 512, at an eighth
+    of the MiniLM time); short ones (1-3 sentences), as the cost is in the tokens."""
     import torch
 
-    texts = [f"question {i}: " + " ".join(["how do I plan a trip to the mountains"] * (1 + i % 3)) for i in range(1100)]
+    monkeypatch.setattr(embeddings, "_CHUNK", 64)
+    texts = [f"question {i}: " + " ".join(["how do I plan a trip to the mountains"] * (1 + i % 3)) for i in range(140)]
     e = Embedder(MINILM, cache_dir=tmp_path, use_cache=False)
     top = torch.get_num_threads()
     try:
@@ -78,7 +81,7 @@ def test_minilm_vectors_do_not_depend_on_the_thread_count(tmp_path):
     finally:
         torch.set_num_threads(top)
     np.testing.assert_array_equal(one, two)
-    assert one.shape == (1100, 384) and (one[0] @ one[7]) > 0.8  # 1 and 2 sentences
+    assert one.shape == (140, 384) and (one[0] @ one[7]) > 0.8  # 1 and 2 sentences
 
 
 def test_minilm_topics_offline_recover_the_simulated_topics(corpus, tmp_path, no_network):
