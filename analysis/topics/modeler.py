@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
 import time
 from collections import Counter
@@ -27,6 +29,32 @@ from analysis.topics.result import TopicsResult
 from analysis.util.embeddings import Embedder, bertopic_backend, get_embedder
 from analysis.util.privacy import scrub_pii
 
+log = logging.getLogger(__name__)
+
+# UMAP's numba kernels compiled without numba's on-disk cache (umap 0.5): every new process (a papermill kernel, a
+# pytest worker) re-compiled them on its first fit, ~20 s of stage 01 on any world. Cached, later processes load the
+# compiled code (the same machine code, so the same topics). A name another umap version lacks is skipped.
+UMAP_UNCACHED_KERNELS = ("umap.utils:fast_knn_indices", "umap.umap_:smooth_knn_dist", "umap.umap_:compute_membership_strengths",
+                         "umap.layouts:_nb_optimize_layout_euclidean_single_epoch", "umap.layouts:_nb_optimize_layout_euclidean_single_epoch_parallel")
+
+
+@functools.cache
+def cache_umap_kernels(names: tuple[str, ...] = UMAP_UNCACHED_KERNELS) -> tuple[str, ...]:
+    """Turn on numba's on-disk cache (umap's __pycache__, else numba's user-wide cache dir) for these kernels, once
+    per process; returns the ones it covers. Never raises: a kernel missing, not a numba dispatcher or without a
+    writable cache location stays uncached."""
+    done = []
+    for name in names:
+        module, _, attr = name.partition(":")
+        try:
+            getattr(importlib.import_module(module), attr).enable_caching()
+        except Exception as e:  # another umap version, or nowhere to write: compile per process as before
+            log.debug("UMAP kernel %s left uncached: %s", name, e)
+            continue
+        done.append(name)
+    return tuple(done)
+
+
 # -------------------------------------------------------------------------------- modeler
 
 
@@ -45,6 +73,7 @@ class TopicModeler:
         from sklearn.feature_extraction.text import CountVectorizer
         from umap import UMAP
 
+        cache_umap_kernels()
         s = self.settings
         mts, ms = s.cluster_sizes(n_fit)
         umap = UMAP(

@@ -14,7 +14,7 @@ from analysis.stages import ingest
 from analysis.stages import topics as topics_stage
 from analysis.topics.documents import clean_document
 from analysis.topics.model import TopicModel
-from analysis.topics.modeler import TopicModeler
+from analysis.topics.modeler import UMAP_UNCACHED_KERNELS, TopicModeler, cache_umap_kernels
 from analysis.topics.quality import agreement, npmi_coherence, topic_diversity
 from analysis.util.embeddings import STATIC, Embedder
 from analysis.validation.truth import evaluate_topics
@@ -243,3 +243,15 @@ def test_keyword_floor_also_counts_users():
     assert "jareth" in keyword_vocabulary(docs, 3)  # documents alone let the names through
     with pytest.raises(ValueError, match="10 documents but 2 users"):
         keyword_vocabulary(docs, 3, ["u1", "u2"], 3)
+
+
+def test_umap_kernels_are_cached_on_disk_and_a_missing_one_is_skipped():
+    """The pinned umap's uncached kernels get numba's disk cache (later processes skip ~20 s of compiling);
+    a kernel another umap version lacks, or a name that is no numba dispatcher, is skipped without an error;
+    a second call changes nothing."""
+    import umap.utils
+
+    assert cache_umap_kernels() == UMAP_UNCACHED_KERNELS == cache_umap_kernels()
+    assert type(umap.utils.fast_knn_indices._cache).__name__ == "FunctionCache"  # numba's NullCache before
+    odd = ("umap.utils:no_such_kernel", "umap.no_such_module:f", "umap.utils:np", UMAP_UNCACHED_KERNELS[0])
+    assert cache_umap_kernels(odd) == (UMAP_UNCACHED_KERNELS[0],)
