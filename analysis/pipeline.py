@@ -244,6 +244,13 @@ def run(
     unknown = set(params) - all_declared - {"run_dir"}
     if unknown:
         raise ValueError(f"unknown parameter(s) {sorted(unknown)}: no stage notebook declares them (declared: {sorted(all_declared)})")
+    for nb in notebooks:  # bad values fail here, naming the config, not in the notebook after the stages before it ran
+        if nb.stem in STAGE_SETTINGS:
+            cls = STAGE_SETTINGS[nb.stem]
+            try:
+                cls.from_dict({k: v for k, v in params.items() if k in cls.names()})
+            except ValueError as e:
+                raise ValueError(f"{config or 'the run parameters'}: {e}") from e
     check_kernel()
 
     reports = Path(reports_dir) if reports_dir else PROJECT_ROOT / (cfg.get("reports_dir") or "reports")

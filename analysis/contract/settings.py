@@ -17,6 +17,12 @@ from typing import Any, ClassVar, Mapping
 ENGINES = ("pandas", "dask")
 OUTLIER_STRATEGIES = ("embeddings", "c-tf-idf", "distributions", "none")
 DETECTOR_FITTINGS = ("simulated", "real_chat")  # analysis.detector.model.FITTINGS
+# detector backends whose entry the shipped defaults (analysis/data/detector_default.json) no longer hold, and what to
+# use instead (the `static` EMBEDDING backend stays: stage 01's topics and the categorizer's mapping_backend use it)
+RETIRED_DETECTOR_BACKENDS = {
+    "static": "the untrained `static` detector entry was removed in session 9: the trained static student is the fast "
+              "detector, better in cross-validation (mAP(4) +0.061) and on TEST (docs/detector.md); use 'student' (or 'minilm', the default)",
+}
 REPRESENTATIONS = ("keybert", "mmr", "ctfidf")
 SEED = 20251216  # the audit's seed: detector tuning split, bootstraps, permutations, UMAP/HDBSCAN
 POLICY_DATE = "2025-12-16"
@@ -140,7 +146,7 @@ class MappingSettings(StageSettings):
 
     min_cell_users: int = 10
     mapping_backend: str = "minilm"  # topic -> IAB similarity (few texts; clearly better than static here)
-    detector_backend: str = "minilm"  # the sensitive-topic detector's embeddings (static is ~10x faster, less precise)
+    detector_backend: str = "minilm"  # the sensitive-topic detector's embeddings: minilm | student (the fast option, less precise)
     mapping_threshold: float = 0.3  # min cosine similarity between a topic and its best IAB node; below: unmapped
     categorizer_model: str | None = None  # per-conversation tier-1 model (.npz); None: the shipped one (ShareGPT gold train split)
     fit_categorizer: bool | str = "auto"  # refit it on the run's tier-1 labels: True, False, or "auto" (at least min_labels_to_fit)
@@ -163,6 +169,9 @@ class MappingSettings(StageSettings):
         super().__post_init__()
         if self.detector_fitting not in DETECTOR_FITTINGS:
             raise ValueError(f"detector_fitting must be one of {DETECTOR_FITTINGS}, got {self.detector_fitting!r}")
+        if self.detector_backend in RETIRED_DETECTOR_BACKENDS:
+            raise ValueError(f"{self.title} setting detector_backend={self.detector_backend!r} (a run config's `params:`, --set or the "
+                             f"notebook's parameters): {RETIRED_DETECTOR_BACKENDS[self.detector_backend]}")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import scipy.optimize  # noqa: F401  (threadpoolctl limits only the libraries lo
 from threadpoolctl import threadpool_limits
 
 from analysis.contract.art9 import label_matrix
+from analysis.contract.settings import RETIRED_DETECTOR_BACKENDS
 from analysis.detector.features import EmbeddingDetector, LexiconDetector, head_columns, reply_columns
 from analysis.detector.text import clean_text
 from analysis.detector.vote import BLOCKS, NeighbourVote, default_pool_path
@@ -91,7 +92,8 @@ class DetectorParams:
         raw = json.loads(Path(path or default_params_path()).read_text())
         if "coef" not in raw:  # {backend: params}
             if backend not in raw:
-                raise KeyError(f"no default detector params for backend {backend!r} (have {sorted(raw)}); fit on labels")
+                hint = RETIRED_DETECTOR_BACKENDS.get(backend, "fit on labels")
+                raise KeyError(f"no default detector params for backend {backend!r} in {path or default_params_path()} (have {sorted(raw)}); {hint}")
             raw = raw[backend]
         return cls.from_dict(raw)
 

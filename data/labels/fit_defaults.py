@@ -43,6 +43,7 @@ import pandas as pd
 
 from analysis.contract.art9 import ART9, label_matrix
 from analysis.contract.schemas import DataError
+from analysis.contract.settings import RETIRED_DETECTOR_BACKENDS
 from analysis.detector.evaluation import evaluate_detector
 from analysis.detector.features import head_columns, reply_columns
 from analysis.detector.model import REAL_CHAT_FITTING, DetectorParams, FitOptions, SensitiveDetector, default_params_path
@@ -359,6 +360,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1, help="threads for the cross-fitting's independent fits (results do not depend on it)")
     ap.add_argument("--out", default=None, help="write per-conversation test scores/flags of each candidate here (parquet)")
     a = ap.parse_args()
+    if a.write and a.backend in RETIRED_DETECTOR_BACKENDS:  # fit and judge it for comparison, but do not ship it again
+        ap.error(f"--write --backend {a.backend}: {RETIRED_DETECTOR_BACKENDS[a.backend]}")
     cache = Path(a.features_cache.format(backend=a.backend)) if a.features_cache else None
     if a.prefetch:
         ids = pd.read_csv(a.prefetch, dtype=str)[["conversation_id"]].assign(labels_file=str(a.prefetch))

@@ -18,7 +18,7 @@ from analysis.detector.model import DetectorParams, FitOptions, SensitiveDetecto
 from analysis.detector.text import clean_text, segments
 from analysis.ingest.conversations import build_conversations
 from analysis.mapping.refit import detect_with_refit
-from analysis.util.embeddings import STATIC_PCA_DIMS
+from analysis.util.embeddings import STUDENT, embed
 
 
 @pytest.fixture(scope="module")
@@ -155,22 +155,34 @@ def test_threshold_choice_separates_and_sits_between_scores():
 
 
 def test_shipped_defaults_load_for_both_backends():
-    for b in ("minilm", "minilm_user_side", "student", "student_user_side", "static"):
+    for b in ("minilm", "minilm_user_side", "student", "student_user_side"):
         p = DetectorParams.load(None, b)
         assert set(p.thresholds) == set(ART9) and p.fitted_on
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="fit on labels"):
         DetectorParams.load(None, "no-such-backend")
+    # the untrained static model's entry is gone (the trained student is the fast detector): asking for it says what to use
+    with pytest.raises(KeyError, match=r"backend 'static' in .*detector_default\.json .*removed in session 9.*use 'student'"):
+        SensitiveDetector(backend="static")
+    with pytest.raises(ValueError, match=r"detector_backend='static'.*use 'student' \(or 'minilm'"):
+        MappingSettings(detector_backend="static")
+    assert MappingSettings(detector_backend=STUDENT).detector_backend == STUDENT
 
 
 # -------------------------------------------------------------------------- cross-fitting
 
 
+def to_fit(fitting: FitOptions | None = None) -> SensitiveDetector:
+    """A detector on the fast `student` embeddings with unfitted params (user-side features only: no head, reply
+    or vote), for the fits below to replace every part of."""
+    return SensitiveDetector(backend=STUDENT, params=DetectorParams.unfitted(STUDENT, list(ART9)), fitting=fitting)
+
+
 @pytest.fixture(scope="module")
 def small_labeled(small_world):
-    """The small world's conversations, all labeled with the simulator's truth, static-backend features."""
+    """The small world's conversations, all labeled with the simulator's truth, user-side features on the student."""
     conv = build_conversations(small_world.messages, small_world.users)
     truth = small_world.conversation_truth.set_index("conversation_id").loc[conv["conversation_id"], "art9"].reset_index(drop=True)
-    det = SensitiveDetector(backend="static")
+    det = to_fit()
     docs = conv["document"].tolist()
     return docs, truth, det.features(docs)
 
@@ -182,24 +194,24 @@ def test_cross_fit_judges_each_fold_without_its_labels(small_labeled):
     folds = np.arange(len(docs)) % 4
     kw = dict(features=feats)
     fitting = FitOptions(min_head_positives=10, seed=1)
-    a = SensitiveDetector(backend="static", fitting=fitting).cross_fit(docs, truth, folds, **kw)
+    a = to_fit(fitting).cross_fit(docs, truth, folds, **kw)
     assert len(a.scores) == len(docs) and set(a.params.heads) == set(ART9)
     assert all("cross-fitted" in v for v in a.params.notes["thresholds"].values())
     rng = np.random.default_rng(0)
     noisy = truth.copy()
     f0 = np.flatnonzero(folds == 0)
     noisy.iloc[f0] = [list(rng.choice(list(ART9), 1)) if rng.random() < 0.5 else [] for _ in f0]
-    b = SensitiveDetector(backend="static", fitting=fitting).cross_fit(docs, noisy, folds, **kw)
+    b = to_fit(fitting).cross_fit(docs, noisy, folds, **kw)
     np.testing.assert_array_equal(a.scores.to_numpy()[f0], b.scores.to_numpy()[f0])
     np.testing.assert_array_equal(a.flags.to_numpy()[f0], b.flags.to_numpy()[f0])
     assert not np.array_equal(a.scores.to_numpy()[folds != 0], b.scores.to_numpy()[folds != 0])
     assert a.params.thresholds != b.params.thresholds
     # the fits run on threads: the number of them changes nothing
-    c = SensitiveDetector(backend="static", fitting=fitting).cross_fit(docs, truth, folds, workers=1, **kw)
+    c = to_fit(fitting).cross_fit(docs, truth, folds, workers=1, **kw)
     np.testing.assert_array_equal(a.scores.to_numpy(), c.scores.to_numpy())
     assert a.params.to_dict() == c.params.to_dict()
     with pytest.raises(ValueError, match="at least 2 folds"):
-        SensitiveDetector(backend="static", fitting=fitting).cross_fit(docs, truth, np.zeros(len(docs), dtype=int), **kw)
+        to_fit(fitting).cross_fit(docs, truth, np.zeros(len(docs), dtype=int), **kw)
 
 
 def test_cross_fit_falls_back_to_the_nested_search_for_a_rare_category(small_labeled):
@@ -209,7 +221,7 @@ def test_cross_fit_falls_back_to_the_nested_search_for_a_rare_category(small_lab
     folds = np.arange(len(docs)) % 3
     n_tu = int(truth.map(lambda v: "trade_union" in list(v)).sum())
     # heads need n_tu positives on all labels, so the folds' (2/3) and pairs' (1/3) training rows lack them
-    cf = SensitiveDetector(backend="static", fitting=FitOptions(min_head_positives=n_tu, seed=1)).cross_fit(docs, truth, folds, features=feats)
+    cf = to_fit(FitOptions(min_head_positives=n_tu, seed=1)).cross_fit(docs, truth, folds, features=feats)
     assert "trade_union" in cf.params.heads
     assert "nested" in cf.params.notes["thresholds"]["trade_union"]
 
@@ -234,7 +246,7 @@ def test_refit_cross_predicts_unlabeled_conversations_with_their_folds_model(sma
     other = [pools[(k + 1) % K].pop() for k in lab_fold]
     conv = pd.DataFrame({"conversation_id": list(lab_ids) + same + other, "document": docs[:n] * 3})
     labels = pd.DataFrame({"conversation_id": lab_ids, "art9": truth[:n]})
-    det = SensitiveDetector(backend="static", fitting=FitOptions(min_head_positives=10, seed=1))
+    det = to_fit(FitOptions(min_head_positives=10, seed=1))
     run = detect_with_refit(det, conv, labels, s, params_source="shipped")
     sc, fl = run.detection.scores.to_numpy(), run.detection.flags.to_numpy()
     # (the copies' features are computed in other embedding batches: equal up to float32 rounding)
@@ -254,9 +266,9 @@ def test_heads_read_the_head_vector_and_first_reply_when_fitted_with_them(small_
     docs, truth, feats = small_labeled
     conv = build_conversations(small_world.messages, small_world.users)
     replies = conv["first_reply"].tolist()
-    det = SensitiveDetector(backend="static", fitting=FitOptions(min_head_positives=10, seed=1))
-    fr = pd.concat([feats, head_columns(docs, "static"), reply_columns(replies, "static")], axis=1)
-    assert sum(c.startswith("emb__reply_") for c in fr) == sum(c.startswith("emb__head_") for c in fr) == STATIC_PCA_DIMS
+    det = to_fit(FitOptions(min_head_positives=10, seed=1))
+    fr = pd.concat([feats, head_columns(docs, STUDENT), reply_columns(replies, STUDENT)], axis=1)
+    assert sum(c.startswith("emb__reply_") for c in fr) == sum(c.startswith("emb__head_") for c in fr) == embed(["x"], STUDENT).shape[1]
     det.cross_fit(docs, truth, np.arange(len(docs)) % 3, features=fr)
     assert det.params.with_reply and det.params.with_head and det.params.heads
     again = SensitiveDetector.load(det.save(tmp_path / "r.json"))
@@ -267,12 +279,13 @@ def test_heads_read_the_head_vector_and_first_reply_when_fitted_with_them(small_
         again.detect(docs, features=feats)
     # no replies at all: zeros in their place, the user side still scores
     assert again.detect(docs[:5]).scores.notna().all().all()
-    # ... unless the params file has the user-side fit beside it (`<backend>_user_side`): it scores them
+    # ... unless the params file has the user-side fit beside it (`<backend>_user_side`): it scores them, as the
+    # shipped file's does for its own entry
     both = tmp_path / "both.json"
-    both.write_text(json.dumps({"static": det.params.to_dict(), "static_user_side": DetectorParams.load(None, "static").to_dict()}))
-    d = SensitiveDetector(backend="static", params=both)
+    both.write_text(json.dumps({"student": det.params.to_dict(), "student_user_side": DetectorParams.load(None, "student_user_side").to_dict()}))
+    d = SensitiveDetector(backend=STUDENT, params=both)
     assert not d.user_side_params().with_reply
-    np.testing.assert_array_equal(d.detect(docs[:20]).scores.to_numpy(), SensitiveDetector(backend="static").detect(docs[:20]).scores.to_numpy())
+    np.testing.assert_array_equal(d.detect(docs[:20]).scores.to_numpy(), SensitiveDetector(backend=STUDENT).detect(docs[:20]).scores.to_numpy())
 
 
 
@@ -282,30 +295,32 @@ def test_a_corpus_without_replies_gets_the_user_side_entry_of_an_explicit_params
     with that entry, and the detection carries it (stage 02 saves `detection.params`); a file of one
     parameter set has none, so zeros stand in and a note says so."""
     docs = small_labeled[0][:40]
-    user = DetectorParams.load(None, "static")
+    user = DetectorParams.load(None, "student_user_side")
+    assert user.with_head and user.vote and not user.with_reply
     rep = DetectorParams.from_dict(json.loads(json.dumps(user.to_dict())))
     rep.with_reply = True
-    for h in rep.heads.values():  # reply columns (between the embeddings and the 35 design columns) that weigh nothing
-        at = len(h["mean"]) - 35
+    dims, n_vote = embed(["x"], STUDENT).shape[1], len(user.vote["names"])
+    for h in rep.heads.values():  # reply columns (after the segments' and head's vectors, before the vote and 35 design columns) that weigh nothing
+        at = len(h["mean"]) - 35 - n_vote
         for k, v in (("mean", 0.0), ("scale", 1.0), ("coef", 0.0)):
-            h[k] = h[k][:at] + [v] * STATIC_PCA_DIMS + h[k][at:]
+            h[k] = h[k][:at] + [v] * dims + h[k][at:]
     both = tmp_path / "both.json"
-    both.write_text(json.dumps({"static": rep.to_dict(), "static_user_side": user.to_dict()}))
+    both.write_text(json.dumps({"student": rep.to_dict(), "student_user_side": user.to_dict()}))
     flat = rep.save(tmp_path / "flat.json")
     conv = pd.DataFrame({"conversation_id": [f"c{i}" for i in range(len(docs))], "document": docs, "first_reply": [" "] * len(docs)})
     s = MappingSettings(fit_detector=False)
-    run = detect_with_refit(SensitiveDetector(backend="static", params=both), conv, None, s, params_source="both.json")
-    assert run.detection.params.to_dict() == user.to_dict() and "user-side parameters (`static_user_side`" in run.notes[0]
-    direct = SensitiveDetector(backend="static", params=both).detect(docs)
+    run = detect_with_refit(SensitiveDetector(backend=STUDENT, params=both), conv, None, s, params_source="both.json")
+    assert run.detection.params.to_dict() == user.to_dict() and "user-side parameters (`student_user_side`" in run.notes[0]
+    direct = SensitiveDetector(backend=STUDENT, params=both).detect(docs)
     assert direct.params.to_dict() == user.to_dict()
     np.testing.assert_array_equal(direct.scores.to_numpy(), run.detection.scores.to_numpy())
     # with replies the file's main entry scores
-    replied = detect_with_refit(SensitiveDetector(backend="static", params=both), conv.assign(first_reply="Sure, here it is."), None, s,
+    replied = detect_with_refit(SensitiveDetector(backend=STUDENT, params=both), conv.assign(first_reply="Sure, here it is."), None, s,
                                 params_source="both.json")
     assert replied.detection.params.with_reply and not replied.notes
     # a file of one parameter set (as stage 02 saves them): no user-side fit, zeros in the reply's place, said
-    run = detect_with_refit(SensitiveDetector(backend="static", params=flat), conv.drop(columns="first_reply"), None, s, params_source="flat.json")
-    assert run.detection.params.with_reply and "no `static_user_side` entry" in run.notes[0] and str(flat) in run.notes[0]
+    run = detect_with_refit(SensitiveDetector(backend=STUDENT, params=flat), conv.drop(columns="first_reply"), None, s, params_source="flat.json")
+    assert run.detection.params.with_reply and "no `student_user_side` entry" in run.notes[0] and str(flat) in run.notes[0]
     np.testing.assert_allclose(run.detection.scores.to_numpy(), direct.scores.to_numpy(), rtol=1e-9)
 
 # ------------------------------------------------------------------- the simulated world
@@ -314,10 +329,10 @@ def test_a_corpus_without_replies_gets_the_user_side_entry_of_an_explicit_params
 
 
 def test_detector_saves_and_loads_its_parameters(tmp_path):
-    det = SensitiveDetector(backend="static")
+    det = SensitiveDetector(backend=STUDENT)
     path = det.save(tmp_path / "params.json")
     again = SensitiveDetector.load(path)
-    assert again.backend == "static" and again.params.to_dict() == det.params.to_dict()
+    assert again.backend == STUDENT and again.params.to_dict() == det.params.to_dict()
 
 
 def test_threshold_choice_honours_a_precision_floor_where_one_can():
@@ -353,7 +368,7 @@ def test_cross_fit_calibrates_heads_and_gives_rare_categories_the_lexicon_rule(s
     counts = dict(zip(ART9, y.sum(axis=0)))
     rare = min(counts, key=counts.get)
     folds = np.arange(len(docs)) % 4
-    det = SensitiveDetector(backend="static", fitting=FitOptions(min_head_positives=counts[rare] + 1, seed=1))
+    det = to_fit(FitOptions(min_head_positives=counts[rare] + 1, seed=1))
     cf = det.cross_fit(docs, truth, folds, features=feats)
     assert rare in cf.params.rules and rare not in cf.params.heads
     hit = feats[f"{rare}__strong"].to_numpy() > 0

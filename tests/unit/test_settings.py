@@ -94,3 +94,19 @@ def test_detector_fitting_names_a_refit_preset_and_refuses_others():
     assert set(FITTINGS) == set(DETECTOR_FITTINGS)
     with pytest.raises(ValueError, match="detector_fitting must be one of"):
         MappingSettings(detector_fitting="realchat")
+
+
+def test_a_bad_setting_value_stops_the_runner_before_any_stage(tmp_path):
+    """The runner builds every selected stage's settings from the config before it runs a notebook: a bad value
+    (here the retired `static` detector, whose message says what to use) fails at once, naming the config file,
+    and no run folder is made."""
+    from analysis.pipeline import run
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"params": {"detector_backend": "static"}}))
+    reports = tmp_path / "reports"
+    with pytest.raises(ValueError, match=r"c\.yaml: ad-mapping setting detector_backend='static'.*use 'student'"):
+        run(cfg, reports_dir=reports)
+    with pytest.raises(ValueError, match="detector_fitting must be one of"):
+        run(None, sets=["detector_fitting=realchat"], stages=["02"], reports_dir=reports)
+    assert not reports.exists()
