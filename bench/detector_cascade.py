@@ -37,7 +37,7 @@ def main() -> None:
 
     from analysis.contract.art9 import ART9, label_matrix
     from analysis.detector.evaluation import evaluate_detector
-    from analysis.detector.model import REAL_CHAT_FITTING, SensitiveDetector, _head_matrix
+    from analysis.detector.model import REAL_CHAT_FITTING, _head_matrix
 
     torch.set_num_threads(1)
     lab = fit_defaults.load_labels()
@@ -49,7 +49,7 @@ def main() -> None:
     folds[tr] = fit_defaults.grouped_folds(lab[tr].reset_index(drop=True))
     z = {}
     for be in ("static", "minilm"):
-        det = SensitiveDetector(backend=be, fitting=REAL_CHAT_FITTING)
+        det = fit_defaults.detector_to_fit(be)  # only its features are read: unfitted params for `static`, which has no entry
         H = _head_matrix(det.features(docs, head=False, vote=False), det.cats)  # the session-5 study: segments, lexicon, prototypes
         z[be], fit = lr_oof(H, Y, folds, trn, REAL_CHAT_FITTING.head_C, SEED)
         z[be][tst] = fit(tst)

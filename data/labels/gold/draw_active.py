@@ -162,7 +162,7 @@ def draw(rnd: int) -> pd.DataFrame:
     vec = emb.encode([t[:EMBED_CHARS] for t in pool])
     xtr = emb.encode([clean.get(c, "")[:EMBED_CHARS] for c in ytr.index])
     print(f"embedded ({emb.model_id}): {emb.stats.computed} computed, {emb.stats.cached} from cache, {emb.stats.seconds:.0f} s")
-    lex = SensitiveDetector(backend="static").lexicon.counts(pool.tolist()).set_index(pool.index)
+    lex = SensitiveDetector(backend="student").lexicon.counts(pool.tolist()).set_index(pool.index)
 
     rng = np.random.default_rng(cfg["seed"])
     picked: dict[str, str] = {}
@@ -253,7 +253,7 @@ def packets(rnd: int, out_dir: str) -> None:
             if p.exists() and (pd.read_csv(p, dtype=str, keep_default_na=False).drop(columns="item_id") != "").any().any():
                 raise SystemExit(f"{p}: holds answers; packets not rewritten")
     docs, _, assistant = corpus()
-    det = SensitiveDetector(backend="static")  # its lexicon (with R2LEX) marks the excerpt's windows
+    det = SensitiveDetector(backend="student")  # its lexicon (with R2LEX) marks the excerpt's windows
 
     def shown(cid: str) -> str:
         text = excerpt(docs[cid], det)

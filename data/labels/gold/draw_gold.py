@@ -110,7 +110,7 @@ def draw() -> pd.DataFrame:
     clean = docs.map(clean_text)
     pool = clean[~clean.index.isin(set(labels["conversation_id"])) & (clean.map(lambda s: len(s.split())) >= 5)]
     print(f"{len(docs)} conversations; {len(pool)} unlabeled with >= 5 words of prose")
-    det = SensitiveDetector(backend=BACKEND)
+    det = SensitiveDetector(backend="student")  # d4e625e drew on the static detector entry, removed in session 9 (the student replaced it)
     res = det.detect(docs[pool.index].tolist(), pool.index.to_series())
     scores = res.scores.set_index(pool.index)
     feats = res.features.set_index(pool.index)
@@ -230,7 +230,7 @@ def packets(out_dir: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     split = pd.read_csv(HERE / "split.csv", dtype=str)
     docs, _, assistant = corpus()
-    det = SensitiveDetector(backend=BACKEND)  # its lexicon marks the windows of the excerpt
+    det = SensitiveDetector(backend="student")  # its lexicon marks the windows of the excerpt
     rng = np.random.default_rng(SEED + 2)
     ids = split["conversation_id"].tolist()
     item = dict(zip(rng.permutation(ids), (f"g{k:04d}" for k in range(1, len(ids) + 1))))

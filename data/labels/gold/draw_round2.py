@@ -251,7 +251,7 @@ def packets(out_dir: str) -> None:
     if len(key1) != ROUND1_ITEMS or key1["conversation_id"].isin(r2["conversation_id"]).any():
         raise SystemExit(f"{key_path}: expected the {ROUND1_ITEMS} round-1 items and none of round 2")
     docs, _, assistant = corpus()
-    det = SensitiveDetector(backend="static")  # its lexicon (with R2LEX) marks the excerpt's windows
+    det = SensitiveDetector(backend="student")  # its lexicon (with R2LEX) marks the excerpt's windows
     rng = np.random.default_rng(SEED + 2)
     ids = r2["conversation_id"].tolist()
     item = dict(zip(rng.permutation(ids), (f"g{k:04d}" for k in range(ROUND1_ITEMS + 1, ROUND1_ITEMS + 1 + len(ids)))))
