@@ -93,7 +93,7 @@ def shape_world(tmp_path_factory):
     world = simulate(WORLD).write(tmp_path_factory.mktemp("shape_world"))
     base = tmp_path_factory.mktemp("shape_base")
     ingest.run(base, IngestSettings(input_dir=str(world)))
-    mapping.run(base, MappingSettings(use_truth_topics=True, detector_backend="static", mapping_backend="static", cv_folds=1,
+    mapping.run(base, MappingSettings(use_truth_topics=True, detector_backend="student", mapping_backend="static", cv_folds=1,
                                       overrides_file=None, fit_categorizer=True))
     return world, base
 

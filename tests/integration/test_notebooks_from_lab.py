@@ -22,7 +22,7 @@ WORLD = Path("data/world/_test_notebooks_from_lab")  # relative, as configs writ
 RUN = Path("reports/_test_notebooks_from_lab")
 FAST = {  # the tiny world's settings: only speed, no different path handling (fit_categorizer: the categorizer refitted on
     # the static backend, not the shipped MiniLM one loaded: a MiniLM pass of the world less)
-    "02_ad_mapping": {"detector_backend": "static", "mapping_backend": "static", "cv_folds": 1, "fit_categorizer": True},
+    "02_ad_mapping": {"detector_backend": "student", "mapping_backend": "static", "cv_folds": 1, "fit_categorizer": True},
     "03_leakage": {"exposure_permutations": 49, "n_boot": 100},
     "04_engagement_lift": {"lift_permutations": 49},
 }

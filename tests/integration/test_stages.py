@@ -16,7 +16,7 @@ def test_stage_outputs_on_a_small_world(small_world_dir, small_run, tmp_path):
     """The whole stage with truth topics: the tables the leakage stage reads, metrics, overrides."""
     ov = tmp_path / "ov.yaml"
     ov.write_text("topics:\n  hiking: '159'\n")
-    res = mapping_stage.run(small_run, MappingSettings(use_truth_topics=True, overrides_file=str(ov), detector_backend="static",
+    res = mapping_stage.run(small_run, MappingSettings(use_truth_topics=True, overrides_file=str(ov), detector_backend="student",
                                                        min_labels_to_fit=100, seed=0))
     d = small_run / "data"
     cc = pd.read_parquet(d / "conversation_categories.parquet")
