@@ -27,6 +27,7 @@ Vectors are float32 and L2-normalized (cosine similarity = dot product).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -35,6 +36,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Sequence
 
@@ -148,8 +150,6 @@ def distill_static(cache_dir: str | Path | None = None, pca_dims: int = STATIC_P
 
 def student_path() -> Path:
     """The packaged trained static student (`save_student`)."""
-    from importlib import resources
-
     return Path(str(resources.files("analysis") / "data" / STUDENT_FILE))
 
 
@@ -165,8 +165,6 @@ def save_student(model, path: str | Path | None = None, check_texts: Sequence[st
     norms are kept), the tokenizer's JSON, the model's config, and `check_texts` with the vectors the
     stored model gives them (a reload must reproduce them: `tests/unit/test_static_student.py`).
     Written atomically; saving a loaded student again writes the same vectors."""
-    import json
-
     path = Path(path) if path else student_path()
     E = np.asarray(model.embedding, dtype=np.float32)
     scale = np.maximum(np.abs(E).max(axis=1), 1e-12) / 127.0
@@ -190,8 +188,6 @@ def save_student(model, path: str | Path | None = None, check_texts: Sequence[st
 
 def load_student(path: str | Path | None = None):
     """The packaged student as a model2vec `StaticModel` (offline: everything is in the file)."""
-    import json
-
     from model2vec import StaticModel
     from tokenizers import Tokenizer
 

