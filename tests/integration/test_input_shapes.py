@@ -88,7 +88,7 @@ VARIANTS = {
 @pytest.fixture(scope="module")
 def shape_world(tmp_path_factory):
     """The tiny world and a run of stages 00 and 02 on it (truth topics: no stage 01). Stage 02 only feeds the
-    variants its artifacts, so it runs on the static backend throughout: the categorizer is refitted on the world's
+    variants its artifacts, so it runs on the fast backends (student detector, static mapping): the categorizer is refitted on the world's
     tier-1 labels (fit_categorizer) rather than the shipped MiniLM one loaded (a MiniLM pass of ~35 CPU-s on a clean clone)."""
     world = simulate(WORLD).write(tmp_path_factory.mktemp("shape_world"))
     base = tmp_path_factory.mktemp("shape_base")
