@@ -316,9 +316,7 @@ def detector_to_fit(backend: str) -> SensitiveDetector:
     try:
         return SensitiveDetector(backend=backend, fitting=REAL_CHAT_FITTING)
     except KeyError:
-        det = SensitiveDetector(backend=backend, params=DetectorParams.unfitted(backend, list(ART9)), fitting=REAL_CHAT_FITTING)
-        det._params_file = default_params_path()  # where --write puts the entry (and its user-side twin)
-        return det
+        return SensitiveDetector(backend=backend, params=DetectorParams.unfitted(backend, list(ART9)), fitting=REAL_CHAT_FITTING)
 
 
 def user_side_pool(ftr: pd.DataFrame, ltr: pd.DataFrame, backend: str) -> NeighbourVote:
