@@ -365,8 +365,8 @@ def cmd_compare(a) -> None:
     def diff(before, after, cats):
         # a category whose positives all come from one chat has no CI over chats (resamples without it have none)
         if set(cats) <= set(one_chat):
-            from sklearn.metrics import average_precision_score as aps
-            pt = np.mean([aps(Y[:, four.index(c)], after[c]) - aps(Y[:, four.index(c)], before[c]) for c in cats])
+            pt = np.mean([average_precision_score(Y[:, four.index(c)], after[c]) - average_precision_score(Y[:, four.index(c)], before[c])
+                          for c in cats])
             return f"{pt:+.3f} (no CI: positives from 1 chat)"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
